@@ -1,0 +1,31 @@
+"""Fine-tune VGG16 on its last 5 conv layers to tell real faces from StyleGAN fakes.
+
+    python VGG16_finetuning.py --demo                # a 1-minute offline run on synthetic faces
+    python VGG16_finetuning.py                       # the full dataset, ImageNet weights
+    python VGG16_finetuning.py --subset 500 --epochs 2 --img-size 128   # a quick CPU run
+    python VGG16_finetuning.py --help                # every option
+
+Outputs go to outputs/vgg16/ (model.keras, history.csv, history.png, metrics.json,
+predictions.csv) and the results table to outputs/results.md.
+"""
+
+import sys
+
+import keras
+
+from load_pre_trained_models import ModelRecipe, fine_tune
+
+RECIPE = ModelRecipe(
+    title="VGG16",
+    name="vgg16",
+    application=keras.applications.VGG16,
+    preprocess_input=keras.applications.vgg16.preprocess_input,
+    # block4_conv2 to block5_conv3: the last two of block 4 and all three of block 5.
+    trainable_conv_layers=5,
+    # The original code unfroze base.layers[-5:], which hold only block5's 3 conv layers.
+    original_trainable_layers=5,
+    imagenet_weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+)
+
+if __name__ == "__main__":
+    sys.exit(fine_tune(RECIPE))

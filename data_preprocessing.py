@@ -1,0 +1,447 @@
+"""Find the "140k Real and Fake Faces" dataset, check every image, and list the files to train on.
+
+The four fine-tuning scripts call this module before they train. Run it on its own
+to see what they would use:
+
+    python data_preprocessing.py                  # finds the dataset by itself
+    python data_preprocessing.py --data-dir D     # a split root, or the Kaggle download's root
+    python data_preprocessing.py --demo           # the small synthetic demo dataset
+
+It prints how many images each split and class holds, lists every file that cannot
+be decoded, and exits with status 1 if there is any.
+
+The dataset's layout, as Kaggle ships it:
+
+    140k-real-and-fake-faces/           <- the download's root (an "archive root")
+        train.csv  valid.csv  test.csv
+        real_vs_fake/real-vs-fake/      <- the "split root"
+            train/real/*.jpg  train/fake/*.jpg
+            valid/real/*.jpg  valid/fake/*.jpg
+            test/real/*.jpg   test/fake/*.jpg
+
+Labels follow the folders: real = 0 and fake = 1, so a model's sigmoid output is the
+probability that an image is fake. (The dataset's CSV files say the opposite, 1 = real;
+we never read them.)
+"""
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+# The position of a class in this tuple is its label: real = 0, fake = 1.
+CLASSES = ("real", "fake")
+
+REPOSITORY_DIR = Path(__file__).resolve().parent
+DATASETS_DIR = REPOSITORY_DIR / "datasets"
+DEMO_DATA_DIR = DATASETS_DIR / "demo"
+KAGGLE_INPUT_DIR = Path("/kaggle/input/140k-real-and-fake-faces")
+SPLIT_ROOT_IN_ARCHIVE = Path("real_vs_fake") / "real-vs-fake"
+KAGGLE_PAGE = "https://www.kaggle.com/datasets/xhlulu/140k-real-and-fake-faces"
+KAGGLE_COMMAND = "kaggle datasets download -d xhlulu/140k-real-and-fake-faces"
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Scripts print it on one line and exit with status 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other error here."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def exits_on_user_error(main):
+    """Wrap a command's main() so that a UserError prints one line and returns 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def positive_int(text):
+    """An argparse type for counts such as --epochs and --batch-size."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
+    return value
+
+
+def add_data_arguments(parser):
+    """The options that say which images to use, shared by every command."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="a split root (train/, valid/ and test/, each with real/ and fake/) or the "
+        "Kaggle download's root; by default datasets/ and /kaggle/input are searched",
+    )
+    parser.add_argument(
+        "--subset",
+        type=positive_int,
+        metavar="N",
+        help="use at most N images per class in each split, chosen with --seed",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the small synthetic dataset in datasets/demo, built if absent",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="where results and the image-check cache go (default outputs, or outputs/demo with --demo)",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Finding the dataset
+# ---------------------------------------------------------------------------
+
+
+def split_root_inside(folder):
+    """Return the split root that `folder` is or holds, or None."""
+    if any((folder / split).is_dir() for split in SPLITS):
+        return folder
+    for inner in (SPLIT_ROOT_IN_ARCHIVE, Path("real-vs-fake")):
+        if (folder / inner).is_dir():
+            return folder / inner
+    return None
+
+
+def default_split_roots(datasets_dir=DATASETS_DIR, kaggle_input_dir=KAGGLE_INPUT_DIR):
+    """The places searched, in order, when no --data-dir is given."""
+    candidates = [datasets_dir / SPLIT_ROOT_IN_ARCHIVE]
+    # A Kaggle download unzipped into a folder of its own: it holds real_vs_fake/ and train.csv.
+    if datasets_dir.is_dir():
+        for folder in sorted(datasets_dir.iterdir()):
+            if (folder / "real_vs_fake").is_dir() and (folder / "train.csv").is_file():
+                candidates.append(folder / SPLIT_ROOT_IN_ARCHIVE)
+    candidates.append(kaggle_input_dir / SPLIT_ROOT_IN_ARCHIVE)
+    return candidates
+
+
+def find_split_root(data_dir=None, datasets_dir=DATASETS_DIR, kaggle_input_dir=KAGGLE_INPUT_DIR):
+    """Return the folder that holds train/, valid/ and test/."""
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise UserError(f"--data-dir {data_dir} is not a folder; check the path")
+        split_root = split_root_inside(data_dir)
+        if split_root is None:
+            raise UserError(
+                f"{data_dir} holds neither train/, valid/ and test/ nor {SPLIT_ROOT_IN_ARCHIVE}/; "
+                "point --data-dir at the split root or at the Kaggle download's root"
+            )
+        return split_root
+    candidates = default_split_roots(datasets_dir, kaggle_input_dir)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    looked_in = ", ".join(str(candidate) for candidate in candidates)
+    raise UserError(
+        f"no dataset found (looked in {looked_in}); download it from {KAGGLE_PAGE} "
+        f"or with `{KAGGLE_COMMAND}`, unzip it into {datasets_dir}, or pass --data-dir "
+        "(or try --demo)"
+    )
+
+
+def list_images(split_root):
+    """Return {split: {class: [paths]}}, after checking that every folder is there."""
+    files = {}
+    for split in SPLITS:
+        files[split] = {}
+        for class_name in CLASSES:
+            folder = split_root / split / class_name
+            if not folder.is_dir():
+                raise UserError(
+                    f"{folder} is missing: the dataset needs train/, valid/ and test/, "
+                    "each with real/ and fake/"
+                )
+            # Hidden files such as .DS_Store are not images and not mistakes.
+            paths = sorted(
+                path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+            )
+            if not paths:
+                raise UserError(f"{folder} is empty; put the {class_name} {split} images there")
+            files[split][class_name] = paths
+    return files
+
+
+# ---------------------------------------------------------------------------
+# Checking every image once
+# ---------------------------------------------------------------------------
+
+JPEG_START = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"
+
+
+def image_problem(path):
+    """Return why `path` cannot be used as an image, or None if it decodes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if not data:
+        return "empty file"
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        return "not a decodable image"
+    # OpenCV decodes a cut-off JPEG with a grey tail; Pillow, which Keras uses, fails on it.
+    if data.startswith(JPEG_START) and JPEG_END not in data[-1024:]:
+        return "truncated JPEG (no end marker)"
+    return None
+
+
+def cache_file_for(split_root, cache_dir):
+    """One cache file per dataset, named after the dataset's absolute path."""
+    digest = hashlib.sha1(str(split_root.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"image-check-{digest}.json"
+
+
+def load_cache(cache_file):
+    try:
+        return json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json_atomically(path, content):
+    """Write JSON through a temporary file, so that a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(content, indent=2))
+    os.replace(temporary, path)
+
+
+def check_images(paths, split_root, cache_dir, workers=None):
+    """Decode every image once, in parallel; return {path: problem} for the bad ones.
+
+    Results are cached by path, size and modification time, so a second run only
+    decodes new or changed files. Bad files are reported, never moved or deleted.
+    """
+    import keras  # Only for its progress bar; imported here so that the module loads fast.
+
+    cache_file = cache_file_for(split_root, cache_dir)
+    cache = load_cache(cache_file)
+    problems, unchecked = {}, []
+    for path in paths:
+        key = str(path.relative_to(split_root))
+        stat = path.stat()
+        cached = cache.get(key)
+        if cached is not None and cached[:2] == [stat.st_size, stat.st_mtime_ns]:
+            if cached[2] is not None:
+                problems[path] = cached[2]
+        else:
+            unchecked.append((path, key, stat))
+
+    if unchecked:
+        print(f"Checking {len(unchecked)} images (once; the result is cached in {cache_file})")
+        progress = keras.utils.Progbar(len(unchecked))
+        # OpenCV releases the GIL while it decodes, so threads use every core.
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+            for done, ((path, key, stat), problem) in enumerate(
+                zip(unchecked, pool.map(image_problem, [item[0] for item in unchecked])), start=1
+            ):
+                cache[key] = [stat.st_size, stat.st_mtime_ns, problem]
+                if problem is not None:
+                    problems[path] = problem
+                if done % 256 == 0 or done == len(unchecked):
+                    progress.update(done)
+        try:
+            write_json_atomically(cache_file, cache)
+        except OSError as error:
+            print(f"warning: could not cache the image check in {cache_file}: {error.strerror}")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The dataset the scripts train on
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """The usable images of each split, as (path, class name) pairs, and the bad files."""
+
+    split_root: Path
+    images: dict  # {split: [(path, class_name), ...]}
+    bad_files: dict = field(default_factory=dict)  # {path: problem}
+
+    def count(self, split, class_name):
+        return sum(1 for _, name in self.images[split] if name == class_name)
+
+
+def choose_subset(paths, per_class, seed):
+    """At most `per_class` paths, the same ones for the same seed."""
+    if per_class is None or len(paths) <= per_class:
+        return paths
+    return sorted(random.Random(seed).sample(paths, per_class))
+
+
+def load_dataset(split_root, cache_dir, subset=None, seed=42):
+    """List, check and (optionally) subsample the dataset under `split_root`."""
+    files = list_images(split_root)
+    all_paths = [path for split in SPLITS for class_name in CLASSES for path in files[split][class_name]]
+    bad_files = check_images(all_paths, split_root, cache_dir)
+
+    images = {}
+    for split in SPLITS:
+        images[split] = []
+        for class_name in CLASSES:
+            good = [path for path in files[split][class_name] if path not in bad_files]
+            if not good:
+                raise UserError(
+                    f"{split_root / split / class_name} has no readable image; "
+                    "run python data_preprocessing.py to list the bad files"
+                )
+            images[split] += [(path, class_name) for path in choose_subset(good, subset, seed)]
+    return Dataset(split_root, images, bad_files)
+
+
+def report_bad_files(bad_files):
+    for path, problem in sorted(bad_files.items()):
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# The synthetic demo dataset
+# ---------------------------------------------------------------------------
+
+DEMO_IMAGES_PER_CLASS = {"train": 100, "valid": 30, "test": 30}
+DEMO_IMAGE_SIZE = 64
+
+
+def draw_face(rng, size):
+    """A cartoon face with random colours, shape and position: the demo's "photograph"."""
+    background = rng.integers(40, 220, size=3)
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = background
+    center = (size // 2 + int(rng.integers(-size // 10, size // 10 + 1)), size // 2 + int(rng.integers(-size // 10, size // 10 + 1)))
+    axes = (int(size * rng.uniform(0.25, 0.33)), int(size * rng.uniform(0.32, 0.42)))
+    skin = tuple(int(value) for value in rng.integers(90, 255, size=3))
+    cv2.ellipse(image, center, axes, 0, 0, 360, skin, -1, cv2.LINE_AA)
+    eye_y = center[1] - axes[1] // 4
+    eye_dx = axes[0] // 2
+    eye_size = max(1, size // 20)
+    for eye_x in (center[0] - eye_dx, center[0] + eye_dx):
+        cv2.circle(image, (eye_x, eye_y), eye_size, (30, 30, 30), -1, cv2.LINE_AA)
+    mouth_axes = (axes[0] // 2, max(1, int(axes[1] * rng.uniform(0.05, 0.2))))
+    cv2.ellipse(image, (center[0], center[1] + axes[1] // 2), mouth_axes, 0, 0, 180, (40, 40, 160), max(1, size // 40), cv2.LINE_AA)
+    return image
+
+
+# A 3x3 kernel whose four phases sum to different gains (1.0, 0.85, 0.85 and 0.72), like
+# an untrained or imperfect transposed convolution: it leaves a period-2 checkerboard.
+GAN_UPSAMPLING_TAPS = np.array([0.35, 1.0, 0.5])
+GAN_UPSAMPLING_KERNEL = np.outer(GAN_UPSAMPLING_TAPS, GAN_UPSAMPLING_TAPS)
+
+
+def gan_upsample(image):
+    """Double an image the way a GAN generator does: insert zeros, then convolve.
+
+    Zhang, Karaman and Chang (2019) showed that this step leaves periodic traces in
+    the spectrum of GAN images, the artifacts that a detector can learn to see.
+    """
+    height, width, channels = image.shape
+    zero_inserted = np.zeros((2 * height, 2 * width, channels), np.float32)
+    zero_inserted[::2, ::2] = image
+    upsampled = cv2.filter2D(zero_inserted, -1, GAN_UPSAMPLING_KERNEL, borderType=cv2.BORDER_REFLECT)
+    return np.clip(upsampled, 0, 255).astype(np.uint8)
+
+
+def demo_image(rng, class_name, size=DEMO_IMAGE_SIZE):
+    """A real face is drawn at full size; a fake one at half size, then GAN-upsampled."""
+    if class_name == "real":
+        image = draw_face(rng, size)
+    else:
+        image = gan_upsample(draw_face(rng, size // 2))
+    # The same sensor-like noise on both classes, so that noise alone gives nothing away.
+    noise = rng.normal(0, 4, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def make_demo_dataset(folder=DEMO_DATA_DIR, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=0):
+    """Write a small synthetic split root of face-like JPEGs under `folder`."""
+    images_per_class = images_per_class or DEMO_IMAGES_PER_CLASS
+    rng = np.random.default_rng(seed)
+    for split, count in images_per_class.items():
+        for class_name in CLASSES:
+            class_dir = Path(folder) / split / class_name
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                image = demo_image(rng, class_name, size)
+                cv2.imwrite(str(class_dir / f"{index:04d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return Path(folder)
+
+
+def ensure_demo_dataset(folder=DEMO_DATA_DIR):
+    """Build the demo dataset unless it is already complete."""
+    complete = all(
+        len(list((folder / split / class_name).glob("*.jpg"))) >= count
+        for split, count in DEMO_IMAGES_PER_CLASS.items()
+        for class_name in CLASSES
+    )
+    if not complete:
+        print(f"Building the synthetic demo dataset in {folder}")
+        make_demo_dataset(folder)
+    return folder
+
+
+def resolve_data_options(args):
+    """Fill in where the data comes from and where outputs go, from --demo and --data-dir."""
+    if args.demo and args.data_dir is None:
+        args.data_dir = ensure_demo_dataset()
+    if args.output_dir is None:
+        args.output_dir = Path("outputs") / "demo" if args.demo else Path("outputs")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+
+@exits_on_user_error
+def main(argv=None):
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    args = resolve_data_options(parser.parse_args(argv))
+
+    split_root = find_split_root(args.data_dir)
+    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
+    print(f"Dataset: {split_root}")
+    print(f"{'split':<6} {'real':>7} {'fake':>7}")
+    for split in SPLITS:
+        print(f"{split:<6} {dataset.count(split, 'real'):>7} {dataset.count(split, 'fake'):>7}")
+    if dataset.bad_files:
+        print(f"{len(dataset.bad_files)} bad files, left out of training:")
+        for path, problem in sorted(dataset.bad_files.items()):
+            print(f"  {path}: {problem}")
+        return 1
+    print("Every image decodes.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

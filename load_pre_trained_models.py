@@ -1,0 +1,407 @@
+"""Load an ImageNet CNN, unfreeze its last conv layers, add a real/fake head, and fine-tune it.
+
+Each per-model script (VGG16_finetuning.py and the three others) describes its model
+as a ModelRecipe and hands it to `fine_tune`, which tells the rest of the story:
+
+1. find and check the images (data_preprocessing.py),
+2. build the augmented flows (data_augmentation.py),
+3. load the pre-trained base, freeze all but its last conv layers, add the head,
+4. train with callbacks that keep the history, the best model and a backup to resume from,
+5. evaluate the best model on the test split and write every output
+   (plot_loss_accuracy_graph.py draws the curves and the results table).
+
+Run this file on its own to see, for each model, which layers each freezing rule
+trains; it builds the models without downloading any weights:
+
+    python load_pre_trained_models.py
+"""
+
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+import pandas as pd
+from sklearn import metrics as sklearn_metrics
+
+from data_augmentation import make_flows
+from data_preprocessing import (
+    CLASSES,
+    OneLineArgumentParser,
+    UserError,
+    add_data_arguments,
+    exits_on_user_error,
+    find_split_root,
+    load_dataset,
+    positive_int,
+    report_bad_files,
+    resolve_data_options,
+    write_json_atomically,
+)
+from plot_loss_accuracy_graph import plot_history, write_results_table
+
+# The per-model scripts, in the order of the results table.
+MODEL_SCRIPTS = ("VGG16_finetuning", "VGG19_finetuning", "inceptionV3_finetuning", "resnet50_finetuning")
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What differs between the four models; everything else is shared."""
+
+    title: str  # As the results table shows it, e.g. "VGG16".
+    name: str  # The output folder, e.g. "vgg16".
+    application: Callable  # The keras.applications constructor.
+    preprocess_input: Callable  # The pixel scaling the ImageNet weights were trained with.
+    trainable_conv_layers: int  # The documented recipe: train the last N Conv2D layers.
+    original_trainable_layers: int  # What the original code did: train the last K Keras layers.
+    imagenet_weights_file: str  # The file Keras downloads for include_top=False.
+    min_img_size: int = 32  # The smallest input the base accepts.
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+def keras_cache_dir():
+    """Where Keras keeps downloaded weights."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def load_base(recipe, weights, img_size):
+    """The pre-trained convolutional base, without ImageNet's classifier on top.
+
+    `weights` is "imagenet" (downloaded once, then cached by Keras), "none" (random
+    initial weights, for tests and offline demos) or the path of a weights file.
+    """
+    input_shape = (img_size, img_size, 3)
+    if weights == "none":
+        return recipe.application(include_top=False, weights=None, input_shape=input_shape)
+    if weights == "imagenet":
+        try:
+            return recipe.application(include_top=False, weights="imagenet", input_shape=input_shape)
+        except Exception as error:  # Keras raises a bare Exception when the download fails.
+            raise UserError(
+                f"could not get the ImageNet weights {recipe.imagenet_weights_file} ({error}); "
+                f"Keras caches them in {keras_cache_dir()}: copy the file there, or pass "
+                "--weights PATH to use a local copy, or --weights none to start from random weights"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights} is neither imagenet, none, nor an existing weights file")
+    base = recipe.application(include_top=False, weights=None, input_shape=input_shape)
+    try:
+        base.load_weights(str(path))
+    except Exception as error:  # h5py and Keras raise several kinds for a wrong file.
+        raise UserError(
+            f"could not load {path} into {recipe.title} ({error}); use the include_top=False "
+            f"weights of {recipe.title}, such as {recipe.imagenet_weights_file}"
+        ) from None
+    return base
+
+
+def unfreeze_last_layers(base, recipe, unfreeze_rule):
+    """Freeze the base except its last layers; return the layers left trainable.
+
+    "conv" trains the last N Conv2D layers, as the project documents. Batch
+    normalization layers stay frozen, so they keep their ImageNet statistics and run in
+    inference mode. "layers" reproduces the original code, which trained the last K
+    Keras layers whatever they were: for InceptionV3 these hold no weights at all.
+    """
+    if unfreeze_rule == "conv":
+        conv_layers = [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)]
+        trainable = conv_layers[-recipe.trainable_conv_layers :]
+    else:
+        trainable = base.layers[-recipe.original_trainable_layers :]
+    for layer in base.layers:
+        layer.trainable = False
+    for layer in trainable:
+        layer.trainable = True
+    return trainable
+
+
+def add_classification_head(base, recipe):
+    """Pool the features and add the documented head; the output is p(fake)."""
+    features = keras.layers.GlobalAveragePooling2D(name="average_pool")(base.output)
+    features = keras.layers.Dense(1024, activation="relu", name="dense_1024")(features)
+    features = keras.layers.Dropout(0.5, name="dropout")(features)
+    # float32 keeps the probability exact even when the rest runs in mixed precision.
+    p_fake = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_fake")(features)
+    return keras.Model(base.input, p_fake, name=f"{recipe.name}_deepfake_detector")
+
+
+def build_model(recipe, weights="imagenet", img_size=224, unfreeze_rule="conv"):
+    base = load_base(recipe, weights, img_size)
+    unfreeze_last_layers(base, recipe, unfreeze_rule)
+    return add_classification_head(base, recipe)
+
+
+def trainable_conv_layer_names(model):
+    return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.trainable]
+
+
+def count_trainable_parameters(model):
+    return sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+
+
+# ---------------------------------------------------------------------------
+# Command-line options
+# ---------------------------------------------------------------------------
+
+DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imagenet")
+# Small enough to train on a laptop CPU in a minute or two, with nothing to download.
+DEMO_DEFAULTS = dict(epochs=3, batch_size=16, img_size=64, weights="none")
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"  # argparse names the type in its error.
+
+
+def build_parser(recipe):
+    parser = OneLineArgumentParser(
+        description=f"Fine-tune {recipe.title}'s last {recipe.trainable_conv_layers} conv layers "
+        "to tell real faces from StyleGAN fakes.",
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default 10; 3 with --demo)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per batch (default 32; 16 with --demo)")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate (default 1e-4)")
+    parser.add_argument(
+        "--img-size",
+        type=positive_int,
+        help=f"image side in pixels (default 224; 64 with --demo; at least {recipe.min_img_size})",
+    )
+    parser.add_argument(
+        "--weights",
+        help="imagenet, none, or the path of a weights file for the base (default imagenet; none with --demo)",
+    )
+    parser.add_argument(
+        "--preprocessing",
+        choices=["native", "rescale"],
+        default="native",
+        help="native: the base model's own preprocess_input (default); rescale: the original's 1/255",
+    )
+    parser.add_argument(
+        "--unfreeze-rule",
+        choices=["conv", "layers"],
+        default="conv",
+        help=f"conv: train the last {recipe.trainable_conv_layers} conv layers (default); "
+        f"layers: the original code's last {recipe.original_trainable_layers} Keras layers",
+    )
+    parser.add_argument("--patience", type=positive_int, help="stop after N epochs without a better val_loss")
+    return parser
+
+
+def parse_arguments(recipe, argv):
+    args = resolve_data_options(build_parser(recipe).parse_args(argv))
+    for option, value in (DEMO_DEFAULTS if args.demo else DOCUMENTED_DEFAULTS).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    if args.demo:
+        args.img_size = max(args.img_size, recipe.min_img_size)
+    if args.img_size < recipe.min_img_size:
+        raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
+    return args
+
+
+def prepare_run_dir(output_dir, recipe):
+    """Create OUTPUT_DIR/<model>/ and make sure we can write there before training starts."""
+    run_dir = Path(output_dir) / recipe.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {run_dir} ({error.strerror}); choose another --output-dir") from None
+    return run_dir
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def training_callbacks(run_dir, patience):
+    """Callbacks that lose nothing: the history, the best model, and a backup to resume from."""
+    history_file = run_dir / "history.csv"
+    backup_dir = run_dir / "backup"
+    resuming = backup_dir.exists()
+    best_val_loss = None
+    if resuming and history_file.exists():
+        best_val_loss = float(pd.read_csv(history_file)["val_loss"].min())
+        print(f"Resuming the interrupted run in {run_dir} (best val_loss so far {best_val_loss:.4f})")
+    elif history_file.exists():
+        history_file.unlink()  # A new run starts a new history.
+    callbacks = [
+        # Restores the weights and epoch of an interrupted run, so the same command resumes it.
+        keras.callbacks.BackupAndRestore(str(backup_dir)),
+        # Appends a row per epoch, so the history survives a crash.
+        keras.callbacks.CSVLogger(str(history_file), append=True),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "model.keras"),
+            monitor="val_loss",
+            save_best_only=True,
+            initial_value_threshold=best_val_loss,
+            verbose=1,
+        ),
+    ]
+    if patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, verbose=1))
+    return callbacks
+
+
+def train(model, flows, run_dir, args):
+    """Fit the model; return the wall time in seconds."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+    started = time.perf_counter()
+    # No steps_per_epoch: Keras then uses every batch, the last partial one included.
+    model.fit(
+        flows["train"],
+        validation_data=flows["valid"],
+        epochs=args.epochs,
+        callbacks=training_callbacks(run_dir, args.patience),
+    )
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def predict_test_split(model, test_flow):
+    """p(fake) for every test image, in the flow's (unshuffled) file order."""
+    p_fake = model.predict(test_flow, verbose=1).ravel().astype(float)
+    return pd.DataFrame(
+        {
+            "path": test_flow.filepaths,
+            "label": [CLASSES[label] for label in test_flow.classes],
+            "p_fake": p_fake,
+        }
+    )
+
+
+def test_metrics(predictions, threshold=0.5):
+    """Accuracy, loss and the rest, with fake as the positive class."""
+    labels = (predictions["label"] == "fake").to_numpy(int)
+    p_fake = predictions["p_fake"].to_numpy()
+    predicted = (p_fake >= threshold).astype(int)
+    both_classes = len(set(labels)) == 2
+    return {
+        "test_accuracy": float(sklearn_metrics.accuracy_score(labels, predicted)),
+        # The same loss as training, so that Test Loss compares with val_loss.
+        "test_loss": float(keras.losses.BinaryCrossentropy()(labels[:, None], p_fake[:, None])),
+        "test_auc": float(sklearn_metrics.roc_auc_score(labels, p_fake)) if both_classes else None,
+        "test_precision": float(sklearn_metrics.precision_score(labels, predicted, zero_division=0)),
+        "test_recall": float(sklearn_metrics.recall_score(labels, predicted, zero_division=0)),
+        # [[tn, fp], [fn, tp]]: rows are the true class, columns the predicted one.
+        "confusion_matrix": sklearn_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "n_test": int(len(labels)),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The story of one run
+# ---------------------------------------------------------------------------
+
+
+@exits_on_user_error
+def fine_tune(recipe, argv=None):
+    """Train, evaluate and report one model; return the process exit status."""
+    args = parse_arguments(recipe, argv)
+    run_dir = prepare_run_dir(args.output_dir, recipe)
+    keras.utils.set_random_seed(args.seed)
+
+    split_root = find_split_root(args.data_dir)
+    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
+    report_bad_files(dataset.bad_files)
+    flows = make_flows(dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed)
+    if args.demo:
+        print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
+
+    model = build_model(recipe, args.weights, args.img_size, args.unfreeze_rule)
+    print(
+        f"{recipe.title}: training {len(trainable_conv_layer_names(model))} conv layers "
+        f"({args.unfreeze_rule} rule) and the head, {count_trainable_parameters(model):,} parameters"
+    )
+    try:
+        train_seconds = train(model, flows, run_dir, args)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Run the same command again to resume from the last finished epoch ({run_dir / 'backup'}).")
+        return 130
+
+    # Evaluate the checkpoint with the best val_loss: the model that model.keras holds.
+    best_model = keras.models.load_model(run_dir / "model.keras")
+    predictions = predict_test_split(best_model, flows["test"])
+    history = pd.read_csv(run_dir / "history.csv")
+    metrics = {
+        "model": recipe.title,
+        **test_metrics(predictions),
+        "epochs_run": int(len(history)),
+        "img_size": args.img_size,
+        "weights": args.weights,
+        "preprocessing": args.preprocessing,
+        "unfreeze_rule": args.unfreeze_rule,
+        "train_seconds": round(train_seconds, 1),
+    }
+    predictions.to_csv(run_dir / "predictions.csv", index=False)
+    write_json_atomically(run_dir / "metrics.json", metrics)
+    plot_history(history, run_dir / "history.png", recipe.title)
+    table = write_results_table(args.output_dir)
+
+    print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
+    print(f"Wrote {run_dir}/: model.keras, history.csv, history.png, metrics.json, predictions.csv")
+    print(f"Results so far ({args.output_dir / 'results.md'}):\n{table}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# python load_pre_trained_models.py
+# ---------------------------------------------------------------------------
+
+
+def load_recipes():
+    """The four recipes, read from the per-model scripts."""
+    return [importlib.import_module(script).RECIPE for script in MODEL_SCRIPTS]
+
+
+def describe_freezing(recipe):
+    """A few lines that say what each rule trains in `recipe`'s base."""
+    lines = [f"{recipe.title}"]
+    for rule in ("conv", "layers"):
+        keras.backend.clear_session()  # Restarts Keras' layer names (conv2d, conv2d_1, ...).
+        model = build_model(recipe, weights="none", img_size=max(224, recipe.min_img_size), unfreeze_rule=rule)
+        names = trainable_conv_layer_names(model)
+        lines.append(
+            f"  --unfreeze-rule {rule:<6}: {len(names):>2} trainable conv layers, "
+            f"{count_trainable_parameters(model):>11,} trainable parameters with the head: "
+            f"{', '.join(names) or '(none)'}"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    for recipe in load_recipes():
+        print(describe_freezing(recipe))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Fine-tune ResNet50 on its last 14 conv layers to tell real faces from StyleGAN fakes.
+
+    python resnet50_finetuning.py --demo             # a 1-minute offline run on synthetic faces
+    python resnet50_finetuning.py                    # the full dataset, ImageNet weights
+    python resnet50_finetuning.py --help             # every option
+
+Outputs go to outputs/resnet50/ and the results table to outputs/results.md.
+"""
+
+import sys
+
+import keras
+
+from load_pre_trained_models import ModelRecipe, fine_tune
+
+RECIPE = ModelRecipe(
+    title="ResNet50",
+    name="resnet50",
+    application=keras.applications.ResNet50,
+    preprocess_input=keras.applications.resnet50.preprocess_input,
+    # conv4_block5_3_conv to conv5_block3_3_conv: the end of stage 4 and all of stage 5.
+    trainable_conv_layers=14,
+    # The original code unfroze base.layers[-14:]: 4 conv layers and their batch
+    # normalization layers, which then left inference mode.
+    original_trainable_layers=14,
+    imagenet_weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+)
+
+if __name__ == "__main__":
+    sys.exit(fine_tune(RECIPE))
