@@ -129,8 +129,9 @@ def split_root_inside(folder):
     return None
 
 
-def default_split_roots(datasets_dir=DATASETS_DIR, kaggle_input_dir=KAGGLE_INPUT_DIR):
+def default_split_roots():
     """The places searched, in order, when no --data-dir is given."""
+    datasets_dir, kaggle_input_dir = DATASETS_DIR, KAGGLE_INPUT_DIR
     candidates = [datasets_dir / SPLIT_ROOT_IN_ARCHIVE]
     # A Kaggle download unzipped into a folder of its own: it holds real_vs_fake/ and train.csv.
     if datasets_dir.is_dir():
@@ -141,7 +142,7 @@ def default_split_roots(datasets_dir=DATASETS_DIR, kaggle_input_dir=KAGGLE_INPUT
     return candidates
 
 
-def find_split_root(data_dir=None, datasets_dir=DATASETS_DIR, kaggle_input_dir=KAGGLE_INPUT_DIR):
+def find_split_root(data_dir=None):
     """Return the folder that holds train/, valid/ and test/."""
     if data_dir is not None:
         data_dir = Path(data_dir)
@@ -154,14 +155,14 @@ def find_split_root(data_dir=None, datasets_dir=DATASETS_DIR, kaggle_input_dir=K
                 "point --data-dir at the split root or at the Kaggle download's root"
             )
         return split_root
-    candidates = default_split_roots(datasets_dir, kaggle_input_dir)
+    candidates = default_split_roots()
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
     looked_in = ", ".join(str(candidate) for candidate in candidates)
     raise UserError(
         f"no dataset found (looked in {looked_in}); download it from {KAGGLE_PAGE} "
-        f"or with `{KAGGLE_COMMAND}`, unzip it into {datasets_dir}, or pass --data-dir "
+        f"or with `{KAGGLE_COMMAND}`, unzip it into {DATASETS_DIR}, or pass --data-dir "
         "(or try --demo)"
     )
 
@@ -192,10 +193,6 @@ def list_images(split_root):
 # Checking every image once
 # ---------------------------------------------------------------------------
 
-JPEG_START = b"\xff\xd8"
-JPEG_END = b"\xff\xd9"
-
-
 def image_problem(path):
     """Return why `path` cannot be used as an image, or None if it decodes."""
     try:
@@ -204,12 +201,10 @@ def image_problem(path):
         return f"unreadable ({error.strerror})"
     if not data:
         return "empty file"
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
+    # OpenCV 5 returns None for any file it cannot decode to the end, a truncated JPEG
+    # included: exactly the files on which Pillow, which Keras uses, would fail mid-epoch.
+    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
         return "not a decodable image"
-    # OpenCV decodes a cut-off JPEG with a grey tail; Pillow, which Keras uses, fails on it.
-    if data.startswith(JPEG_START) and JPEG_END not in data[-1024:]:
-        return "truncated JPEG (no end marker)"
     return None
 
 
@@ -381,7 +376,7 @@ def demo_image(rng, class_name, size=DEMO_IMAGE_SIZE):
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
-def make_demo_dataset(folder=DEMO_DATA_DIR, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=0):
+def make_demo_dataset(folder, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=0):
     """Write a small synthetic split root of face-like JPEGs under `folder`."""
     images_per_class = images_per_class or DEMO_IMAGES_PER_CLASS
     rng = np.random.default_rng(seed)
@@ -395,8 +390,9 @@ def make_demo_dataset(folder=DEMO_DATA_DIR, images_per_class=None, size=DEMO_IMA
     return Path(folder)
 
 
-def ensure_demo_dataset(folder=DEMO_DATA_DIR):
-    """Build the demo dataset unless it is already complete."""
+def ensure_demo_dataset():
+    """Build the demo dataset in datasets/demo unless it is already complete."""
+    folder = DEMO_DATA_DIR
     complete = all(
         len(list((folder / split / class_name).glob("*.jpg"))) >= count
         for split, count in DEMO_IMAGES_PER_CLASS.items()

@@ -1,0 +1,117 @@
+"""The command lines: one-line errors with exit status 2, and the helper scripts' own commands."""
+
+import subprocess
+import sys
+
+import pytest
+
+import data_augmentation
+import data_preprocessing
+import plot_loss_accuracy_graph
+from conftest import REPOSITORY_DIR
+from test_training import run_script
+
+# --- Every user mistake: exit status 2, one line that says what to do ---------
+
+
+def assert_one_line_error(capsys, *fragments):
+    error_output = capsys.readouterr().err.strip().splitlines()
+    assert len(error_output) == 1, error_output
+    assert error_output[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in error_output[0]
+
+
+def test_no_dataset_found(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_preprocessing, "DATASETS_DIR", tmp_path / "datasets")
+    monkeypatch.setattr(data_preprocessing, "KAGGLE_INPUT_DIR", tmp_path / "kaggle")
+    assert run_script("VGG16", None, tmp_path / "out") == 2
+    assert_one_line_error(capsys, "no dataset found", str(tmp_path / "datasets"), "kaggle datasets download")
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--epochs", "0"], ["--epochs", "must be 1 or more"]),
+        (["--batch-size", "many"], ["--batch-size", "not a whole number"]),
+        (["--learning-rate", "-1"], ["--learning-rate", "-1"]),
+        (["--preprocessing", "imagenet"], ["--preprocessing", "native", "rescale"]),
+        (["--unfreeze-rule", "blocks"], ["--unfreeze-rule"]),
+        (["--img-size", "31"], ["--img-size 31 is too small for VGG16", "32"]),
+    ],
+)
+def test_bad_flag_values(capsys, tiny_split_root, tmp_path, options, fragments):
+    assert run_script("VGG16", tiny_split_root, tmp_path / "out", *options) == 2
+    assert_one_line_error(capsys, *fragments)
+
+
+def test_inception_needs_75_pixels(capsys, tiny_split_root, tmp_path):
+    assert run_script("InceptionV3", tiny_split_root, tmp_path / "out", "--img-size", "74") == 2
+    assert_one_line_error(capsys, "InceptionV3", "75")
+
+
+def test_missing_class_folder(capsys, tiny_split_root, tmp_path):
+    for path in (tiny_split_root / "valid" / "fake").iterdir():
+        path.unlink()
+    (tiny_split_root / "valid" / "fake").rmdir()
+    assert run_script("VGG16", tiny_split_root, tmp_path / "out") == 2
+    assert_one_line_error(capsys, str(tiny_split_root / "valid" / "fake"), "missing")
+
+
+def test_output_folder_that_cannot_be_written(capsys, tiny_split_root, tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    assert run_script("VGG16", tiny_split_root, a_file / "outputs") == 2
+    assert_one_line_error(capsys, "cannot write to", "--output-dir")
+
+
+def test_a_real_command_line_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "resnet50_finetuning.py", "--data-dir", str(tmp_path / "nowhere")],
+        cwd=REPOSITORY_DIR, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --data-dir {tmp_path / 'nowhere'} is not a folder; check the path"
+    )
+
+
+# --- The helper modules' own commands ----------------------------------------
+
+
+def test_data_preprocessing_lists_counts_and_bad_files(capsys, tiny_split_root, tmp_path):
+    argv = ["--data-dir", str(tiny_split_root), "--output-dir", str(tmp_path / "out")]
+    assert data_preprocessing.main(argv) == 0
+    assert "train        4       4" in capsys.readouterr().out
+
+    bad = tiny_split_root / "test" / "real" / "notes.txt"
+    bad.write_text("not an image")
+    assert data_preprocessing.main(argv) == 1
+    output = capsys.readouterr().out
+    assert "test         3       3" in output
+    assert f"{bad}: not a decodable image" in output
+    assert bad.exists()
+
+
+def test_data_augmentation_writes_a_grid(capsys, tiny_split_root, tmp_path):
+    argv = ["--data-dir", str(tiny_split_root), "--output-dir", str(tmp_path / "out"), "--img-size", "32"]
+    assert data_augmentation.main(argv) == 0
+    grid = tmp_path / "out" / "augmentation_samples.png"
+    assert grid.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_command_redraws_histories_and_prints_the_table(capsys, tiny_split_root, tmp_path):
+    output_dir = tmp_path / "outputs"
+    assert run_script("VGG16", tiny_split_root, output_dir) == 0
+    history_png = output_dir / "vgg16" / "history.png"
+    history_png.unlink()
+    capsys.readouterr()
+    assert plot_loss_accuracy_graph.main([str(output_dir)]) == 0
+    assert history_png.exists()
+    assert "| VGG16 |" in capsys.readouterr().out
+
+
+def test_plot_command_without_runs_is_a_user_error(capsys, tmp_path):
+    assert plot_loss_accuracy_graph.main([str(tmp_path)]) == 2
+    assert_one_line_error(capsys, "no trained model", str(tmp_path))

@@ -1,0 +1,123 @@
+"""End-to-end runs of the four scripts on tiny data, and what they leave behind."""
+
+import importlib
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import load_pre_trained_models
+from plot_loss_accuracy_graph import write_results_table
+
+SCRIPTS = {
+    "VGG16": ("VGG16_finetuning", "vgg16"),
+    "VGG19": ("VGG19_finetuning", "vgg19"),
+    "InceptionV3": ("inceptionV3_finetuning", "inceptionv3"),
+    "ResNet50": ("resnet50_finetuning", "resnet50"),
+}
+RUN_OUTPUTS = ["model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv"]
+
+
+def run_script(title, split_root, output_dir, *options):
+    """Run a script's fine_tune in this process, as `python SCRIPT ...` would."""
+    script = importlib.import_module(SCRIPTS[title][0])
+    img_size = str(max(32, script.RECIPE.min_img_size))
+    data_options = [] if split_root is None else ["--data-dir", str(split_root)]
+    argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
+            "--epochs", "1", "--batch-size", "4", "--img-size", img_size, *options]
+    return script.fine_tune(script.RECIPE, argv)
+
+
+@pytest.mark.parametrize("title", SCRIPTS)
+def test_each_script_trains_one_epoch_and_writes_every_output(title, tiny_split_root, tmp_path):
+    output_dir = tmp_path / "outputs"
+    assert run_script(title, tiny_split_root, output_dir) == 0
+
+    run_dir = output_dir / SCRIPTS[title][1]
+    for name in RUN_OUTPUTS:
+        assert (run_dir / name).stat().st_size > 0, name
+    assert not (run_dir / "backup").exists()  # Removed once training finished.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"] == title and metrics["n_test"] == 6 and metrics["epochs_run"] == 1
+    assert {"test_auc", "test_precision", "test_recall", "train_seconds", "unfreeze_rule"} <= set(metrics)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert {"accuracy", "loss", "val_accuracy", "val_loss"} <= set(history.columns)
+    model = keras.models.load_model(run_dir / "model.keras")
+    assert model.output_shape == (None, 1)
+    assert (output_dir / "results.md").read_text().count(f"| {title} |") == 1
+
+
+def test_predictions_agree_with_metrics_and_fake_is_1(tiny_split_root, tmp_path):
+    output_dir = tmp_path / "outputs"
+    assert run_script("VGG16", tiny_split_root, output_dir) == 0
+    run_dir = output_dir / "vgg16"
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    assert sorted(predictions["label"]) == ["fake"] * 3 + ["real"] * 3
+    assert all(f"/test/{label}/" in path for path, label in zip(predictions["path"], predictions["label"]))
+    is_fake = predictions["label"] == "fake"
+    says_fake = predictions["p_fake"] >= 0.5
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert (tn, fp, fn, tp) == (
+        (~is_fake & ~says_fake).sum(), (~is_fake & says_fake).sum(),
+        (is_fake & ~says_fake).sum(), (is_fake & says_fake).sum(),
+    )
+    assert metrics["test_accuracy"] == pytest.approx((is_fake == says_fake).mean())
+    p = predictions["p_fake"].clip(1e-7, 1 - 1e-7)
+    loss = -np.mean(np.where(is_fake, np.log(p), np.log(1 - p)))
+    assert metrics["test_loss"] == pytest.approx(loss, abs=1e-4)
+
+    # The saved model gives the same p(fake) for a test image: predictions are of model.keras.
+    model = keras.models.load_model(run_dir / "model.keras")
+    image = keras.utils.load_img(predictions["path"][0], target_size=(32, 32))
+    batch = keras.applications.vgg16.preprocess_input(keras.utils.img_to_array(image)[None])
+    assert float(model.predict(batch, verbose=0)[0, 0]) == pytest.approx(predictions["p_fake"][0], abs=1e-4)
+
+
+def test_results_table_keeps_its_rows_across_runs(tmp_path):
+    output_dir = tmp_path / "outputs"
+
+    def finish(title, accuracy):
+        run_dir = output_dir / title.lower()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {"model": title, "test_accuracy": accuracy, "test_loss": 0.3, "test_auc": None}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        write_results_table(output_dir)
+
+    finish("ResNet50", 0.9)
+    finish("VGG16", 0.8)
+    finish("VGG16", 0.95)  # A second VGG16 run replaces its own row only.
+    table = pd.read_csv(output_dir / "results.csv")
+    assert table["Model"].tolist() == ["VGG16", "ResNet50"]
+    assert table["Test Accuracy"].tolist() == [0.95, 0.9]
+    assert list(table.columns) == ["Model", "Test Accuracy", "Test Loss", "Test AUC"]
+    markdown = (output_dir / "results.md").read_text().splitlines()
+    assert markdown[0] == "| Model | Test Accuracy | Test Loss | Test AUC |"
+    assert markdown[2:] == ["| VGG16 | 0.9500 | 0.3000 | - |", "| ResNet50 | 0.9000 | 0.3000 | - |"]
+
+
+class InterruptAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_without_losing_epochs(tiny_split_root, tmp_path, monkeypatch):
+    output_dir = tmp_path / "outputs"
+    shared_callbacks = load_pre_trained_models.training_callbacks
+    monkeypatch.setattr(
+        load_pre_trained_models,
+        "training_callbacks",
+        lambda *args: shared_callbacks(*args) + [InterruptAfterFirstEpoch()],
+    )
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
+    assert (output_dir / "vgg16" / "backup").exists()
+    assert len(pd.read_csv(output_dir / "vgg16" / "history.csv")) == 1
+
+    monkeypatch.undo()
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 0
+    history = pd.read_csv(output_dir / "vgg16" / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 3
