@@ -295,22 +295,26 @@ def choose_subset(paths, per_class, seed):
 
 
 def load_dataset(split_root, cache_dir, subset=None, seed=42):
-    """List, check and (optionally) subsample the dataset under `split_root`."""
+    """List, subsample (with --subset) and check the dataset under `split_root`."""
     files = list_images(split_root)
-    all_paths = [path for split in SPLITS for class_name in CLASSES for path in files[split][class_name]]
+    # Subsample before checking, so that a quick run on a few images decodes only those.
+    chosen = {
+        split: {name: choose_subset(files[split][name], subset, seed) for name in CLASSES} for split in SPLITS
+    }
+    all_paths = [path for split in SPLITS for name in CLASSES for path in chosen[split][name]]
     bad_files = check_images(all_paths, split_root, cache_dir)
 
     images = {}
     for split in SPLITS:
         images[split] = []
         for class_name in CLASSES:
-            good = [path for path in files[split][class_name] if path not in bad_files]
+            good = [path for path in chosen[split][class_name] if path not in bad_files]
             if not good:
                 raise UserError(
                     f"{split_root / split / class_name} has no readable image; "
                     "run python data_preprocessing.py to list the bad files"
                 )
-            images[split] += [(path, class_name) for path in choose_subset(good, subset, seed)]
+            images[split] += [(path, class_name) for path in good]
     return Dataset(split_root, images, bad_files)
 
 

@@ -347,8 +347,12 @@ def fine_tune(recipe, argv=None):
         print(f"\nInterrupted. Run the same command again to resume from the last finished epoch ({run_dir / 'backup'}).")
         return 130
 
+    best_model_file = run_dir / "model.keras"
+    if not best_model_file.exists():  # val_loss never improved (it was NaN): keep the last weights.
+        print("warning: val_loss never improved; saving the last epoch's model", file=sys.stderr)
+        model.save(best_model_file)
     # Evaluate the checkpoint with the best val_loss: the model that model.keras holds.
-    best_model = keras.models.load_model(run_dir / "model.keras")
+    best_model = keras.models.load_model(best_model_file)
     predictions = predict_test_split(best_model, flows["test"])
     history = pd.read_csv(run_dir / "history.csv")
     metrics = {

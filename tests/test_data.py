@@ -148,6 +148,15 @@ def test_changed_file_is_checked_again(tiny_split_root, tmp_path):
 # --- Subsets and flows --------------------------------------------------------
 
 
+def test_subset_decodes_only_the_chosen_images(tiny_split_root, tmp_path, monkeypatch):
+    decoded = []
+    check_one = data_preprocessing.image_problem
+    monkeypatch.setattr(data_preprocessing, "image_problem", lambda path: decoded.append(path) or check_one(path))
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache", subset=1)
+    assert sorted(decoded) == sorted(path for split in SPLITS for path, _ in dataset.images[split])
+    assert len(decoded) == len(SPLITS) * len(CLASSES)
+
+
 def test_subset_is_seeded_and_capped_per_class(tiny_split_root, tmp_path):
     first = load_dataset(tiny_split_root, tmp_path / "cache", subset=2, seed=7)
     again = load_dataset(tiny_split_root, tmp_path / "cache", subset=2, seed=7)
