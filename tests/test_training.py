@@ -121,3 +121,16 @@ def test_interrupted_run_resumes_without_losing_epochs(tiny_split_root, tmp_path
     history = pd.read_csv(output_dir / "vgg16" / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
     assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 3
+
+
+def test_demo_builds_its_dataset_and_runs_offline(tmp_path, monkeypatch):
+    import data_preprocessing
+    import VGG16_finetuning
+
+    monkeypatch.setattr(data_preprocessing, "DEMO_DATA_DIR", tmp_path / "datasets" / "demo")
+    monkeypatch.chdir(tmp_path)
+    # --demo alone means 64 px, random weights and outputs/demo; --subset and --epochs keep it short.
+    assert VGG16_finetuning.fine_tune(VGG16_finetuning.RECIPE, ["--demo", "--subset", "4", "--epochs", "1"]) == 0
+    assert len(list((tmp_path / "datasets" / "demo" / "train" / "fake").glob("*.jpg"))) == 100
+    metrics = json.loads((tmp_path / "outputs" / "demo" / "vgg16" / "metrics.json").read_text())
+    assert (metrics["img_size"], metrics["weights"], metrics["n_test"]) == (64, "none", 8)
