@@ -7,6 +7,8 @@
 
 Outputs go to outputs/vgg16/ (model.keras, history.csv, history.png, metrics.json,
 predictions.csv) and the results table to outputs/results.md.
+The recipe below is all that is particular to this model; the steps of a run, from
+finding the images to writing the results, are in load_pre_trained_models.fine_tune.
 """
 
 import sys

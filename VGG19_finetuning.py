@@ -5,6 +5,8 @@
     python VGG19_finetuning.py --help                # every option
 
 Outputs go to outputs/vgg19/ and the results table to outputs/results.md.
+The recipe below is all that is particular to this model; the steps of a run, from
+finding the images to writing the results, are in load_pre_trained_models.fine_tune.
 """
 
 import sys

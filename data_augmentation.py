@@ -27,6 +27,7 @@ from data_preprocessing import (
     CLASSES,
     OneLineArgumentParser,
     add_data_arguments,
+    ensure_writable_folder,
     exits_on_user_error,
     find_split_root,
     load_dataset,
@@ -105,7 +106,6 @@ def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42):
         axis.axis("off")
     figure.suptitle("Training augmentation: rotation, shift, shear, zoom, horizontal flip")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
@@ -119,6 +119,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=positive_int, default=4, help="how many training images to show (default 4)")
     args = resolve_data_options(parser.parse_args(argv))
 
+    ensure_writable_folder(args.output_dir)
     split_root = find_split_root(args.data_dir)
     dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
     report_bad_files(dataset.bad_files)

@@ -27,6 +27,7 @@ we never read them.)
 import argparse
 import functools
 import hashlib
+import io
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 SPLITS = ("train", "valid", "test")
 # The position of a class in this tuple is its label: real = 0, fake = 1.
@@ -87,6 +89,17 @@ def positive_int(text):
     return value
 
 
+def seed_value(text):
+    """An argparse type for --seed: Keras accepts 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and {2**32 - 1}")
+    return value
+
+
 def add_data_arguments(parser):
     """The options that say which images to use, shared by every command."""
     parser.add_argument(
@@ -106,7 +119,7 @@ def add_data_arguments(parser):
         action="store_true",
         help="use the small synthetic dataset in datasets/demo, built if absent",
     )
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default 42)")
     parser.add_argument(
         "--output-dir",
         type=Path,
@@ -131,14 +144,13 @@ def split_root_inside(folder):
 
 def default_split_roots():
     """The places searched, in order, when no --data-dir is given."""
-    datasets_dir, kaggle_input_dir = DATASETS_DIR, KAGGLE_INPUT_DIR
-    candidates = [datasets_dir / SPLIT_ROOT_IN_ARCHIVE]
+    candidates = [DATASETS_DIR / SPLIT_ROOT_IN_ARCHIVE]
     # A Kaggle download unzipped into a folder of its own: it holds real_vs_fake/ and train.csv.
-    if datasets_dir.is_dir():
-        for folder in sorted(datasets_dir.iterdir()):
+    if DATASETS_DIR.is_dir():
+        for folder in sorted(DATASETS_DIR.iterdir()):
             if (folder / "real_vs_fake").is_dir() and (folder / "train.csv").is_file():
                 candidates.append(folder / SPLIT_ROOT_IN_ARCHIVE)
-    candidates.append(kaggle_input_dir / SPLIT_ROOT_IN_ARCHIVE)
+    candidates.append(KAGGLE_INPUT_DIR / SPLIT_ROOT_IN_ARCHIVE)
     return candidates
 
 
@@ -201,10 +213,14 @@ def image_problem(path):
         return f"unreadable ({error.strerror})"
     if not data:
         return "empty file"
-    # OpenCV 5 returns None for any file it cannot decode to the end, a truncated JPEG
-    # included: exactly the files on which Pillow, which Keras uses, would fail mid-epoch.
     if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
         return "not a decodable image"
+    # OpenCV passes over some damage inside a JPEG that Pillow, which Keras loads images
+    # with, refuses; such a file would stop training mid-epoch. So Pillow decodes it too.
+    try:
+        Image.open(io.BytesIO(data)).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return "damaged image data"
     return None
 
 
@@ -221,12 +237,29 @@ def load_cache(cache_file):
         return {}
 
 
-def write_json_atomically(path, content):
-    """Write JSON through a temporary file, so that a reader never sees half a file."""
+def write_text_atomically(path, text):
+    """Write through a temporary file, so that a reader never sees half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content, indent=2))
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path, content):
+    write_text_atomically(path, json.dumps(content, indent=2))
+
+
+def ensure_writable_folder(folder):
+    """Create `folder` and check that files can be written there, before any long work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {folder} ({error.strerror}); choose another --output-dir") from None
+    return folder
 
 
 def check_images(paths, split_root, cache_dir, workers=None):
@@ -252,12 +285,11 @@ def check_images(paths, split_root, cache_dir, workers=None):
 
     if unchecked:
         print(f"Checking {len(unchecked)} images (once; the result is cached in {cache_file})")
-        progress = keras.utils.Progbar(len(unchecked))
-        # OpenCV releases the GIL while it decodes, so threads use every core.
+        progress = keras.utils.Progbar(len(unchecked), unit_name="image")
+        # OpenCV and Pillow release the GIL while they decode, so threads use every core.
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-            for done, ((path, key, stat), problem) in enumerate(
-                zip(unchecked, pool.map(image_problem, [item[0] for item in unchecked])), start=1
-            ):
+            found = pool.map(image_problem, [path for path, _, _ in unchecked])
+            for done, ((path, key, stat), problem) in enumerate(zip(unchecked, found), start=1):
                 cache[key] = [stat.st_size, stat.st_mtime_ns, problem]
                 if problem is not None:
                     problems[path] = problem
@@ -310,9 +342,10 @@ def load_dataset(split_root, cache_dir, subset=None, seed=42):
         for class_name in CLASSES:
             good = [path for path in chosen[split][class_name] if path not in bad_files]
             if not good:
+                example = chosen[split][class_name][0]
                 raise UserError(
-                    f"{split_root / split / class_name} has no readable image; "
-                    "run python data_preprocessing.py to list the bad files"
+                    f"{split_root / split / class_name} has no readable image "
+                    f"({example.name}: {bad_files[example]}); replace its files with JPEG or PNG images"
                 )
             images[split] += [(path, class_name) for path in good]
     return Dataset(split_root, images, bad_files)
@@ -333,20 +366,22 @@ DEMO_IMAGE_SIZE = 64
 
 def draw_face(rng, size):
     """A cartoon face with random colours, shape and position: the demo's "photograph"."""
-    background = rng.integers(40, 220, size=3)
     image = np.empty((size, size, 3), np.uint8)
-    image[:] = background
-    center = (size // 2 + int(rng.integers(-size // 10, size // 10 + 1)), size // 2 + int(rng.integers(-size // 10, size // 10 + 1)))
-    axes = (int(size * rng.uniform(0.25, 0.33)), int(size * rng.uniform(0.32, 0.42)))
-    skin = tuple(int(value) for value in rng.integers(90, 255, size=3))
-    cv2.ellipse(image, center, axes, 0, 0, 360, skin, -1, cv2.LINE_AA)
-    eye_y = center[1] - axes[1] // 4
-    eye_dx = axes[0] // 2
-    eye_size = max(1, size // 20)
-    for eye_x in (center[0] - eye_dx, center[0] + eye_dx):
-        cv2.circle(image, (eye_x, eye_y), eye_size, (30, 30, 30), -1, cv2.LINE_AA)
-    mouth_axes = (axes[0] // 2, max(1, int(axes[1] * rng.uniform(0.05, 0.2))))
-    cv2.ellipse(image, (center[0], center[1] + axes[1] // 2), mouth_axes, 0, 0, 180, (40, 40, 160), max(1, size // 40), cv2.LINE_AA)
+    image[:] = rng.integers(40, 220, size=3)  # The background.
+    jitter = size // 10
+    center_x, center_y = size // 2 + rng.integers(-jitter, jitter + 1, size=2)
+    half_width, half_height = int(size * rng.uniform(0.25, 0.33)), int(size * rng.uniform(0.32, 0.42))
+    skin = [int(value) for value in rng.integers(90, 255, size=3)]
+    cv2.ellipse(image, (center_x, center_y), (half_width, half_height), 0, 0, 360, skin, -1, cv2.LINE_AA)
+
+    eye_y = center_y - half_height // 4
+    for eye_x in (center_x - half_width // 2, center_x + half_width // 2):
+        cv2.circle(image, (eye_x, eye_y), max(1, size // 20), (30, 30, 30), -1, cv2.LINE_AA)
+
+    mouth_center = (center_x, center_y + half_height // 2)
+    mouth_axes = (half_width // 2, max(1, int(half_height * rng.uniform(0.05, 0.2))))
+    line_width = max(1, size // 40)
+    cv2.ellipse(image, mouth_center, mouth_axes, 0, 0, 180, (40, 40, 160), line_width, cv2.LINE_AA)
     return image
 
 
@@ -365,7 +400,8 @@ def gan_upsample(image):
     height, width, channels = image.shape
     zero_inserted = np.zeros((2 * height, 2 * width, channels), np.float32)
     zero_inserted[::2, ::2] = image
-    upsampled = cv2.filter2D(zero_inserted, -1, GAN_UPSAMPLING_KERNEL, borderType=cv2.BORDER_REFLECT)
+    # Reflecting around the edge pixel keeps the border rows in the same phase pattern.
+    upsampled = cv2.filter2D(zero_inserted, -1, GAN_UPSAMPLING_KERNEL, borderType=cv2.BORDER_REFLECT_101)
     return np.clip(upsampled, 0, 255).astype(np.uint8)
 
 

@@ -5,6 +5,8 @@
     python inceptionV3_finetuning.py --help          # every option
 
 Outputs go to outputs/inceptionv3/ and the results table to outputs/results.md.
+The recipe below is all that is particular to this model; the steps of a run, from
+finding the images to writing the results, are in load_pre_trained_models.fine_tune.
 """
 
 import sys
@@ -18,7 +20,7 @@ RECIPE = ModelRecipe(
     name="inceptionv3",
     application=keras.applications.InceptionV3,
     preprocess_input=keras.applications.inception_v3.preprocess_input,
-    # The last 8 Conv2D layers in base.layers order: the branches of the final "mixed10" block.
+    # The last 8 Conv2D layers in base.layers order: 8 of the 9 in the final "mixed10" block.
     trainable_conv_layers=8,
     # The original code unfroze base.layers[-5:]: Activation and Concatenate layers with no
     # weights, so only the head trained. That is why it scored 0.772 (see the README).

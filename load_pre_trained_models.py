@@ -16,11 +16,13 @@ trains; it builds the models without downloading any weights:
     python load_pre_trained_models.py
 """
 
+import argparse
 import importlib
-import json
 import os
+import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,7 @@ from data_preprocessing import (
     OneLineArgumentParser,
     UserError,
     add_data_arguments,
+    ensure_writable_folder,
     exits_on_user_error,
     find_split_root,
     load_dataset,
@@ -44,7 +47,7 @@ from data_preprocessing import (
     resolve_data_options,
     write_json_atomically,
 )
-from plot_loss_accuracy_graph import plot_history, write_results_table
+from plot_loss_accuracy_graph import plot_history, read_history, write_results_table
 
 # The per-model scripts, in the order of the results table.
 MODEL_SCRIPTS = ("VGG16_finetuning", "VGG19_finetuning", "inceptionV3_finetuning", "resnet50_finetuning")
@@ -160,13 +163,14 @@ DEMO_DEFAULTS = dict(epochs=3, batch_size=16, img_size=64, weights="none")
 
 
 def positive_float(text):
-    value = float(text)
+    """An argparse type for --learning-rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
     return value
-
-
-positive_float.__name__ = "positive number"  # argparse names the type in its error.
 
 
 def build_parser(recipe):
@@ -205,28 +209,17 @@ def build_parser(recipe):
 
 
 def parse_arguments(recipe, argv):
+    """Parse the options and check them all, so that a mistake stops the run before any long work."""
     args = resolve_data_options(build_parser(recipe).parse_args(argv))
-    for option, value in (DEMO_DEFAULTS if args.demo else DOCUMENTED_DEFAULTS).items():
+    defaults = dict(DEMO_DEFAULTS, img_size=max(DEMO_DEFAULTS["img_size"], recipe.min_img_size))
+    for option, value in (defaults if args.demo else DOCUMENTED_DEFAULTS).items():
         if getattr(args, option) is None:
             setattr(args, option, value)
-    if args.demo:
-        args.img_size = max(args.img_size, recipe.min_img_size)
     if args.img_size < recipe.min_img_size:
         raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
     return args
-
-
-def prepare_run_dir(output_dir, recipe):
-    """Create OUTPUT_DIR/<model>/ and make sure we can write there before training starts."""
-    run_dir = Path(output_dir) / recipe.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to {run_dir} ({error.strerror}); choose another --output-dir") from None
-    return run_dir
 
 
 # ---------------------------------------------------------------------------
@@ -234,43 +227,64 @@ def prepare_run_dir(output_dir, recipe):
 # ---------------------------------------------------------------------------
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Adds each epoch's wall time to the logs, so that history.csv keeps it across resumes."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["seconds"] = round(time.perf_counter() - self.started, 1)
+
+
+def is_complete_model_file(path):
+    """True if `path` is a whole .keras file (a zip archive), not one cut off mid-write."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def training_callbacks(run_dir, patience):
     """Callbacks that lose nothing: the history, the best model, and a backup to resume from."""
-    history_file = run_dir / "history.csv"
-    backup_dir = run_dir / "backup"
-    resuming = backup_dir.exists()
+    history_file, model_file, backup_dir = run_dir / "history.csv", run_dir / "model.keras", run_dir / "backup"
     best_val_loss = None
-    if resuming and history_file.exists():
-        best_val_loss = float(pd.read_csv(history_file)["val_loss"].min())
-        print(f"Resuming the interrupted run in {run_dir} (best val_loss so far {best_val_loss:.4f})")
-    elif history_file.exists():
-        history_file.unlink()  # A new run starts a new history.
+    if backup_dir.exists():
+        history = read_history(history_file)
+        if len(history) and is_complete_model_file(model_file):
+            best_val_loss = float(history["val_loss"].min())
+        print(f"Resuming the interrupted run in {run_dir} after epoch {len(history)}")
+    else:
+        # A new run: the previous run's history and model must not be mistaken for this one's.
+        for stale in (history_file, model_file):
+            stale.unlink(missing_ok=True)
     callbacks = [
-        # Restores the weights and epoch of an interrupted run, so the same command resumes it.
-        keras.callbacks.BackupAndRestore(str(backup_dir)),
+        EpochTimer(),
+        keras.callbacks.TerminateOnNaN(),
         # Appends a row per epoch, so the history survives a crash.
         keras.callbacks.CSVLogger(str(history_file), append=True),
+        # On a resume, only a model better than the best so far replaces model.keras.
         keras.callbacks.ModelCheckpoint(
-            str(run_dir / "model.keras"),
-            monitor="val_loss",
-            save_best_only=True,
-            initial_value_threshold=best_val_loss,
-            verbose=1,
+            str(model_file), monitor="val_loss", save_best_only=True, initial_value_threshold=best_val_loss, verbose=1
         ),
     ]
     if patience:
+        # After a resume, the patience counts again from the resumed epoch.
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, verbose=1))
+    # Last, so that an epoch counts as done only once its row and checkpoint are written.
+    # The backup is kept until every output is written (see fine_tune); a run stopped before
+    # then resumes from it when the same command is run again.
+    callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False))
     return callbacks
 
 
 def train(model, flows, run_dir, args):
-    """Fit the model; return the wall time in seconds."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
         loss="binary_crossentropy",
         metrics=["accuracy"],
     )
-    started = time.perf_counter()
     # No steps_per_epoch: Keras then uses every batch, the last partial one included.
     model.fit(
         flows["train"],
@@ -278,12 +292,20 @@ def train(model, flows, run_dir, args):
         epochs=args.epochs,
         callbacks=training_callbacks(run_dir, args.patience),
     )
-    return time.perf_counter() - started
 
 
 # ---------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------
+
+
+def load_best_model(run_dir, last_model):
+    """The model with the best val_loss, as model.keras holds it."""
+    model_file = run_dir / "model.keras"
+    if not model_file.exists():  # val_loss was never a number: keep the last weights.
+        print("warning: val_loss never improved; model.keras holds the last epoch's model", file=sys.stderr)
+        last_model.save(model_file)
+    return keras.models.load_model(model_file)
 
 
 def predict_test_split(model, test_flow):
@@ -317,6 +339,26 @@ def test_metrics(predictions, threshold=0.5):
     }
 
 
+def write_run_outputs(run_dir, recipe, args, predictions):
+    """metrics.json, predictions.csv and history.png for one run; return the metrics."""
+    history = read_history(run_dir / "history.csv")
+    metrics = {
+        "model": recipe.title,
+        **test_metrics(predictions),
+        "epochs_run": int(len(history)),
+        "img_size": args.img_size,
+        "weights": args.weights,
+        "preprocessing": args.preprocessing,
+        "unfreeze_rule": args.unfreeze_rule,
+        # Summed over the epochs in history.csv, so a resumed run counts every session.
+        "train_seconds": round(float(history["seconds"].sum()), 1),
+    }
+    predictions.to_csv(run_dir / "predictions.csv", index=False)
+    write_json_atomically(run_dir / "metrics.json", metrics)
+    plot_history(history, run_dir / "history.png", recipe.title)
+    return metrics
+
+
 # ---------------------------------------------------------------------------
 # The story of one run
 # ---------------------------------------------------------------------------
@@ -326,7 +368,7 @@ def test_metrics(predictions, threshold=0.5):
 def fine_tune(recipe, argv=None):
     """Train, evaluate and report one model; return the process exit status."""
     args = parse_arguments(recipe, argv)
-    run_dir = prepare_run_dir(args.output_dir, recipe)
+    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
     keras.utils.set_random_seed(args.seed)
 
     split_root = find_split_root(args.data_dir)
@@ -342,33 +384,18 @@ def fine_tune(recipe, argv=None):
         f"({args.unfreeze_rule} rule) and the head, {count_trainable_parameters(model):,} parameters"
     )
     try:
-        train_seconds = train(model, flows, run_dir, args)
+        train(model, flows, run_dir, args)
+        predictions = predict_test_split(load_best_model(run_dir, model), flows["test"])
+        metrics = write_run_outputs(run_dir, recipe, args, predictions)
+        table = write_results_table(args.output_dir)
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Run the same command again to resume from the last finished epoch ({run_dir / 'backup'}).")
+        if (run_dir / "backup").exists():
+            print(f"\nInterrupted. Run the same command again to resume after the last finished epoch.")
+        else:
+            print("\nInterrupted before the first epoch finished; nothing to resume.")
         return 130
-
-    best_model_file = run_dir / "model.keras"
-    if not best_model_file.exists():  # val_loss never improved (it was NaN): keep the last weights.
-        print("warning: val_loss never improved; saving the last epoch's model", file=sys.stderr)
-        model.save(best_model_file)
-    # Evaluate the checkpoint with the best val_loss: the model that model.keras holds.
-    best_model = keras.models.load_model(best_model_file)
-    predictions = predict_test_split(best_model, flows["test"])
-    history = pd.read_csv(run_dir / "history.csv")
-    metrics = {
-        "model": recipe.title,
-        **test_metrics(predictions),
-        "epochs_run": int(len(history)),
-        "img_size": args.img_size,
-        "weights": args.weights,
-        "preprocessing": args.preprocessing,
-        "unfreeze_rule": args.unfreeze_rule,
-        "train_seconds": round(train_seconds, 1),
-    }
-    predictions.to_csv(run_dir / "predictions.csv", index=False)
-    write_json_atomically(run_dir / "metrics.json", metrics)
-    plot_history(history, run_dir / "history.png", recipe.title)
-    table = write_results_table(args.output_dir)
+    # Every output is written: the run is complete, and its backup is no longer needed.
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
 
     print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
     print(f"Wrote {run_dir}/: model.keras, history.csv, history.png, metrics.json, predictions.csv")
@@ -382,7 +409,11 @@ def fine_tune(recipe, argv=None):
 
 
 def load_recipes():
-    """The four recipes, read from the per-model scripts."""
+    """The four recipes, read from the per-model scripts.
+
+    The scripts import this module in turn; run as a command, it is then loaded a second
+    time under its own name, which is harmless.
+    """
     return [importlib.import_module(script).RECIPE for script in MODEL_SCRIPTS]
 
 
@@ -391,7 +422,7 @@ def describe_freezing(recipe):
     lines = [f"{recipe.title}"]
     for rule in ("conv", "layers"):
         keras.backend.clear_session()  # Restarts Keras' layer names (conv2d, conv2d_1, ...).
-        model = build_model(recipe, weights="none", img_size=max(224, recipe.min_img_size), unfreeze_rule=rule)
+        model = build_model(recipe, weights="none", img_size=224, unfreeze_rule=rule)
         names = trainable_conv_layer_names(model)
         lines.append(
             f"  --unfreeze-rule {rule:<6}: {len(names):>2} trainable conv layers, "
@@ -401,11 +432,12 @@ def describe_freezing(recipe):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    OneLineArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     for recipe in load_recipes():
         print(describe_freezing(recipe))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits_on_user_error(main)())

@@ -12,7 +12,6 @@ VGG19 after VGG16 adds a row, and running VGG16 again replaces its own.
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,8 +20,15 @@ import matplotlib
 matplotlib.use("Agg")  # Draw to files: training servers have no screen.
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-from data_preprocessing import OneLineArgumentParser, UserError, exits_on_user_error
+from data_preprocessing import (
+    OneLineArgumentParser,
+    UserError,
+    ensure_writable_folder,
+    exits_on_user_error,
+    write_text_atomically,
+)
 
 # The order of the rows, as in the original README.
 MODEL_ORDER = ("VGG16", "VGG19", "InceptionV3", "ResNet50")
@@ -34,6 +40,16 @@ TABLE_COLUMNS = {
 }
 
 
+def read_history(history_file):
+    """The rows of a history.csv, one per epoch; empty if training stopped before any epoch."""
+    try:
+        history = pd.read_csv(history_file)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "seconds"])
+    # A run stopped between writing an epoch's row and its backup repeats that epoch on resume.
+    return history.drop_duplicates("epoch", keep="last").reset_index(drop=True)
+
+
 def plot_history(history, path, title):
     """The original's two panels: accuracy and loss per epoch, for training and validation."""
     epochs = range(1, len(history) + 1)
@@ -43,6 +59,7 @@ def plot_history(history, path, title):
         axis.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
         axis.set_title(f"{title}: {metric}")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.legend()
     figure.tight_layout()
@@ -86,22 +103,15 @@ def locked(lock_file):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def replace_file(path, text):
-    """Write through a temporary file, so that a reader never sees half a table."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_results_table(output_dir):
     """Rebuild OUTPUT_DIR/results.csv and results.md from every metrics.json; return the Markdown."""
     output_dir = Path(output_dir)
     with locked(output_dir / ".results.lock"):
         rows = read_results(output_dir)
         frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS)).rename(columns=TABLE_COLUMNS)
-        replace_file(output_dir / "results.csv", frame.to_csv(index=False))
+        write_text_atomically(output_dir / "results.csv", frame.to_csv(index=False))
         markdown = results_markdown(rows)
-        replace_file(output_dir / "results.md", markdown)
+        write_text_atomically(output_dir / "results.md", markdown)
     return markdown
 
 
@@ -110,14 +120,15 @@ def main(argv=None):
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", nargs="?", type=Path, default=Path("outputs"), help="default outputs")
     output_dir = parser.parse_args(argv).output_dir
-    history_files = sorted(output_dir.glob("*/history.csv"))
-    if not history_files:
+    histories = {path: read_history(path) for path in sorted(output_dir.glob("*/history.csv"))}
+    histories = {path: history for path, history in histories.items() if len(history)}
+    if not histories:
         raise UserError(f"no trained model in {output_dir}; run a fine-tuning script first, or name its output folder")
-    for history_file in history_files:
+    ensure_writable_folder(output_dir)
+    for history_file, history in histories.items():
         metrics_file = history_file.with_name("metrics.json")
         title = json.loads(metrics_file.read_text())["model"] if metrics_file.exists() else history_file.parent.name
-        path = plot_history(pd.read_csv(history_file), history_file.with_name("history.png"), title)
-        print(f"Wrote {path}")
+        print(f"Wrote {plot_history(history, history_file.with_name('history.png'), title)}")
     print(write_results_table(output_dir))
     return 0
 

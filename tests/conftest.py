@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic datasets made inside each test, and a clean Keras state."""
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,15 @@ import pytest  # noqa: E402
 
 from data_preprocessing import make_demo_dataset  # noqa: E402
 
+# The per-model scripts, by model, with their output folders.
+SCRIPTS = {
+    "VGG16": ("VGG16_finetuning", "vgg16"),
+    "VGG19": ("VGG19_finetuning", "vgg19"),
+    "InceptionV3": ("inceptionV3_finetuning", "inceptionv3"),
+    "ResNet50": ("resnet50_finetuning", "resnet50"),
+}
+RUN_OUTPUTS = ["model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv"]
+
 # A handful of 32-pixel images: enough for one epoch of every pipeline step.
 TINY_IMAGES_PER_CLASS = {"train": 4, "valid": 2, "test": 3}
 
@@ -23,6 +33,16 @@ TINY_IMAGES_PER_CLASS = {"train": 4, "valid": 2, "test": 3}
 def tiny_split_root(tmp_path):
     """A split root (train/, valid/, test/, each with real/ and fake/) of tiny JPEGs."""
     return make_demo_dataset(tmp_path / "faces", TINY_IMAGES_PER_CLASS, size=32)
+
+
+def run_script(title, split_root, output_dir, *options):
+    """Run a script's fine_tune in this process, as `python SCRIPT ...` would, small and fast."""
+    script = importlib.import_module(SCRIPTS[title][0])
+    img_size = str(max(32, script.RECIPE.min_img_size))
+    data_options = [] if split_root is None else ["--data-dir", str(split_root)]
+    argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
+            "--epochs", "1", "--batch-size", "4", "--img-size", img_size, *options]
+    return script.fine_tune(script.RECIPE, argv)
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,7 @@ import pytest
 import data_augmentation
 import data_preprocessing
 import plot_loss_accuracy_graph
-from conftest import REPOSITORY_DIR
-from test_training import run_script
+from conftest import REPOSITORY_DIR, run_script
 
 # --- Every user mistake: exit status 2, one line that says what to do ---------
 
@@ -38,6 +37,8 @@ def test_no_dataset_found(capsys, tmp_path, monkeypatch):
         (["--preprocessing", "imagenet"], ["--preprocessing", "native", "rescale"]),
         (["--unfreeze-rule", "blocks"], ["--unfreeze-rule"]),
         (["--img-size", "31"], ["--img-size 31 is too small for VGG16", "32"]),
+        (["--seed", "-1"], ["--seed", "between 0 and 4294967295"]),
+        (["--weights", "missing.weights.h5"], ["--weights missing.weights.h5", "neither imagenet, none"]),
     ],
 )
 def test_bad_flag_values(capsys, tiny_split_root, tmp_path, options, fragments):
@@ -48,6 +49,12 @@ def test_bad_flag_values(capsys, tiny_split_root, tmp_path, options, fragments):
 def test_inception_needs_75_pixels(capsys, tiny_split_root, tmp_path):
     assert run_script("InceptionV3", tiny_split_root, tmp_path / "out", "--img-size", "74") == 2
     assert_one_line_error(capsys, "InceptionV3", "75")
+
+
+def test_demo_keeps_an_explicit_image_size_too_small_for_the_model(capsys, tmp_path):
+    # The demo raises only its own default size to the model's minimum, never the user's.
+    assert run_script("InceptionV3", None, tmp_path / "out", "--demo", "--img-size", "50") == 2
+    assert_one_line_error(capsys, "--img-size 50 is too small for InceptionV3")
 
 
 def test_missing_class_folder(capsys, tiny_split_root, tmp_path):
@@ -110,6 +117,13 @@ def test_plot_command_redraws_histories_and_prints_the_table(capsys, tiny_split_
     assert plot_loss_accuracy_graph.main([str(output_dir)]) == 0
     assert history_png.exists()
     assert "| VGG16 |" in capsys.readouterr().out
+
+
+def test_plot_command_skips_a_run_stopped_before_its_first_epoch(capsys, tmp_path):
+    (tmp_path / "vgg19").mkdir()
+    (tmp_path / "vgg19" / "history.csv").write_text("")
+    assert plot_loss_accuracy_graph.main([str(tmp_path)]) == 2
+    assert_one_line_error(capsys, "no trained model")
 
 
 def test_plot_command_without_runs_is_a_user_error(capsys, tmp_path):

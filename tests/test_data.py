@@ -1,10 +1,12 @@
 """Finding the dataset, checking its images, and feeding them to Keras."""
 
+import cv2
+import keras
 import numpy as np
 import pytest
 
 import data_preprocessing
-from data_augmentation import TRAINING_AUGMENTATION, make_flows
+from data_augmentation import make_flows
 from data_preprocessing import (
     CLASSES,
     SPLITS,
@@ -116,6 +118,18 @@ def test_truncated_jpeg_is_recognised(tiny_split_root, tmp_path, kept_bytes):
     assert image_problem(truncated) == "not a decodable image"
 
 
+def test_jpeg_damaged_inside_is_recognised(tmp_path):
+    # OpenCV decodes this file (it skips the bad marker); Pillow, which Keras uses, does not.
+    image = data_preprocessing.demo_image(np.random.default_rng(0), "real")
+    path = tmp_path / "damaged.jpg"
+    data = bytearray(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    data[len(data) // 2] = 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError):
+        keras.utils.img_to_array(keras.utils.load_img(path))
+    assert image_problem(path) == "damaged image data"
+
+
 def test_corrupt_jpeg_is_reported_left_out_and_kept(tiny_split_root, tmp_path):
     corrupt = tiny_split_root / "train" / "fake" / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
@@ -188,7 +202,10 @@ def test_only_training_is_augmented(tiny_split_root, tmp_path):
     flows = make_flows(dataset, None, "rescale", img_size=32, batch_size=2, seed=0)
     training = flows["train"].image_data_generator
     assert training.rotation_range == 20 and training.horizontal_flip and training.zoom_range == [0.8, 1.2]
-    assert training.shear_range == TRAINING_AUGMENTATION["shear_range"]
+    assert training.width_shift_range == 0.2 and training.height_shift_range == 0.2
+    assert training.fill_mode == "nearest" and training.rescale == 1 / 255
+    assert training.shear_range == pytest.approx(11.46, abs=0.01)  # 0.2 radians, in degrees.
+    assert flows["train"].shuffle
     for split in ("valid", "test"):
         generator = flows[split].image_data_generator
         assert generator.rotation_range == 0 and not generator.horizontal_flip

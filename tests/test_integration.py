@@ -5,8 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import REPOSITORY_DIR
-from test_training import RUN_OUTPUTS, run_script
+from conftest import REPOSITORY_DIR, RUN_OUTPUTS, run_script
 
 SAMPLE_DIR = REPOSITORY_DIR.parent / "shared" / "faces-140k-sample"
 

@@ -80,10 +80,19 @@ def test_head_outputs_a_float32_probability():
         "GlobalAveragePooling2D", "Dense", "Dropout", "Dense"
     ]
     assert model.layers[-3].units == 1024 and model.layers[-2].rate == 0.5
-    output_layer = model.get_layer("p_fake")
-    assert output_layer.units == 1 and output_layer.dtype_policy.compute_dtype == "float32"
     p_fake = model.predict(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)), verbose=0)
     assert p_fake.shape == (2, 1) and np.all((p_fake > 0) & (p_fake < 1))
+
+
+def test_output_stays_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = small_model("VGG16")
+        assert model.get_layer("dense_1024").compute_dtype == "float16"
+        assert model.get_layer("p_fake").compute_dtype == "float32"
+        assert model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_weights_file_is_loaded_into_the_base(tmp_path):
@@ -95,6 +104,8 @@ def test_weights_file_is_loaded_into_the_base(tmp_path):
     np.testing.assert_array_equal(loaded.get_layer("block5_conv3").kernel, saved.get_layer("block5_conv3").kernel)
 
 
+# Keras warns about every layer it cannot match before it fails; that is what is tested.
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_weights_of_another_model_are_refused_with_a_hint(tmp_path):
     weights_file = tmp_path / "vgg16_base.weights.h5"
     load_base(RECIPES["VGG16"], "none", 32).save_weights(weights_file)

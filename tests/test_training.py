@@ -1,6 +1,5 @@
 """End-to-end runs of the four scripts on tiny data, and what they leave behind."""
 
-import importlib
 import json
 
 import keras
@@ -9,26 +8,8 @@ import pandas as pd
 import pytest
 
 import load_pre_trained_models
+from conftest import RUN_OUTPUTS, SCRIPTS, run_script
 from plot_loss_accuracy_graph import write_results_table
-
-SCRIPTS = {
-    "VGG16": ("VGG16_finetuning", "vgg16"),
-    "VGG19": ("VGG19_finetuning", "vgg19"),
-    "InceptionV3": ("inceptionV3_finetuning", "inceptionv3"),
-    "ResNet50": ("resnet50_finetuning", "resnet50"),
-}
-RUN_OUTPUTS = ["model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv"]
-
-
-def run_script(title, split_root, output_dir, *options):
-    """Run a script's fine_tune in this process, as `python SCRIPT ...` would."""
-    script = importlib.import_module(SCRIPTS[title][0])
-    img_size = str(max(32, script.RECIPE.min_img_size))
-    data_options = [] if split_root is None else ["--data-dir", str(split_root)]
-    argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
-            "--epochs", "1", "--batch-size", "4", "--img-size", img_size, *options]
-    return script.fine_tune(script.RECIPE, argv)
-
 
 @pytest.mark.parametrize("title", SCRIPTS)
 def test_each_script_trains_one_epoch_and_writes_every_output(title, tiny_split_root, tmp_path):
@@ -134,3 +115,51 @@ def test_demo_builds_its_dataset_and_runs_offline(tmp_path, monkeypatch):
     assert len(list((tmp_path / "datasets" / "demo" / "train" / "fake").glob("*.jpg"))) == 100
     metrics = json.loads((tmp_path / "outputs" / "demo" / "vgg16" / "metrics.json").read_text())
     assert (metrics["img_size"], metrics["weights"], metrics["n_test"]) == (64, "none", 8)
+
+
+def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_root, tmp_path, monkeypatch):
+    output_dir = tmp_path / "outputs"
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load_pre_trained_models, "predict_test_split", interrupt)
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "2") == 130
+    monkeypatch.undo()
+    model_file = output_dir / "vgg16" / "model.keras"
+    saved_at = model_file.stat().st_mtime_ns
+
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "2") == 0
+    assert model_file.stat().st_mtime_ns == saved_at  # No epoch was trained again.
+    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 2
+    assert not (output_dir / "vgg16" / "backup").exists()
+
+
+def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
+    run_dir = tmp_path / "vgg16"
+    (run_dir / "backup").mkdir(parents=True)
+    (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.save(run_dir / "model.keras")
+    checkpoint = next(
+        callback for callback in load_pre_trained_models.training_callbacks(run_dir, patience=None)
+        if isinstance(callback, keras.callbacks.ModelCheckpoint)
+    )
+    assert checkpoint.best == 0.25
+
+    # A model file cut off mid-write is no best model: the next epoch replaces it.
+    (run_dir / "model.keras").write_bytes((run_dir / "model.keras").read_bytes()[:100])
+    checkpoint = next(
+        callback for callback in load_pre_trained_models.training_callbacks(run_dir, patience=None)
+        if isinstance(callback, keras.callbacks.ModelCheckpoint)
+    )
+    assert checkpoint.best is None or checkpoint.best == float("inf")
+
+
+def test_a_new_run_does_not_report_the_previous_model(tiny_split_root, tmp_path):
+    run_dir = tmp_path / "vgg16"
+    run_dir.mkdir()
+    (run_dir / "model.keras").write_text("the previous run's model")
+    (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.01\n")
+    load_pre_trained_models.training_callbacks(run_dir, patience=None)
+    assert not (run_dir / "model.keras").exists() and not (run_dir / "history.csv").exists()
