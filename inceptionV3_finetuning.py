@@ -1,10 +1,11 @@
 """Fine-tune InceptionV3 on its last 8 conv layers to tell real faces from StyleGAN fakes.
 
-    python inceptionV3_finetuning.py --demo          # a 1-minute offline run on synthetic faces
+    python inceptionV3_finetuning.py --demo          # an offline run on synthetic faces, under a minute
     python inceptionV3_finetuning.py                 # the full dataset, ImageNet weights
     python inceptionV3_finetuning.py --help          # every option
 
 Outputs go to outputs/inceptionv3/ and the results table to outputs/results.md.
+
 The recipe below is all that is particular to this model; the steps of a run, from
 finding the images to writing the results, are in load_pre_trained_models.fine_tune.
 """

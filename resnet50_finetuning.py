@@ -1,10 +1,11 @@
 """Fine-tune ResNet50 on its last 14 conv layers to tell real faces from StyleGAN fakes.
 
-    python resnet50_finetuning.py --demo             # a 1-minute offline run on synthetic faces
+    python resnet50_finetuning.py --demo             # an offline run on synthetic faces, under a minute
     python resnet50_finetuning.py                    # the full dataset, ImageNet weights
     python resnet50_finetuning.py --help             # every option
 
 Outputs go to outputs/resnet50/ and the results table to outputs/results.md.
+
 The recipe below is all that is particular to this model; the steps of a run, from
 finding the images to writing the results, are in load_pre_trained_models.fine_tune.
 """
