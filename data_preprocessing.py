@@ -262,7 +262,7 @@ def ensure_writable_folder(folder):
     return folder
 
 
-def check_images(paths, split_root, cache_dir, workers=None):
+def check_images(paths, split_root, cache_dir):
     """Decode every image once, in parallel; return {path: problem} for the bad ones.
 
     Results are cached by path, size and modification time, so a second run only
@@ -287,7 +287,7 @@ def check_images(paths, split_root, cache_dir, workers=None):
         print(f"Checking {len(unchecked)} images (once; the result is cached in {cache_file})")
         progress = keras.utils.Progbar(len(unchecked), unit_name="image")
         # OpenCV and Pillow release the GIL while they decode, so threads use every core.
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             found = pool.map(image_problem, [path for path, _, _ in unchecked])
             for done, ((path, key, stat), problem) in enumerate(zip(unchecked, found), start=1):
                 cache[key] = [stat.st_size, stat.st_mtime_ns, problem]

@@ -77,6 +77,14 @@ def keras_cache_dir():
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
+def existing_weights_file(weights):
+    """The path that --weights names, if it is neither imagenet nor none."""
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights} is neither imagenet, none, nor an existing weights file")
+    return path
+
+
 def load_base(recipe, weights, img_size):
     """The pre-trained convolutional base, without ImageNet's classifier on top.
 
@@ -95,9 +103,7 @@ def load_base(recipe, weights, img_size):
                 f"Keras caches them in {keras_cache_dir()}: copy the file there, or pass "
                 "--weights PATH to use a local copy, or --weights none to start from random weights"
             ) from None
-    path = Path(weights)
-    if not path.is_file():
-        raise UserError(f"--weights {weights} is neither imagenet, none, nor an existing weights file")
+    path = existing_weights_file(weights)
     base = recipe.application(include_top=False, weights=None, input_shape=input_shape)
     try:
         base.load_weights(str(path))
@@ -159,7 +165,7 @@ def count_trainable_parameters(model):
 
 DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imagenet")
 # Small enough to train on a laptop CPU in a minute or two, with nothing to download.
-DEMO_DEFAULTS = dict(epochs=3, batch_size=16, img_size=64, weights="none")
+DEMO_DEFAULTS = dict(epochs=5, batch_size=16, img_size=64, weights="none")
 
 
 def positive_float(text):
@@ -179,7 +185,7 @@ def build_parser(recipe):
         "to tell real faces from StyleGAN fakes.",
     )
     add_data_arguments(parser)
-    parser.add_argument("--epochs", type=positive_int, help="training epochs (default 10; 3 with --demo)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default 10; 5 with --demo)")
     parser.add_argument("--batch-size", type=positive_int, help="images per batch (default 32; 16 with --demo)")
     parser.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate (default 1e-4)")
     parser.add_argument(
@@ -217,8 +223,8 @@ def parse_arguments(recipe, argv):
             setattr(args, option, value)
     if args.img_size < recipe.min_img_size:
         raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
-    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
-        raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
+    if args.weights not in ("imagenet", "none"):
+        existing_weights_file(args.weights)
     return args
 
 
