@@ -213,21 +213,30 @@ def image_problem(path):
         return f"unreadable ({error.strerror})"
     if not data:
         return "empty file"
-    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
+    try:
+        # OpenCV returns None for most bad files, and raises for a few (an absurd size).
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        decoded = None
+    if decoded is None:
         return "not a decodable image"
     # OpenCV passes over some damage inside a JPEG that Pillow, which Keras loads images
     # with, refuses; such a file would stop training mid-epoch. So Pillow decodes it too.
     try:
         Image.open(io.BytesIO(data)).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Exception:  # Pillow raises many kinds; any of them would stop training.
         return "damaged image data"
     return None
 
 
+# Raise this whenever image_problem changes, so that older verdicts are not reused.
+IMAGE_CHECK_VERSION = 2
+
+
 def cache_file_for(split_root, cache_dir):
-    """One cache file per dataset, named after the dataset's absolute path."""
+    """One cache file per dataset and version of the check, named after the dataset's path."""
     digest = hashlib.sha1(str(split_root.resolve()).encode()).hexdigest()[:16]
-    return cache_dir / f"image-check-{digest}.json"
+    return cache_dir / f"image-check-v{IMAGE_CHECK_VERSION}-{digest}.json"
 
 
 def load_cache(cache_file):
@@ -263,7 +272,7 @@ def ensure_writable_folder(folder):
 
 
 def check_images(paths, split_root, cache_dir):
-    """Decode every image once, in parallel; return {path: problem} for the bad ones.
+    """Decode every image once with OpenCV and Pillow, in parallel; return {path: problem} for the bad ones.
 
     Results are cached by path, size and modification time, so a second run only
     decodes new or changed files. Bad files are reported, never moved or deleted.
@@ -326,7 +335,7 @@ def choose_subset(paths, per_class, seed):
     return sorted(random.Random(seed).sample(paths, per_class))
 
 
-def load_dataset(split_root, cache_dir, subset=None, seed=42):
+def load_dataset(split_root, cache_dir, subset=None, seed=42, require_every_class=True):
     """List, subsample (with --subset) and check the dataset under `split_root`."""
     files = list_images(split_root)
     # Subsample before checking, so that a quick run on a few images decodes only those.
@@ -341,7 +350,7 @@ def load_dataset(split_root, cache_dir, subset=None, seed=42):
         images[split] = []
         for class_name in CLASSES:
             good = [path for path in chosen[split][class_name] if path not in bad_files]
-            if not good:
+            if not good and require_every_class:
                 example = chosen[split][class_name][0]
                 raise UserError(
                     f"{split_root / split / class_name} has no readable image "
@@ -465,7 +474,8 @@ def main(argv=None):
     args = resolve_data_options(parser.parse_args(argv))
 
     split_root = find_split_root(args.data_dir)
-    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
+    # Count even a class with no readable image, so that every bad file gets listed.
+    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed, require_every_class=False)
     print(f"Dataset: {split_root}")
     print(f"{'split':<6} {'real':>7} {'fake':>7}")
     for split in SPLITS:

@@ -18,6 +18,7 @@ trains; it builds the models without downloading any weights:
 
 import argparse
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -216,7 +217,7 @@ def build_parser(recipe):
 
 def parse_arguments(recipe, argv):
     """Parse the options and check them all, so that a mistake stops the run before any long work."""
-    args = resolve_data_options(build_parser(recipe).parse_args(argv))
+    args = build_parser(recipe).parse_args(argv)
     defaults = dict(DEMO_DEFAULTS, img_size=max(DEMO_DEFAULTS["img_size"], recipe.min_img_size))
     for option, value in (defaults if args.demo else DOCUMENTED_DEFAULTS).items():
         if getattr(args, option) is None:
@@ -225,7 +226,7 @@ def parse_arguments(recipe, argv):
         raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
     if args.weights not in ("imagenet", "none"):
         existing_weights_file(args.weights)
-    return args
+    return resolve_data_options(args)
 
 
 # ---------------------------------------------------------------------------
@@ -252,19 +253,42 @@ def is_complete_model_file(path):
         return False
 
 
+# What a resumed run must share with the interrupted one, or its history would mix two setups.
+RESUMABLE_SETTINGS = (
+    "data_dir", "subset", "seed", "img_size", "batch_size", "learning_rate", "weights", "preprocessing", "unfreeze_rule"
+)
+
+
+def check_resumable(backup_dir, args):
+    """Record this run's settings in its backup, or refuse to resume a run made with others."""
+    settings = {name: str(getattr(args, name)) for name in RESUMABLE_SETTINGS}
+    settings_file = backup_dir / "settings.json"
+    if not settings_file.exists():
+        write_json_atomically(settings_file, settings)
+        return
+    earlier = json.loads(settings_file.read_text())
+    changed = [f"--{name.replace('_', '-')} {earlier.get(name)}" for name in settings if settings[name] != earlier.get(name)]
+    if changed:
+        raise UserError(
+            f"{backup_dir} holds an interrupted run made with {', '.join(changed)}; run it again with "
+            "those to resume it, or delete that folder to start a new run"
+        )
+
+
 def training_callbacks(run_dir, patience):
     """Callbacks that lose nothing: the history, the best model, and a backup to resume from."""
     history_file, model_file, backup_dir = run_dir / "history.csv", run_dir / "model.keras", run_dir / "backup"
     best_val_loss = None
-    if backup_dir.exists():
+    if (backup_dir / "settings.json").exists():
         history = read_history(history_file)
         if len(history) and is_complete_model_file(model_file):
             best_val_loss = float(history["val_loss"].min())
-        print(f"Resuming the interrupted run in {run_dir} after epoch {len(history)}")
+        print(f"Resuming the interrupted run in {run_dir} from its last backed-up epoch")
     else:
-        # A new run: the previous run's history and model must not be mistaken for this one's.
-        for stale in (history_file, model_file):
-            stale.unlink(missing_ok=True)
+        # A new run: nothing of the previous run may be mistaken for this one's.
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        for stale in ("history.csv", "history.png", "model.keras", "metrics.json", "predictions.csv"):
+            (run_dir / stale).unlink(missing_ok=True)
     callbacks = [
         EpochTimer(),
         keras.callbacks.TerminateOnNaN(),
@@ -286,18 +310,23 @@ def training_callbacks(run_dir, patience):
 
 
 def train(model, flows, run_dir, args):
+    """Fit the model, unless an earlier session of this run already finished training."""
+    backup_dir = run_dir / "backup"
+    finished = backup_dir / "training-finished"
+    if finished.exists():
+        print("Training finished in an earlier session; evaluating its best model.")
+        return
+    callbacks = training_callbacks(run_dir, args.patience)
+    check_resumable(backup_dir, args)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
         loss="binary_crossentropy",
         metrics=["accuracy"],
     )
     # No steps_per_epoch: Keras then uses every batch, the last partial one included.
-    model.fit(
-        flows["train"],
-        validation_data=flows["valid"],
-        epochs=args.epochs,
-        callbacks=training_callbacks(run_dir, args.patience),
-    )
+    model.fit(flows["train"], validation_data=flows["valid"], epochs=args.epochs, callbacks=callbacks)
+    # Early stopping may end before --epochs: this tells a resumed session not to train on.
+    finished.touch()
 
 
 # ---------------------------------------------------------------------------
@@ -378,27 +407,28 @@ def fine_tune(recipe, argv=None):
     keras.utils.set_random_seed(args.seed)
 
     split_root = find_split_root(args.data_dir)
-    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
-    report_bad_files(dataset.bad_files)
-    flows = make_flows(dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed)
-    if args.demo:
-        print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
-
+    args.data_dir = split_root.resolve()  # Recorded with the run's settings, so a resume uses the same data.
+    # The model before the image check, so that a failed weights download stops the run early.
     model = build_model(recipe, args.weights, args.img_size, args.unfreeze_rule)
     print(
         f"{recipe.title}: training {len(trainable_conv_layer_names(model))} conv layers "
         f"({args.unfreeze_rule} rule) and the head, {count_trainable_parameters(model):,} parameters"
     )
+    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
+    report_bad_files(dataset.bad_files)
+    flows = make_flows(dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed)
+    if args.demo:
+        print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
     try:
         train(model, flows, run_dir, args)
         predictions = predict_test_split(load_best_model(run_dir, model), flows["test"])
         metrics = write_run_outputs(run_dir, recipe, args, predictions)
         table = write_results_table(args.output_dir)
     except KeyboardInterrupt:
-        if (run_dir / "backup").exists():
-            print(f"\nInterrupted. Run the same command again to resume after the last finished epoch.")
+        if len(read_history(run_dir / "history.csv")):
+            print("\nInterrupted. Run the same command again to resume after the last finished epoch.")
         else:
-            print("\nInterrupted before the first epoch finished; nothing to resume.")
+            print("\nInterrupted before the first epoch finished; the same command starts it again.")
         return 130
     # Every output is written: the run is complete, and its backup is no longer needed.
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
@@ -438,6 +468,7 @@ def describe_freezing(recipe):
     return "\n".join(lines)
 
 
+@exits_on_user_error
 def main(argv=None):
     OneLineArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     for recipe in load_recipes():
@@ -446,4 +477,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(exits_on_user_error(main)())
+    sys.exit(main())

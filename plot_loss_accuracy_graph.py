@@ -47,7 +47,7 @@ def read_history(history_file):
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return pd.DataFrame(columns=["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "seconds"])
     # A run stopped between writing an epoch's row and its backup repeats that epoch on resume.
-    return history.drop_duplicates("epoch", keep="last").reset_index(drop=True)
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
 def plot_history(history, path, title):

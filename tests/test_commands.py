@@ -51,7 +51,8 @@ def test_inception_needs_75_pixels(capsys, tiny_split_root, tmp_path):
     assert_one_line_error(capsys, "InceptionV3", "75")
 
 
-def test_demo_keeps_an_explicit_image_size_too_small_for_the_model(capsys, tmp_path):
+def test_demo_keeps_an_explicit_image_size_too_small_for_the_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_preprocessing, "DEMO_DATA_DIR", tmp_path / "demo")
     # The demo raises only its own default size to the model's minimum, never the user's.
     assert run_script("InceptionV3", None, tmp_path / "out", "--demo", "--img-size", "50") == 2
     assert_one_line_error(capsys, "--img-size 50 is too small for InceptionV3")
@@ -99,6 +100,27 @@ def test_data_preprocessing_lists_counts_and_bad_files(capsys, tiny_split_root, 
     assert "test         3       3" in output
     assert f"{bad}: not a decodable image" in output
     assert bad.exists()
+
+
+def test_data_preprocessing_lists_a_class_with_no_readable_image(capsys, tiny_split_root, tmp_path):
+    for path in (tiny_split_root / "valid" / "fake").iterdir():
+        path.write_bytes(b"")
+    argv = ["--data-dir", str(tiny_split_root), "--output-dir", str(tmp_path / "out")]
+    assert data_preprocessing.main(argv) == 1
+    output = capsys.readouterr().out
+    assert "valid        2       0" in output
+    assert f"{tiny_split_root / 'valid' / 'fake' / '0001.jpg'}: empty file" in output
+
+
+def test_freezing_report_and_its_options(capsys):
+    import load_pre_trained_models
+
+    report = load_pre_trained_models.describe_freezing(load_pre_trained_models.load_recipes()[0]).splitlines()
+    assert report[0] == "VGG16"
+    assert "5 trainable conv layers" in report[1] and report[1].endswith("block5_conv3")
+    assert "3 trainable conv layers" in report[2]
+    assert load_pre_trained_models.main(["--bogus"]) == 2
+    assert_one_line_error(capsys, "--bogus")
 
 
 def test_data_augmentation_writes_a_grid(capsys, tiny_split_root, tmp_path):

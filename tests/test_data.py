@@ -130,6 +130,16 @@ def test_jpeg_damaged_inside_is_recognised(tmp_path):
     assert image_problem(path) == "damaged image data"
 
 
+def test_image_claiming_an_absurd_size_is_recognised(tmp_path):
+    # A BMP header that claims 2**21 x 1 pixels: OpenCV raises instead of returning None.
+    path = tmp_path / "huge.bmp"
+    cv2.imwrite(str(path), np.zeros((1, 1, 3), np.uint8))
+    data = bytearray(path.read_bytes())
+    data[18:22] = (2**21).to_bytes(4, "little")  # The width field of the BMP info header.
+    path.write_bytes(bytes(data))
+    assert image_problem(path) == "not a decodable image"
+
+
 def test_corrupt_jpeg_is_reported_left_out_and_kept(tiny_split_root, tmp_path):
     corrupt = tiny_split_root / "train" / "fake" / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")

@@ -11,6 +11,7 @@ import load_pre_trained_models
 from conftest import RUN_OUTPUTS, SCRIPTS, run_script
 from plot_loss_accuracy_graph import write_results_table
 
+
 @pytest.mark.parametrize("title", SCRIPTS)
 def test_each_script_trains_one_epoch_and_writes_every_output(title, tiny_split_root, tmp_path):
     output_dir = tmp_path / "outputs"
@@ -58,6 +59,23 @@ def test_predictions_agree_with_metrics_and_fake_is_1(tiny_split_root, tmp_path)
     assert float(model.predict(batch, verbose=0)[0, 0]) == pytest.approx(predictions["p_fake"][0], abs=1e-4)
 
 
+def test_results_table_waits_for_a_script_that_is_writing_it(tmp_path):
+    import fcntl
+    import threading
+
+    (tmp_path / "vgg19").mkdir()
+    (tmp_path / "vgg19" / "metrics.json").write_text(json.dumps({"model": "VGG19", "test_accuracy": 0.9}))
+    with open(tmp_path / ".results.lock", "w") as other_script:
+        fcntl.flock(other_script, fcntl.LOCK_EX)
+        writer = threading.Thread(target=write_results_table, args=(tmp_path,))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive() and not (tmp_path / "results.csv").exists()
+        fcntl.flock(other_script, fcntl.LOCK_UN)
+    writer.join(timeout=10)
+    assert pd.read_csv(tmp_path / "results.csv")["Model"].tolist() == ["VGG19"]
+
+
 def test_results_table_keeps_its_rows_across_runs(tmp_path):
     output_dir = tmp_path / "outputs"
 
@@ -85,23 +103,48 @@ class InterruptAfterFirstEpoch(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
+class CountEpochs(keras.callbacks.Callback):
+    epochs_begun = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs_begun.append(epoch)
+
+
+def add_callback(monkeypatch, callback):
+    """Append `callback` to the ones fine_tune trains with."""
+    shared_callbacks = load_pre_trained_models.training_callbacks
+    monkeypatch.setattr(load_pre_trained_models, "training_callbacks", lambda *args: shared_callbacks(*args) + [callback])
+
+
 def test_interrupted_run_resumes_without_losing_epochs(tiny_split_root, tmp_path, monkeypatch):
     output_dir = tmp_path / "outputs"
-    shared_callbacks = load_pre_trained_models.training_callbacks
-    monkeypatch.setattr(
-        load_pre_trained_models,
-        "training_callbacks",
-        lambda *args: shared_callbacks(*args) + [InterruptAfterFirstEpoch()],
-    )
+    add_callback(monkeypatch, InterruptAfterFirstEpoch())
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
     assert (output_dir / "vgg16" / "backup").exists()
     assert len(pd.read_csv(output_dir / "vgg16" / "history.csv")) == 1
 
     monkeypatch.undo()
+    counter = CountEpochs()
+    add_callback(monkeypatch, counter)
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 0
+    assert counter.epochs_begun == [1, 2]  # Epoch 0 was not trained again.
     history = pd.read_csv(output_dir / "vgg16" / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
-    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 3
+    metrics = json.loads((output_dir / "vgg16" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 3
+    assert metrics["train_seconds"] == pytest.approx(history["seconds"].sum(), abs=0.1)
+
+
+def test_resume_with_other_options_is_refused(tiny_split_root, tmp_path, monkeypatch, capsys):
+    output_dir = tmp_path / "outputs"
+    add_callback(monkeypatch, InterruptAfterFirstEpoch())
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3", "--unfreeze-rule", "layers") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "--unfreeze-rule conv" in error and "delete that folder" in error
+    assert len(pd.read_csv(output_dir / "vgg16" / "history.csv")) == 1  # The interrupted run is kept.
 
 
 def test_demo_builds_its_dataset_and_runs_offline(tmp_path, monkeypatch):
@@ -138,6 +181,7 @@ def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_ro
 def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     run_dir = tmp_path / "vgg16"
     (run_dir / "backup").mkdir(parents=True)
+    (run_dir / "backup" / "settings.json").write_text("{}")  # An interrupted run's backup.
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.save(run_dir / "model.keras")
@@ -159,7 +203,8 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
 def test_a_new_run_does_not_report_the_previous_model(tiny_split_root, tmp_path):
     run_dir = tmp_path / "vgg16"
     run_dir.mkdir()
-    (run_dir / "model.keras").write_text("the previous run's model")
-    (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.01\n")
+    previous_outputs = ["model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv"]
+    for name in previous_outputs:
+        (run_dir / name).write_text("from the previous run")
     load_pre_trained_models.training_callbacks(run_dir, patience=None)
-    assert not (run_dir / "model.keras").exists() and not (run_dir / "history.csv").exists()
+    assert not any((run_dir / name).exists() for name in previous_outputs)
