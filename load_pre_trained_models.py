@@ -259,36 +259,51 @@ RESUMABLE_SETTINGS = (
 )
 
 
-def check_resumable(backup_dir, args):
-    """Record this run's settings in its backup, or refuse to resume a run made with others."""
-    settings = {name: str(getattr(args, name)) for name in RESUMABLE_SETTINGS}
-    settings_file = backup_dir / "settings.json"
-    if not settings_file.exists():
-        write_json_atomically(settings_file, settings)
+RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv")
+
+
+def set_aside_previous_run(run_dir):
+    """Move a finished run's outputs to previous/, so that a new run neither loses nor mixes with them."""
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not outputs:
         return
+    previous_dir = run_dir / "previous"
+    shutil.rmtree(previous_dir, ignore_errors=True)  # One run back is kept, not more.
+    previous_dir.mkdir()
+    for path in outputs:
+        path.rename(previous_dir / path.name)
+    print(f"Moved the previous run's outputs to {previous_dir}")
+    write_results_table(run_dir.parent)  # Its row leaves the results table with them.
+
+
+def start_or_resume(run_dir, args):
+    """Return True to resume the interrupted run in run_dir; otherwise start a new one."""
+    settings = {name: str(getattr(args, name)) for name in RESUMABLE_SETTINGS}
+    settings_file = run_dir / "backup" / "settings.json"
+    if not settings_file.exists():
+        set_aside_previous_run(run_dir)
+        write_json_atomically(settings_file, settings)
+        return False
     earlier = json.loads(settings_file.read_text())
     changed = [f"--{name.replace('_', '-')} {earlier.get(name)}" for name in settings if settings[name] != earlier.get(name)]
     if changed:
         raise UserError(
-            f"{backup_dir} holds an interrupted run made with {', '.join(changed)}; run it again with "
-            "those to resume it, or delete that folder to start a new run"
+            f"{settings_file.parent} holds an interrupted run made with {', '.join(changed)}; run it again "
+            "with those to resume it, or delete that folder to start a new run"
         )
+    print(f"Resuming the interrupted run in {run_dir} from its last backed-up epoch")
+    return True
 
 
-def training_callbacks(run_dir, patience):
+def training_callbacks(run_dir, patience, resuming):
     """Callbacks that lose nothing: the history, the best model, and a backup to resume from."""
-    history_file, model_file, backup_dir = run_dir / "history.csv", run_dir / "model.keras", run_dir / "backup"
+    history_file, model_file = run_dir / "history.csv", run_dir / "model.keras"
     best_val_loss = None
-    if (backup_dir / "settings.json").exists():
+    if resuming:
         history = read_history(history_file)
         if len(history) and is_complete_model_file(model_file):
             best_val_loss = float(history["val_loss"].min())
-        print(f"Resuming the interrupted run in {run_dir} from its last backed-up epoch")
-    else:
-        # A new run: nothing of the previous run may be mistaken for this one's.
-        shutil.rmtree(backup_dir, ignore_errors=True)
-        for stale in ("history.csv", "history.png", "model.keras", "metrics.json", "predictions.csv"):
-            (run_dir / stale).unlink(missing_ok=True)
     callbacks = [
         EpochTimer(),
         keras.callbacks.TerminateOnNaN(),
@@ -305,25 +320,26 @@ def training_callbacks(run_dir, patience):
     # Last, so that an epoch counts as done only once its row and checkpoint are written.
     # The backup is kept until every output is written (see fine_tune); a run stopped before
     # then resumes from it when the same command is run again.
-    callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False))
+    callbacks.append(
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True, delete_checkpoint=False)
+    )
     return callbacks
 
 
 def train(model, flows, run_dir, args):
     """Fit the model, unless an earlier session of this run already finished training."""
-    backup_dir = run_dir / "backup"
-    finished = backup_dir / "training-finished"
+    resuming = start_or_resume(run_dir, args)
+    finished = run_dir / "backup" / "training-finished"
     if finished.exists():
         print("Training finished in an earlier session; evaluating its best model.")
         return
-    callbacks = training_callbacks(run_dir, args.patience)
-    check_resumable(backup_dir, args)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
         loss="binary_crossentropy",
         metrics=["accuracy"],
     )
     # No steps_per_epoch: Keras then uses every batch, the last partial one included.
+    callbacks = training_callbacks(run_dir, args.patience, resuming)
     model.fit(flows["train"], validation_data=flows["valid"], epochs=args.epochs, callbacks=callbacks)
     # Early stopping may end before --epochs: this tells a resumed session not to train on.
     finished.touch()
@@ -403,11 +419,11 @@ def write_run_outputs(run_dir, recipe, args, predictions):
 def fine_tune(recipe, argv=None):
     """Train, evaluate and report one model; return the process exit status."""
     args = parse_arguments(recipe, argv)
+    split_root = find_split_root(args.data_dir)
+    args.data_dir = split_root.resolve()  # Recorded with the run's settings, so a resume uses the same data.
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
     keras.utils.set_random_seed(args.seed)
 
-    split_root = find_split_root(args.data_dir)
-    args.data_dir = split_root.resolve()  # Recorded with the run's settings, so a resume uses the same data.
     # The model before the image check, so that a failed weights download stops the run early.
     model = build_model(recipe, args.weights, args.img_size, args.unfreeze_rule)
     print(
@@ -434,7 +450,7 @@ def fine_tune(recipe, argv=None):
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
 
     print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
-    print(f"Wrote {run_dir}/: model.keras, history.csv, history.png, metrics.json, predictions.csv")
+    print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
     print(f"Results so far ({args.output_dir / 'results.md'}):\n{table}")
     return 0
 

@@ -178,33 +178,33 @@ def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_ro
     assert not (output_dir / "vgg16" / "backup").exists()
 
 
+def best_val_loss_of_checkpoint(run_dir):
+    callbacks = load_pre_trained_models.training_callbacks(run_dir, patience=None, resuming=True)
+    return next(callback.best for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
+
+
 def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     run_dir = tmp_path / "vgg16"
-    (run_dir / "backup").mkdir(parents=True)
-    (run_dir / "backup" / "settings.json").write_text("{}")  # An interrupted run's backup.
+    run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    model.save(run_dir / "model.keras")
-    checkpoint = next(
-        callback for callback in load_pre_trained_models.training_callbacks(run_dir, patience=None)
-        if isinstance(callback, keras.callbacks.ModelCheckpoint)
-    )
-    assert checkpoint.best == 0.25
+    keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]).save(run_dir / "model.keras")
+    assert best_val_loss_of_checkpoint(run_dir) == 0.25
 
     # A model file cut off mid-write is no best model: the next epoch replaces it.
     (run_dir / "model.keras").write_bytes((run_dir / "model.keras").read_bytes()[:100])
-    checkpoint = next(
-        callback for callback in load_pre_trained_models.training_callbacks(run_dir, patience=None)
-        if isinstance(callback, keras.callbacks.ModelCheckpoint)
-    )
-    assert checkpoint.best is None or checkpoint.best == float("inf")
+    assert best_val_loss_of_checkpoint(run_dir) is None
 
 
-def test_a_new_run_does_not_report_the_previous_model(tiny_split_root, tmp_path):
+def test_a_new_run_sets_the_previous_run_aside(tmp_path):
     run_dir = tmp_path / "vgg16"
     run_dir.mkdir()
-    previous_outputs = ["model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv"]
-    for name in previous_outputs:
+    for name in RUN_OUTPUTS:
         (run_dir / name).write_text("from the previous run")
-    load_pre_trained_models.training_callbacks(run_dir, patience=None)
-    assert not any((run_dir / name).exists() for name in previous_outputs)
+    (run_dir / "metrics.json").write_text(json.dumps({"model": "VGG16", "test_accuracy": 0.9}))
+    write_results_table(tmp_path)
+    assert "| VGG16 |" in (tmp_path / "results.md").read_text()
+
+    load_pre_trained_models.set_aside_previous_run(run_dir)
+    assert not any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    assert all((run_dir / "previous" / name).exists() for name in RUN_OUTPUTS)
+    assert "| VGG16 |" not in (tmp_path / "results.md").read_text()
