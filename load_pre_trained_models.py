@@ -430,12 +430,12 @@ def fine_tune(recipe, argv=None):
         f"{recipe.title}: training {len(trainable_conv_layer_names(model))} conv layers "
         f"({args.unfreeze_rule} rule) and the head, {count_trainable_parameters(model):,} parameters"
     )
-    dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
-    report_bad_files(dataset.bad_files)
-    flows = make_flows(dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed)
-    if args.demo:
-        print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
     try:
+        dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
+        report_bad_files(dataset.bad_files)
+        flows = make_flows(dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed)
+        if args.demo:
+            print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
         train(model, flows, run_dir, args)
         predictions = predict_test_split(load_best_model(run_dir, model), flows["test"])
         metrics = write_run_outputs(run_dir, recipe, args, predictions)
