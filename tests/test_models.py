@@ -15,7 +15,6 @@ from load_pre_trained_models import (
     load_base,
     load_recipes,
     trainable_conv_layer_names,
-    unfreeze_last_layers,
 )
 
 RECIPES = {recipe.title: recipe for recipe in load_recipes()}
