@@ -78,26 +78,26 @@ def exits_on_user_error(main):
     return wrapper
 
 
-def positive_int(text):
-    """An argparse type for counts such as --epochs and --batch-size."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
-    return value
+def checked_number(convert, is_allowed, allowed):
+    """An argparse type that reads a number with `convert` and accepts it if `is_allowed`."""
+    kind = "whole number" if convert is int else "number"
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        if not is_allowed(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {allowed}")
+        return value
+
+    return parse
 
 
-def seed_value(text):
-    """An argparse type for --seed: Keras accepts 0 to 2**32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and {2**32 - 1}")
-    return value
+# Counts such as --epochs and --batch-size.
+positive_int = checked_number(int, lambda value: value >= 1, "1 or more")
+# Keras seeds its generators with 0 to 2**32 - 1.
+seed_value = checked_number(int, lambda value: 0 <= value < 2**32, f"between 0 and {2**32 - 1}")
 
 
 def add_data_arguments(parser):

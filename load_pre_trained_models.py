@@ -16,7 +16,6 @@ trains; it builds the models without downloading any weights:
     python load_pre_trained_models.py
 """
 
-import argparse
 import importlib
 import json
 import os
@@ -39,6 +38,7 @@ from data_preprocessing import (
     OneLineArgumentParser,
     UserError,
     add_data_arguments,
+    checked_number,
     ensure_writable_folder,
     exits_on_user_error,
     find_split_root,
@@ -117,7 +117,7 @@ def load_base(recipe, weights, img_size):
 
 
 def unfreeze_last_layers(base, recipe, unfreeze_rule):
-    """Freeze the base except its last layers; return the layers left trainable.
+    """Freeze the base except its last layers.
 
     "conv" trains the last N Conv2D layers, as the project documents. Batch
     normalization layers stay frozen, so they keep their ImageNet statistics and run in
@@ -133,7 +133,6 @@ def unfreeze_last_layers(base, recipe, unfreeze_rule):
         layer.trainable = False
     for layer in trainable:
         layer.trainable = True
-    return trainable
 
 
 def add_classification_head(base, recipe):
@@ -169,15 +168,8 @@ DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imag
 DEMO_DEFAULTS = dict(epochs=5, batch_size=16, img_size=64, weights="none")
 
 
-def positive_float(text):
-    """An argparse type for --learning-rate."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return value
+# Rates such as --learning-rate.
+positive_float = checked_number(float, lambda value: value > 0, "more than 0")
 
 
 def build_parser(recipe):
