@@ -30,11 +30,11 @@ from typing import Callable
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from sklearn import metrics as sklearn_metrics
 
 from data_augmentation import make_flows
 from data_preprocessing import (
-    CLASSES,
     OneLineArgumentParser,
     UserError,
     add_data_arguments,
@@ -151,6 +151,16 @@ def build_model(recipe, weights="imagenet", img_size=224, unfreeze_rule="conv"):
     return add_classification_head(base, recipe)
 
 
+def compile_model(model, learning_rate):
+    # Under mixed_float16, Keras scales the loss itself so that small gradients survive.
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def trainable_conv_layer_names(model):
     return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.trainable]
 
@@ -204,6 +214,26 @@ def build_parser(recipe):
         f"layers: the original code's last {recipe.original_trainable_layers} Keras layers",
     )
     parser.add_argument("--patience", type=positive_int, help="stop after N epochs without a better val_loss")
+    speed = parser.add_argument_group("speed and scale")
+    speed.add_argument(
+        "--pipeline",
+        choices=["idg", "tfdata"],
+        default="idg",
+        help="idg: the original's ImageDataGenerator flows (default); "
+        "tfdata: a tf.data pipeline with the same augmentations, several times faster",
+    )
+    speed.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="compute in bfloat16 on a CPU or float16 on a GPU, keeping the weights and p(fake) in float32",
+    )
+    speed.add_argument(
+        "--distribute",
+        choices=["none", "mirrored", "multiworker"],
+        default="none",
+        help="mirrored: every visible GPU of this machine; multiworker: every machine in TF_CONFIG "
+        "(--batch-size is then the global batch, split across them)",
+    )
     return parser
 
 
@@ -219,6 +249,47 @@ def parse_arguments(recipe, argv):
     if args.weights not in ("imagenet", "none"):
         existing_weights_file(args.weights)
     return resolve_data_options(args)
+
+
+# ---------------------------------------------------------------------------
+# Speed and scale
+# ---------------------------------------------------------------------------
+
+
+def precision_policy(mixed_precision):
+    """float32, or the mixed policy that this machine computes fastest in."""
+    if not mixed_precision:
+        return "float32"
+    # GPUs have fast float16 units; recent CPUs (AVX-512 BF16, AMX) have bfloat16 ones.
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
+def distribution_strategy(distribute):
+    """TensorFlow's own strategy for --distribute; the default one trains on one device."""
+    if distribute == "mirrored":
+        # Every visible GPU; on a machine without one, the CPU devices TensorFlow was told to make.
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    if distribute == "multiworker":
+        # Reads the cluster and this worker's place in it from the TF_CONFIG variable.
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def worker_output_dir(strategy, output_dir):
+    """Where this process writes: OUTPUT_DIR for the chief, a folder of its own for any other worker.
+
+    Every worker trains and saves, but only the chief's files are the run's outputs; the
+    others keep theirs apart, so that they never write the same file at once.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return output_dir
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief):
+        return output_dir
+    return output_dir / ".workers" / f"{task_type}-{task_id}"
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +318,8 @@ def is_complete_model_file(path):
 
 # What a resumed run must share with the interrupted one, or its history would mix two setups.
 RESUMABLE_SETTINGS = (
-    "data_dir", "subset", "seed", "img_size", "batch_size", "learning_rate", "weights", "preprocessing", "unfreeze_rule"
+    "data_dir", "subset", "seed", "img_size", "batch_size", "learning_rate", "weights", "preprocessing",
+    "unfreeze_rule", "pipeline", "mixed_precision",
 )
 
 
@@ -325,11 +397,6 @@ def train(model, flows, run_dir, args):
     if finished.exists():
         print("Training finished in an earlier session; evaluating its best model.")
         return
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
-        loss="binary_crossentropy",
-        metrics=["accuracy"],
-    )
     # No steps_per_epoch: Keras then uses every batch, the last partial one included.
     callbacks = training_callbacks(run_dir, args.patience, resuming)
     model.fit(flows["train"], validation_data=flows["valid"], epochs=args.epochs, callbacks=callbacks)
@@ -351,13 +418,13 @@ def load_best_model(run_dir, last_model):
     return keras.models.load_model(model_file)
 
 
-def predict_test_split(model, test_flow):
-    """p(fake) for every test image, in the flow's (unshuffled) file order."""
+def predict_test_split(model, test_flow, test_images):
+    """p(fake) for every test image; the test flow keeps the order of test_images."""
     p_fake = model.predict(test_flow, verbose=1).ravel().astype(float)
     return pd.DataFrame(
         {
-            "path": test_flow.filepaths,
-            "label": [CLASSES[label] for label in test_flow.classes],
+            "path": [str(path) for path, _ in test_images],
+            "label": [class_name for _, class_name in test_images],
             "p_fake": p_fake,
         }
     )
@@ -413,23 +480,32 @@ def fine_tune(recipe, argv=None):
     args = parse_arguments(recipe, argv)
     split_root = find_split_root(args.data_dir)
     args.data_dir = split_root.resolve()  # Recorded with the run's settings, so a resume uses the same data.
+    # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
+    strategy = distribution_strategy(args.distribute)
+    args.output_dir = worker_output_dir(strategy, args.output_dir)
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
     keras.utils.set_random_seed(args.seed)
+    keras.mixed_precision.set_global_policy(precision_policy(args.mixed_precision))
 
     # The model before the image check, so that a failed weights download stops the run early.
-    model = build_model(recipe, args.weights, args.img_size, args.unfreeze_rule)
+    # Made in the strategy's scope, its variables are mirrored on every replica.
+    with strategy.scope():
+        model = compile_model(build_model(recipe, args.weights, args.img_size, args.unfreeze_rule), args.learning_rate)
     print(
         f"{recipe.title}: training {len(trainable_conv_layer_names(model))} conv layers "
-        f"({args.unfreeze_rule} rule) and the head, {count_trainable_parameters(model):,} parameters"
+        f"({args.unfreeze_rule} rule) and the head, {count_trainable_parameters(model):,} parameters, "
+        f"in {keras.mixed_precision.global_policy().name} on {strategy.num_replicas_in_sync} replica(s)"
     )
     try:
         dataset = load_dataset(split_root, args.output_dir / ".cache", args.subset, args.seed)
         report_bad_files(dataset.bad_files)
-        flows = make_flows(dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed)
+        flows = make_flows(
+            dataset, recipe.preprocess_input, args.preprocessing, args.img_size, args.batch_size, args.seed, args.pipeline
+        )
         if args.demo:
             print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
         train(model, flows, run_dir, args)
-        predictions = predict_test_split(load_best_model(run_dir, model), flows["test"])
+        predictions = predict_test_split(load_best_model(run_dir, model), flows["test"], dataset.images["test"])
         metrics = write_run_outputs(run_dir, recipe, args, predictions)
         table = write_results_table(args.output_dir)
     except KeyboardInterrupt:
