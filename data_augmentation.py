@@ -115,7 +115,13 @@ TFDATA_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 def decode_image(path):
     """The pixels of an image file as uint8 RGB, whatever its format and size."""
-    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    data = tf.io.read_file(path)
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        # The accurate inverse DCT gives exactly the pixels that Pillow, and so the flows, read.
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
 
 
 def resized_image(path, img_size):

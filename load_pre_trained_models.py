@@ -399,7 +399,9 @@ def train(model, flows, run_dir, args):
         return
     # No steps_per_epoch: Keras then uses every batch, the last partial one included.
     callbacks = training_callbacks(run_dir, args.patience, resuming)
-    model.fit(flows["train"], validation_data=flows["valid"], epochs=args.epochs, callbacks=callbacks)
+    # shuffle=False: each input pipeline shuffles its own training images, and Keras would
+    # only warn that it cannot.
+    model.fit(flows["train"], validation_data=flows["valid"], epochs=args.epochs, callbacks=callbacks, shuffle=False)
     # Early stopping may end before --epochs: this tells a resumed session not to train on.
     finished.touch()
 

@@ -49,8 +49,9 @@ def run_script(title, split_root, output_dir, *options):
 
 @pytest.fixture(autouse=True)
 def fresh_keras_session():
-    """Each test starts with Keras' layer names and memory reset."""
+    """Each test starts with Keras' layer names, memory and precision reset."""
     keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
     yield
 
 

@@ -1,0 +1,194 @@
+"""The tf.data pipeline against the ImageDataGenerator flows, mixed precision, and distribution."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import load_pre_trained_models
+from conftest import REPOSITORY_DIR, run_script
+from data_augmentation import (
+    augmented_image,
+    image_generator_flows,
+    make_flows,
+    random_augmentation_matrix,
+)
+from data_preprocessing import CLASSES, load_dataset
+
+
+def batches_of(inputs):
+    """Every (images, labels) batch of a flow or a tf.data pipeline, as NumPy arrays."""
+    if isinstance(inputs, tf.data.Dataset):
+        return [(images.numpy(), labels.numpy()) for images, labels in inputs]
+    return [inputs[index] for index in range(len(inputs))]
+
+
+def all_images_and_labels(inputs):
+    batches = batches_of(inputs)
+    return np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches])
+
+
+@pytest.mark.parametrize("img_size", [32, 24])  # The tiny images are 32 pixels: as they are, and resized.
+def test_both_pipelines_give_the_same_images_and_labels_without_augmentation(tiny_split_root, tmp_path, img_size):
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache")
+    preprocess = keras.applications.vgg16.preprocess_input
+    flows = make_flows(dataset, preprocess, "native", img_size, batch_size=4, seed=0, pipeline="idg")
+    pipelines = make_flows(dataset, preprocess, "native", img_size, batch_size=4, seed=0, pipeline="tfdata")
+    for split in ("valid", "test"):
+        flow_images, flow_labels = all_images_and_labels(flows[split])
+        tfdata_images, tfdata_labels = all_images_and_labels(pipelines[split])
+        assert tfdata_labels.tolist() == flow_labels.tolist()
+        assert tfdata_labels.tolist() == [CLASSES.index(name) for _, name in dataset.images[split]]
+        assert tfdata_images.shape == flow_images.shape == (len(flow_labels), img_size, img_size, 3)
+        assert tfdata_images.min() >= -124 and tfdata_images.max() <= 152  # 0..255 less the ImageNet means.
+        difference = np.abs(tfdata_images - flow_images)
+        if img_size == 32:
+            assert difference.max() < 1e-3  # Unresized, the pixels are the same.
+        else:
+            # Resized, the two may also take neighbouring pixels where a pixel center falls
+            # halfway between two: here, every third row and column.
+            correlation = np.corrcoef(tfdata_images.ravel(), flow_images.ravel())[0, 1]
+            assert difference.mean() < 8 and correlation > 0.95, (difference.mean(), correlation)
+
+
+def test_tfdata_test_split_keeps_its_order_and_every_image(tiny_split_root, tmp_path):
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache")
+    pipelines = make_flows(dataset, None, "rescale", img_size=32, batch_size=4, seed=0, pipeline="tfdata")
+    batches = batches_of(pipelines["test"])
+    # 6 test images in batches of 4: the last batch is partial, and nothing is dropped.
+    assert [len(labels) for _, labels in batches] == [4, 2]
+    labels = np.concatenate([labels for _, labels in batches])
+    assert labels.tolist() == [CLASSES.index(name) for _, name in dataset.images["test"]]
+    assert all(0 <= images.min() and images.max() <= 1 for images, _ in batches)
+
+
+def test_tfdata_augments_only_training_anew_each_epoch_and_reproducibly(tiny_split_root, tmp_path):
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache")
+    pipelines = make_flows(dataset, None, "rescale", img_size=32, batch_size=8, seed=3, pipeline="tfdata")
+    first_epoch, second_epoch = (all_images_and_labels(pipelines["train"]) for _ in range(2))
+    assert sorted(first_epoch[1]) == sorted(second_epoch[1]) == [0] * 4 + [1] * 4
+    assert not np.allclose(first_epoch[0], second_epoch[0])
+    same_seed = make_flows(dataset, None, "rescale", img_size=32, batch_size=8, seed=3, pipeline="tfdata")
+    np.testing.assert_array_equal(all_images_and_labels(same_seed["train"])[0], first_epoch[0])
+    # Validation is neither augmented nor shuffled: two passes are identical.
+    np.testing.assert_array_equal(*(all_images_and_labels(pipelines["valid"])[0] for _ in range(2)))
+
+
+def test_the_fused_warp_draws_the_documented_augmentations():
+    img_size = 100
+    matrices = np.stack([random_augmentation_matrix(tf.constant([seed, 0], tf.int64), img_size).numpy() for seed in range(300)])
+    linear = matrices[:, :2, :2]
+    determinants = np.linalg.det(linear)
+    # Half are flipped, and no zoom or shear squeezes the image beyond 0.8 x 0.8 or 1.2 x 1.2.
+    assert 0.4 < (determinants < 0).mean() < 0.6
+    assert np.all((np.abs(determinants) >= 0.64 * np.cos(0.2) - 1e-5) & (np.abs(determinants) <= 1.44 + 1e-5))
+    # The center moves by the shift (at most 20 % of the side on each axis), rotated.
+    center = np.array([(img_size - 1) / 2] * 2 + [1])
+    moved = np.abs((matrices @ center)[:, :2] - center[:2])
+    assert moved.max() <= 0.2 * img_size * np.sqrt(2) + 1e-3 and moved.max() > 0.15 * img_size
+    # Rotation spans about +-20 degrees: compare the images of the x axis with and without flips.
+    unflipped = linear[determinants > 0]
+    angles = np.degrees(np.arctan2(unflipped[:, 1, 0], unflipped[:, 0, 0]))
+    assert np.abs(angles).max() < 20 + 12 and np.abs(angles).max() > 15  # Shear tilts it a little more.
+
+
+def test_the_fused_warp_keeps_an_unaugmented_image_when_the_matrix_is_the_identity(tmp_path, monkeypatch):
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    keras.utils.save_img(path, image)
+    monkeypatch.setattr("data_augmentation.random_augmentation_matrix", lambda seed, size: tf.eye(3))
+    # A 40x60 image warped to 20x20: every output pixel reads between 2x3 input pixels.
+    warped = augmented_image(str(path), tf.constant([0, 0], tf.int64), 20).numpy()
+    expected = tf.image.resize(image.astype(np.float32), (20, 20), method="bilinear", antialias=False).numpy()
+    assert warped.shape == (20, 20, 3)
+    np.testing.assert_allclose(warped, expected, atol=1e-3)
+
+
+def test_tfdata_names_files_it_cannot_read(tiny_split_root, tmp_path, capsys):
+    # A good TIFF: the image check accepts it, but tf.io cannot decode it.
+    cv2.imwrite(str(tiny_split_root / "train" / "real" / "scan.tif"), np.zeros((32, 32, 3), np.uint8))
+    output_dir = tmp_path / "outputs"
+    assert run_script("VGG16", tiny_split_root, output_dir, "--pipeline", "tfdata", "--subset", "100") == 2
+    assert "scan.tif" in capsys.readouterr().err
+
+
+def test_flows_use_every_core_and_keep_the_test_order(tiny_split_root, tmp_path):
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache")
+    flows = image_generator_flows(dataset, None, "rescale", img_size=32, batch_size=2, seed=0)
+    assert all(flow.workers == (os.cpu_count() or 1) for flow in flows.values())
+    flows["test"].workers = 2  # Parallel even on a one-core machine.
+    inputs = keras.Input((32, 32, 3))
+    mean_pixel = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    predicted = mean_pixel.predict(flows["test"], verbose=0)
+    one_by_one = [keras.utils.img_to_array(keras.utils.load_img(path)).mean(axis=(0, 1)) / 255 for path, _ in dataset.images["test"]]
+    np.testing.assert_allclose(predicted, one_by_one, atol=1e-5)
+
+
+def test_mixed_precision_trains_in_bfloat16_with_a_float32_output(tiny_split_root, tmp_path):
+    output_dir = tmp_path / "outputs"
+    assert run_script("VGG16", tiny_split_root, output_dir, "--mixed-precision", "--pipeline", "tfdata") == 0
+    assert np.isfinite(np.loadtxt(output_dir / "vgg16" / "history.csv", delimiter=",", skiprows=1)).all()
+    model = keras.models.load_model(output_dir / "vgg16" / "model.keras")
+    assert model.get_layer("block5_conv3").compute_dtype == "bfloat16"
+    assert model.get_layer("p_fake").compute_dtype == "float32"
+    assert model.output.dtype == "float32"
+    assert np.isfinite(json.loads((output_dir / "vgg16" / "metrics.json").read_text())["test_loss"])
+
+
+def test_mixed_precision_is_float16_on_a_gpu(monkeypatch):
+    assert load_pre_trained_models.precision_policy(False) == "float32"
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert load_pre_trained_models.precision_policy(True) == "mixed_float16"
+
+
+def test_mirrored_strategy_trains_and_saves_on_two_cpu_devices(tiny_split_root, tmp_path):
+    # TensorFlow splits the CPU in two only before it starts, so this runs in a new process.
+    script = textwrap.dedent(f"""
+        import sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, {str(REPOSITORY_DIR)!r})
+        import VGG16_finetuning as script
+        sys.exit(script.fine_tune(script.RECIPE, sys.argv[1:]))
+    """)
+    output_dir = tmp_path / "outputs"
+    options = ["--data-dir", str(tiny_split_root), "--output-dir", str(output_dir), "--weights", "none",
+               "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--distribute", "mirrored"]
+    finished = subprocess.run([sys.executable, "-c", script, *options], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "on 2 replica(s)" in finished.stdout
+    model = keras.models.load_model(output_dir / "vgg16" / "model.keras")
+    assert model.output_shape == (None, 1)
+    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["n_test"] == 6
+
+
+class FakeStrategy:
+    """Just what worker_output_dir reads of a MultiWorkerMirroredStrategy."""
+
+    def __init__(self, cluster, task_type, task_id):
+        self.cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id
+        )
+
+
+@pytest.mark.parametrize(
+    "cluster, task_type, task_id, writes_outputs",
+    [
+        ({"worker": ["a:1", "b:1"]}, "worker", 0, True),
+        ({"worker": ["a:1", "b:1"]}, "worker", 1, False),
+        ({"chief": ["a:1"], "worker": ["b:1"]}, "chief", 0, True),
+        ({"chief": ["a:1"], "worker": ["b:1"]}, "worker", 0, False),
+    ],
+)
+def test_only_the_chief_worker_writes_the_outputs(tmp_path, cluster, task_type, task_id, writes_outputs):
+    output_dir = load_pre_trained_models.worker_output_dir(FakeStrategy(cluster, task_type, task_id), tmp_path)
+    assert (output_dir == tmp_path) == writes_outputs
+    assert load_pre_trained_models.worker_output_dir(tf.distribute.get_strategy(), tmp_path) == tmp_path
