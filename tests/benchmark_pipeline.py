@@ -1,0 +1,273 @@
+"""Measure how fast each input pipeline feeds training, and what mixed precision gains.
+
+On the same training images, it measures the images per second of:
+
+- each input pipeline with the training augmentation: ImageDataGenerator in one thread,
+  ImageDataGenerator with a worker per core, and tf.data;
+- the decode-only limit: tf.data decoding and resizing, with no augmentation;
+- training one model (VGG16 by default, at 224 px) fed by each pipeline, and fed from
+  tensors already in memory, in float32 and in mixed precision.
+
+Each measurement runs in a fresh process, so that each reports its own peak memory and
+none warms the caches of the next. It takes about 10 minutes on a 2-core CPU. Pytest does
+not collect it (its name does not start with test_); run it on demand:
+
+    python tests/benchmark_pipeline.py                    # 2,000 generated 256x256 JPEGs
+    python tests/benchmark_pipeline.py --data-dir datasets/real_vs_fake/real-vs-fake
+
+Its last line is machine-readable:
+
+    ratios: tfdata/idg=X tfdata/decode=Y fed/in-memory=Z bf16/fp32=W
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.keras.preprocessing.image import ImageDataGenerator  # noqa: E402
+
+from data_augmentation import TRAINING_AUGMENTATION, image_dataset, image_flow, resized_image  # noqa: E402
+from data_preprocessing import find_split_root, load_dataset, make_demo_dataset  # noqa: E402
+from load_pre_trained_models import build_model, compile_model, load_recipes, precision_policy  # noqa: E402
+
+# What each measurement is, as the table shows it.
+MEASUREMENTS = {
+    "idg": "ImageDataGenerator, 1 thread, augmented",
+    "idg-workers": "ImageDataGenerator, a worker per core, augmented",
+    "tfdata": "tf.data, augmented",
+    "decode": "tf.data, decode and resize only",
+    "train-idg": "training fed by ImageDataGenerator workers",
+    "train-tfdata": "training fed by tf.data",
+    "train-in-memory": "training from tensors in memory",
+    "train-in-memory-mixed": "training from tensors in memory, mixed precision",
+    "train-tfdata-mixed": "training fed by tf.data, mixed precision",
+}
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, help="a split root or Kaggle download; its train split is used")
+    parser.add_argument("--images", type=int, default=2000, help="training images to use (default 2000)")
+    parser.add_argument("--img-size", type=int, default=224, help="model input side in pixels (default 224)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--train-steps", type=int, default=6, help="timed training steps per measurement (default 6)")
+    parser.add_argument("--model", default="VGG16", help="VGG16, VGG19, InceptionV3 or ResNet50 (default VGG16)")
+    parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # Set for the child processes.
+    parser.add_argument("--image-list", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# The images
+# ---------------------------------------------------------------------------
+
+
+def generated_images(folder, count):
+    """Write `count` synthetic 256x256 JPEG faces, half real, half fake; return (path, class) pairs."""
+    split_root = make_demo_dataset(folder, {"train": count // 2}, size=256)
+    return sorted((path, path.parent.name) for path in split_root.glob("train/*/*.jpg"))
+
+
+def training_images(data_dir, count, cache_dir):
+    """Up to `count` checked training images of data_dir, as (path, class) pairs."""
+    dataset = load_dataset(find_split_root(data_dir), cache_dir, subset=count // 2)
+    return dataset.images["train"]
+
+
+# ---------------------------------------------------------------------------
+# One measurement, in a child process
+# ---------------------------------------------------------------------------
+
+
+# Batches drawn before the clock starts: more than the 10 that a pipeline may have made
+# ahead while it started, so that every timed batch is made while it is timed.
+PIPELINE_WARM_UP_BATCHES = 12
+# Training steps before the clock starts: the first ones include tracing.
+TRAINING_WARM_UP_STEPS = 2
+
+
+def images_per_second(batches):
+    """Draw every batch, and time those after the warm-up."""
+    started, timed_images = None, 0
+    for index, (images, _) in enumerate(batches):
+        if index == PIPELINE_WARM_UP_BATCHES:
+            started = time.perf_counter()
+        if index >= PIPELINE_WARM_UP_BATCHES:
+            timed_images += len(images)
+    return timed_images / (time.perf_counter() - started)
+
+
+def input_pipeline(kind, images, recipe, args):
+    """The augmented training input of `kind`, as make_flows builds it."""
+    if kind == "tfdata":
+        return image_dataset(images, recipe.preprocess_input, args.img_size, args.batch_size, True, True, seed=0)
+    generator = ImageDataGenerator(**TRAINING_AUGMENTATION, preprocessing_function=recipe.preprocess_input)
+    flow = image_flow(images, generator, args.img_size, args.batch_size, shuffle=True, seed=0)
+    flow.workers = os.cpu_count() if kind == "idg-workers" else 1
+    return flow
+
+
+def decode_only(images, args):
+    """The decode-only limit: tf.data reading, decoding and resizing, in parallel."""
+    paths = tf.data.Dataset.from_tensor_slices([str(path) for path, _ in images])
+    decoded = paths.map(lambda path: resized_image(path, args.img_size), num_parallel_calls=tf.data.AUTOTUNE)
+    return decoded.batch(args.batch_size).map(lambda batch: (batch, 0)).prefetch(tf.data.AUTOTUNE)
+
+
+def pipeline_rate(kind, images, recipe, args):
+    """Images per second that a pipeline delivers, with nothing consuming them."""
+    if kind == "decode":
+        return images_per_second(decode_only(images, args))
+    pipeline = input_pipeline(kind, images, recipe, args)
+    if kind == "idg":
+        return images_per_second(pipeline[index] for index in range(len(pipeline)))
+    if kind == "tfdata":
+        return images_per_second(pipeline)
+    # With workers, the flow is only drawn in parallel inside fit: time a model that costs nothing.
+    return training_rate(pipeline_consumer(args), pipeline, args, PIPELINE_WARM_UP_BATCHES, len(pipeline))
+
+
+def pipeline_consumer(args):
+    """A model that costs nothing to train, so that fitting it times only its input."""
+    inputs = keras.Input((args.img_size, args.img_size, 3))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Times the training steps that follow the warm-up steps."""
+
+    def __init__(self, warm_up_steps):
+        super().__init__()
+        self.warm_up_steps = warm_up_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.warm_up_steps - 1:
+            self.started = time.perf_counter()
+        self.finished = time.perf_counter()
+
+
+def training_rate(model, inputs, args, warm_up_steps, total_steps):
+    """Images per second that model.fit trains on, after the warm-up steps."""
+    timer = StepTimer(warm_up_steps)
+    model.fit(inputs, epochs=1, steps_per_epoch=total_steps, callbacks=[timer], verbose=0, shuffle=False)
+    return (total_steps - warm_up_steps) * args.batch_size / (timer.finished - timer.started)
+
+
+def in_memory_batches(images, recipe, args):
+    """One preprocessed batch held as tensors, repeated: training with no input cost at all."""
+    batch_images, batch_labels = next(iter(input_pipeline("tfdata", images, recipe, args)))
+    batch = (tf.constant(np.asarray(batch_images)), tf.constant(np.asarray(batch_labels)))
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+def model_training_rate(measurement, images, recipe, args):
+    """Training images per second of the recipe's model, as the scripts build and compile it."""
+    keras.mixed_precision.set_global_policy(precision_policy(measurement.endswith("-mixed")))
+    # Random initial weights train exactly as fast as ImageNet's, and need no download.
+    model = compile_model(build_model(recipe, "none", args.img_size), learning_rate=1e-4)
+    feed = measurement.removeprefix("train-").removesuffix("-mixed")
+    if feed == "in-memory":
+        inputs = in_memory_batches(images, recipe, args)
+    else:
+        inputs = input_pipeline("idg-workers" if feed == "idg" else "tfdata", images, recipe, args)
+        if feed == "tfdata":
+            inputs = inputs.repeat()
+    warm_up = TRAINING_WARM_UP_STEPS
+    return training_rate(model, inputs, args, warm_up, warm_up + args.train_steps)
+
+
+def measure(args):
+    """Run one measurement and print its result as a JSON line."""
+    recipe = {recipe.title: recipe for recipe in load_recipes()}[args.model]
+    images = [(Path(path), name) for path, name in json.loads(args.image_list.read_text())]
+    if args.measure.startswith("train-"):
+        rate = model_training_rate(args.measure, images, recipe, args)
+    else:
+        rate = pipeline_rate(args.measure, images, recipe, args)
+    peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux gives KiB.
+    print(json.dumps({"images_per_second": rate, "peak_memory_mib": peak_memory_mib}))
+
+
+# ---------------------------------------------------------------------------
+# The whole benchmark
+# ---------------------------------------------------------------------------
+
+
+def run_child(measurement, image_list, argv):
+    """Measure in a fresh Python process; return its result."""
+    command = [sys.executable, __file__, *argv, "--measure", measurement, "--image-list", str(image_list)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        sys.exit(f"{measurement} failed:\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def machine_description():
+    """The cores, processor, GPUs and versions that the figures were measured with."""
+    gpus = tf.config.list_physical_devices("GPU")
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    processor = names[0] if names else platform.processor() or "unknown CPU"
+    return (
+        f"{os.cpu_count()} CPU cores ({processor}), {len(gpus)} GPU(s), "
+        f"Python {platform.python_version()}, TensorFlow {tf.__version__}"
+    )
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_arguments(argv)
+    if args.measure:
+        return measure(args)
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if args.data_dir:
+            images = training_images(args.data_dir, args.images, folder / "cache")
+        else:
+            print(f"Writing {args.images} synthetic 256x256 JPEGs ...", flush=True)
+            images = generated_images(folder / "images", args.images)
+        needed = args.batch_size * (PIPELINE_WARM_UP_BATCHES + max(4, args.train_steps))
+        if len(images) < needed:
+            sys.exit(f"error: {len(images)} images are too few to time; use --images {needed} or more")
+        image_list = folder / "images.json"
+        image_list.write_text(json.dumps([(str(path), name) for path, name in images]))
+        print(f"{len(images)} images, batch {args.batch_size}, {args.img_size} px, {args.model}; {machine_description()}")
+
+        results = {}
+        for measurement, description in MEASUREMENTS.items():
+            results[measurement] = run_child(measurement, image_list, argv)
+            print(f"  {description}: {results[measurement]['images_per_second']:.1f} images/s", flush=True)
+
+    rate = {name: result["images_per_second"] for name, result in results.items()}
+    print(f"\nMixed precision here is {precision_policy(True)}.\n")
+    print("| Measurement | Images/s | Peak memory (MiB) |")
+    print("|---|---:|---:|")
+    for measurement, description in MEASUREMENTS.items():
+        print(f"| {description} | {rate[measurement]:.1f} | {results[measurement]['peak_memory_mib']:.0f} |")
+    print(
+        f"\nratios: tfdata/idg={rate['tfdata'] / rate['idg']:.2f} "
+        f"tfdata/decode={rate['tfdata'] / rate['decode']:.2f} "
+        f"fed/in-memory={rate['train-tfdata'] / rate['train-in-memory']:.2f} "
+        f"bf16/fp32={rate['train-in-memory-mixed'] / rate['train-in-memory']:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
