@@ -2,7 +2,8 @@
 
 The training images are randomly rotated, shifted, sheared, zoomed and flipped, so that
 the model sees a slightly different face every epoch; validation and test images are
-only preprocessed. Run this file to look at what the model will see:
+only preprocessed. Images to predict are read the same way as test images, and an
+evaluation may blur or JPEG-compress them first to measure robustness. Run this file to look at what the model will see:
 
     python data_augmentation.py            # a grid of augmented training samples
     python data_augmentation.py --demo     # the same on the synthetic demo dataset
@@ -13,10 +14,12 @@ It writes OUTPUT_DIR/augmentation_samples.png (default outputs/).
 import math
 import sys
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # Draw to files: training servers have no screen.
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 # Keras 3's own keras.preprocessing.image no longer has ImageDataGenerator; TensorFlow's
@@ -50,11 +53,40 @@ TRAINING_AUGMENTATION = dict(
 )
 
 
-def preprocessing_options(preprocess_input, preprocessing):
-    """How pixels are scaled: the base model's own preprocess_input, or the original's 1/255."""
-    if preprocessing == "native":
-        return dict(preprocessing_function=preprocess_input)
-    return dict(rescale=1.0 / 255)
+def perturb(image, jpeg_quality=None, blur_sigma=None):
+    """Blur, then JPEG-compress, an RGB image of 0-255 floats, as CNNDetection tests robustness.
+
+    The image is the one the model sees, already resized to --img-size, so that a sigma
+    means the same number of model pixels whatever the source images' resolution.
+    """
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if blur_sigma:
+        # A (0, 0) kernel size lets OpenCV choose one wide enough for the sigma.
+        pixels = cv2.GaussianBlur(pixels, (0, 0), blur_sigma)
+    if jpeg_quality is not None:
+        # OpenCV encodes BGR, so the channels are swapped there and back.
+        _, encoded = cv2.imencode(".jpg", pixels[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
+    return pixels.astype(np.float32)
+
+
+def preprocessing_options(preprocess_input, preprocessing, perturbation=None):
+    """How pixels are scaled: the base model's own preprocess_input, or the original's 1/255.
+
+    `perturbation`, a function of one image, runs first: on the pixels as they are read.
+    """
+    steps = [step for step in (perturbation, preprocess_input if preprocessing == "native" else None) if step]
+
+    def preprocess(image):
+        for step in steps:
+            image = step(image)
+        return image
+
+    # ImageDataGenerator applies its preprocessing_function before its rescale.
+    options = dict(preprocessing_function=preprocess)
+    if preprocessing == "rescale":
+        options["rescale"] = 1.0 / 255
+    return options
 
 
 def image_flow(images, generator, img_size, batch_size, shuffle, seed):
@@ -76,6 +108,26 @@ def image_flow(images, generator, img_size, batch_size, shuffle, seed):
     )
 
 
+def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
+    """A flow of unlabelled images that reads and scales them exactly as the test flow does.
+
+    Keras reads each file with Pillow (grey and palette images become RGB, an alpha
+    channel is dropped) and resizes it to img_size with nearest-neighbour sampling, so
+    a model gives an image the same p(fake) here as in its predictions.csv.
+    """
+    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+    frame = pd.DataFrame({"filename": [str(path) for path in paths]})
+    return generator.flow_from_dataframe(
+        frame,
+        x_col="filename",
+        class_mode=None,
+        target_size=(img_size, img_size),
+        batch_size=batch_size,
+        shuffle=False,
+        validate_filenames=False,  # The caller has already decoded every file.
+    )
+
+
 def make_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
     """The train, valid and test flows. Only training is augmented and shuffled."""
     scaling = preprocessing_options(preprocess_input, preprocessing)
@@ -87,6 +139,12 @@ def make_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, s
         # The test flow is never shuffled, so its predictions line up with its file names.
         "test": image_flow(dataset.images["test"], evaluation_generator, img_size, batch_size, False, seed),
     }
+
+
+def evaluation_flow(images, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
+    """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation."""
+    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+    return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0)
 
 
 def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42):
