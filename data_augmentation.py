@@ -11,6 +11,8 @@ evaluation may blur or JPEG-compress them first to measure robustness. Run this 
 It writes OUTPUT_DIR/augmentation_samples.png (default outputs/).
 """
 
+import contextlib
+import io
 import math
 import sys
 
@@ -117,15 +119,17 @@ def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size
     """
     generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
     frame = pd.DataFrame({"filename": [str(path) for path in paths]})
-    return generator.flow_from_dataframe(
-        frame,
-        x_col="filename",
-        class_mode=None,
-        target_size=(img_size, img_size),
-        batch_size=batch_size,
-        shuffle=False,
-        validate_filenames=False,  # The caller has already decoded every file.
-    )
+    # Keras prints how many files it found; --predict's output is kept to one line per image.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return generator.flow_from_dataframe(
+            frame,
+            x_col="filename",
+            class_mode=None,
+            target_size=(img_size, img_size),
+            batch_size=batch_size,
+            shuffle=False,
+            validate_filenames=False,  # The caller has already decoded every file.
+        )
 
 
 def make_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
