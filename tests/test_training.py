@@ -203,10 +203,12 @@ def test_a_new_run_sets_the_previous_run_aside(tmp_path):
     for name in RUN_OUTPUTS:
         (run_dir / name).write_text("from the previous run")
     (run_dir / "metrics.json").write_text(json.dumps({"model": "VGG16", "test_accuracy": 0.9}))
+    (run_dir / "eval-faces").mkdir()
+    (run_dir / "eval-faces" / "metrics.json").write_text("an evaluation of the previous model")
     write_results_table(tmp_path)
     assert "| VGG16 |" in (tmp_path / "results.md").read_text()
 
     load_pre_trained_models.set_aside_previous_run(run_dir)
-    assert not any((run_dir / name).exists() for name in RUN_OUTPUTS)
-    assert all((run_dir / "previous" / name).exists() for name in RUN_OUTPUTS)
+    assert not any((run_dir / name).exists() for name in [*RUN_OUTPUTS, "eval-faces"])
+    assert all((run_dir / "previous" / name).exists() for name in [*RUN_OUTPUTS, "eval-faces/metrics.json"])
     assert "| VGG16 |" not in (tmp_path / "results.md").read_text()
