@@ -3,10 +3,13 @@
     python VGG16_finetuning.py --demo                # an offline run on synthetic faces, under a minute
     python VGG16_finetuning.py                       # the full dataset, ImageNet weights
     python VGG16_finetuning.py --subset 500 --epochs 2 --img-size 128   # a quick CPU run
+    python VGG16_finetuning.py --predict face.jpg    # p(fake) of an image, with the trained model
+    python VGG16_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
     python VGG16_finetuning.py --help                # every option
 
 Outputs go to outputs/vgg16/ (model.keras, history.csv, history.png, metrics.json,
-predictions.csv) and the results table to outputs/results.md.
+predictions.csv, roc.png, precision_recall.png, confusion_matrix.png) and the results
+table to outputs/results.md.
 
 The recipe below is all that is particular to this model; the steps of a run, from
 finding the images to writing the results, are in load_pre_trained_models.fine_tune.

@@ -2,6 +2,8 @@
 
     python VGG19_finetuning.py --demo                # an offline run on synthetic faces, under a minute
     python VGG19_finetuning.py                       # the full dataset, ImageNet weights
+    python VGG19_finetuning.py --predict face.jpg    # p(fake) of an image, with the trained model
+    python VGG19_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
     python VGG19_finetuning.py --help                # every option
 
 Outputs go to outputs/vgg19/ and the results table to outputs/results.md.

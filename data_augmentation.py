@@ -10,7 +10,9 @@ preprocessing:
 - "tfdata": a tf.data pipeline that decodes in parallel and applies all five
   augmentations as one projective warp per image, several times faster on a CPU.
 
-Run this file to look at what the model will see:
+Images to predict are read the same way as test images, and an evaluation may blur or
+JPEG-compress them first to measure robustness. Run this file to look at what the model
+will see:
 
     python data_augmentation.py            # a grid of augmented training samples
     python data_augmentation.py --demo     # the same on the synthetic demo dataset
@@ -18,14 +20,18 @@ Run this file to look at what the model will see:
 It writes OUTPUT_DIR/augmentation_samples.png (default outputs/).
 """
 
+import contextlib
+import io
 import math
 import os
 import sys
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # Draw to files: training servers have no screen.
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
@@ -61,11 +67,40 @@ TRAINING_AUGMENTATION = dict(
 )
 
 
-def preprocessing_options(preprocess_input, preprocessing):
-    """How pixels are scaled: the base model's own preprocess_input, or the original's 1/255."""
-    if preprocessing == "native":
-        return dict(preprocessing_function=preprocess_input)
-    return dict(rescale=1.0 / 255)
+def perturb(image, jpeg_quality=None, blur_sigma=None):
+    """Blur, then JPEG-compress, an RGB image of 0-255 floats, as CNNDetection tests robustness.
+
+    The image is the one the model sees, already resized to --img-size, so that a sigma
+    means the same number of model pixels whatever the source images' resolution.
+    """
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if blur_sigma:
+        # A (0, 0) kernel size lets OpenCV choose one wide enough for the sigma.
+        pixels = cv2.GaussianBlur(pixels, (0, 0), blur_sigma)
+    if jpeg_quality is not None:
+        # OpenCV encodes BGR, so the channels are swapped there and back.
+        _, encoded = cv2.imencode(".jpg", pixels[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
+    return pixels.astype(np.float32)
+
+
+def preprocessing_options(preprocess_input, preprocessing, perturbation=None):
+    """How pixels are scaled: the base model's own preprocess_input, or the original's 1/255.
+
+    `perturbation`, a function of one image, runs first: on the pixels as they are read.
+    """
+    steps = [step for step in (perturbation, preprocess_input if preprocessing == "native" else None) if step]
+
+    def preprocess(image):
+        for step in steps:
+            image = step(image)
+        return image
+
+    # ImageDataGenerator applies its preprocessing_function before its rescale.
+    options = dict(preprocessing_function=preprocess)
+    if preprocessing == "rescale":
+        options["rescale"] = 1.0 / 255
+    return options
 
 
 def image_flow(images, generator, img_size, batch_size, shuffle, seed):
@@ -85,6 +120,28 @@ def image_flow(images, generator, img_size, batch_size, shuffle, seed):
         seed=seed,
         validate_filenames=False,  # data_preprocessing has already decoded every file.
     )
+
+
+def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
+    """A flow of unlabelled images that reads and scales them exactly as the test flow does.
+
+    Keras reads each file with Pillow (grey and palette images become RGB, an alpha
+    channel is dropped) and resizes it to img_size with nearest-neighbour sampling, so
+    a model gives an image the same p(fake) here as in its predictions.csv.
+    """
+    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+    frame = pd.DataFrame({"filename": [str(path) for path in paths]})
+    # Keras prints how many files it found; --predict's output is kept to one line per image.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return generator.flow_from_dataframe(
+            frame,
+            x_col="filename",
+            class_mode=None,
+            target_size=(img_size, img_size),
+            batch_size=batch_size,
+            shuffle=False,
+            validate_filenames=False,  # The caller has already decoded every file.
+        )
 
 
 def image_generator_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
@@ -250,6 +307,12 @@ PIPELINES = {"idg": image_generator_flows, "tfdata": tfdata_pipelines}
 def make_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed, pipeline="idg"):
     """The train, valid and test inputs of the chosen pipeline, ready for model.fit."""
     return PIPELINES[pipeline](dataset, preprocess_input, preprocessing, img_size, batch_size, seed)
+
+
+def evaluation_flow(images, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
+    """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation."""
+    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+    return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0)
 
 
 def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42):

@@ -98,6 +98,12 @@ def checked_number(convert, is_allowed, allowed):
 positive_int = checked_number(int, lambda value: value >= 1, "1 or more")
 # Keras seeds its generators with 0 to 2**32 - 1.
 seed_value = checked_number(int, lambda value: 0 <= value < 2**32, f"between 0 and {2**32 - 1}")
+# The prediction threshold, a probability.
+probability = checked_number(float, lambda value: 0 <= value <= 1, "between 0 and 1")
+# OpenCV's JPEG quality scale.
+jpeg_quality = checked_number(int, lambda value: 1 <= value <= 100, "between 1 and 100")
+# A Gaussian blur's sigma, in pixels; 0 is no blur.
+non_negative_float = checked_number(float, lambda value: value >= 0, "0 or more")
 
 
 def add_data_arguments(parser):
@@ -179,26 +185,73 @@ def find_split_root(data_dir=None):
     )
 
 
+def files_in(folder):
+    """The files directly in `folder`, sorted. Hidden files such as .DS_Store are not images and not mistakes."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+
+
+def class_files(folder, class_name, needed):
+    """The files of one class folder; `needed` says, in the error, what the folder should hold."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing: {needed}")
+    paths = files_in(folder)
+    if not paths:
+        raise UserError(f"{folder} is empty; put the {class_name} images there")
+    return paths
+
+
 def list_images(split_root):
     """Return {split: {class: [paths]}}, after checking that every folder is there."""
-    files = {}
-    for split in SPLITS:
-        files[split] = {}
-        for class_name in CLASSES:
-            folder = split_root / split / class_name
-            if not folder.is_dir():
-                raise UserError(
-                    f"{folder} is missing: the dataset needs train/, valid/ and test/, "
-                    "each with real/ and fake/"
-                )
-            # Hidden files such as .DS_Store are not images and not mistakes.
-            paths = sorted(
-                path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+    needed = "the dataset needs train/, valid/ and test/, each with real/ and fake/"
+    return {
+        split: {name: class_files(split_root / split / name, name, needed) for name in CLASSES} for split in SPLITS
+    }
+
+
+def evaluation_folder(data_dir):
+    """The folder holding real/ and fake/ to evaluate on: `data_dir` itself, or its dataset's test/ split."""
+    if data_dir is not None and all((Path(data_dir) / name).is_dir() for name in CLASSES):
+        return Path(data_dir)
+    return find_split_root(data_dir) / "test"
+
+
+def list_evaluation_images(folder):
+    """Return {class: [paths]} for a folder holding real/ and fake/."""
+    needed = "--evaluate needs a folder holding real/ and fake/, or a dataset with test/real/ and test/fake/"
+    return {name: class_files(folder / name, name, needed) for name in CLASSES}
+
+
+def files_to_predict(paths):
+    """The files named by `paths`, and every file inside the folders among them, in order.
+
+    A path that does not exist is reported and passed over, like an unreadable image.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            # Folders are searched to any depth, so that a split root's test/ can be scored at once.
+            files += sorted(
+                file for file in path.rglob("*")
+                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
             )
-            if not paths:
-                raise UserError(f"{folder} is empty; put the {class_name} {split} images there")
-            files[split][class_name] = paths
+        elif path.is_file():
+            files.append(path)
+        else:
+            print(f"warning: skipping {path}: no such file or folder", file=sys.stderr)
     return files
+
+
+def readable_images(paths):
+    """The files among `paths` that decode as images; the others are reported by path and skipped."""
+    problems = {path: image_problem(path) for path in paths}
+    report_bad_files({path: problem for path, problem in problems.items() if problem is not None})
+    good = [path for path in paths if problems[path] is None]
+    if not good:
+        raise UserError(
+            "none of the files given to --predict is a readable image; name JPEG, PNG, BMP or WebP files, "
+            "or folders holding them"
+        )
+    return good
 
 
 # ---------------------------------------------------------------------------
@@ -358,6 +411,20 @@ def load_dataset(split_root, cache_dir, subset=None, seed=42, require_every_clas
                 )
             images[split] += [(path, class_name) for path in good]
     return Dataset(split_root, images, bad_files)
+
+
+def load_evaluation_images(folder, cache_dir, subset=None, seed=42):
+    """The readable (path, class name) pairs of a folder holding real/ and fake/, checked like a dataset."""
+    files = list_evaluation_images(folder)
+    chosen = {name: choose_subset(files[name], subset, seed) for name in CLASSES}
+    bad_files = check_images([path for name in CLASSES for path in chosen[name]], folder, cache_dir)
+    report_bad_files(bad_files)
+    images = [(path, name) for name in CLASSES for path in chosen[name] if path not in bad_files]
+    for class_name in CLASSES:
+        # Without both classes there is no ROC curve, no AUC and no equal error rate.
+        if not any(name == class_name for _, name in images):
+            raise UserError(f"{folder / class_name} has no readable image; evaluation needs real and fake images")
+    return images
 
 
 def report_bad_files(bad_files):

@@ -2,6 +2,8 @@
 
     python inceptionV3_finetuning.py --demo          # an offline run on synthetic faces, under a minute
     python inceptionV3_finetuning.py                 # the full dataset, ImageNet weights
+    python inceptionV3_finetuning.py --predict face.jpg # p(fake) of an image, with the trained model
+    python inceptionV3_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
     python inceptionV3_finetuning.py --help          # every option
 
 Outputs go to outputs/inceptionv3/ and the results table to outputs/results.md.

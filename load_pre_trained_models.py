@@ -10,12 +10,20 @@ as a ModelRecipe and hands it to `fine_tune`, which tells the rest of the story:
 5. evaluate the best model on the test split and write every output
    (plot_loss_accuracy_graph.py draws the curves and the results table).
 
+The same scripts apply a trained model afterwards, without training:
+
+- `--predict PATH ...` prints p(fake) and a verdict for image files and folders
+  (`--model ensemble` averages every trained model; `--gradcam DIR` draws heat maps);
+- `--evaluate --data-dir D` measures a saved model on another folder of real/ and fake/
+  faces, optionally blurred (`--blur`) or JPEG-compressed (`--jpeg-quality`).
+
 Run this file on its own to see, for each model, which layers each freezing rule
 trains; it builds the models without downloading any weights:
 
     python load_pre_trained_models.py
 """
 
+import functools
 import importlib
 import json
 import os
@@ -33,22 +41,42 @@ import pandas as pd
 import tensorflow as tf
 from sklearn import metrics as sklearn_metrics
 
-from data_augmentation import make_flows
+from data_augmentation import evaluation_flow, make_flows, perturb, prediction_flow
 from data_preprocessing import (
     OneLineArgumentParser,
     UserError,
     add_data_arguments,
     checked_number,
     ensure_writable_folder,
+    evaluation_folder,
     exits_on_user_error,
+    files_to_predict,
     find_split_root,
+    jpeg_quality,
     load_dataset,
+    load_evaluation_images,
+    non_negative_float,
     positive_int,
+    probability,
+    readable_images,
     report_bad_files,
     resolve_data_options,
     write_json_atomically,
+    write_text_atomically,
 )
-from plot_loss_accuracy_graph import plot_history, read_history, write_results_table
+from plot_loss_accuracy_graph import (
+    EVALUATION_PLOTS,
+    classification_metrics,
+    ensemble_members,
+    ensemble_weights,
+    plot_evaluation,
+    plot_history,
+    read_history,
+    read_runs,
+    save_gradcam_overlay,
+    true_labels,
+    write_results_table,
+)
 
 # The per-model scripts, in the order of the results table.
 MODEL_SCRIPTS = ("VGG16_finetuning", "VGG19_finetuning", "inceptionV3_finetuning", "resnet50_finetuning")
@@ -234,7 +262,54 @@ def build_parser(recipe):
         help="mirrored: every visible GPU of this machine; multiworker: every machine in TF_CONFIG "
         "(--batch-size is then the global batch, split across them)",
     )
+    add_prediction_arguments(parser)
     return parser
+
+
+def add_prediction_arguments(parser):
+    """The options that apply a trained model instead of training one."""
+    group = parser.add_argument_group("applying a trained model (no training)")
+    group.add_argument(
+        "--predict", nargs="+", type=Path, metavar="PATH",
+        help="print p(fake) and the verdict for these image files and every image in these folders",
+    )
+    group.add_argument(
+        "--evaluate", action="store_true",
+        help="measure the saved model on --data-dir: a folder holding real/ and fake/, or a dataset's test/",
+    )
+    group.add_argument(
+        "--model", metavar="FILE",
+        help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras); "
+        "with --predict, 'ensemble' averages every model trained into OUTPUT_DIR",
+    )
+    group.add_argument("--threshold", type=probability, default=0.5, help="p(fake) from which an image is called fake (default 0.5)")
+    group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write the lines to this CSV file")
+    group.add_argument("--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each image to DIR")
+    group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
+    group.add_argument("--blur", type=non_negative_float, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
+
+
+def check_prediction_options(args):
+    """Refuse the combinations of options that would be silently ignored."""
+    applying = args.predict or args.evaluate
+    mistakes = [
+        (args.predict and args.evaluate, "--predict and --evaluate are separate runs; give one of them"),
+        (args.gradcam and not args.predict, "--gradcam draws heat maps of --predict's images; add --predict PATH"),
+        (args.csv and not args.predict, "--csv writes --predict's lines; add --predict PATH"),
+        (
+            (args.jpeg_quality is not None or args.blur is not None) and not args.evaluate,
+            "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate",
+        ),
+        (args.model and not applying, "--model names the model for --predict or --evaluate; add one of them"),
+        (
+            args.model == ENSEMBLE and (args.gradcam or args.evaluate),
+            "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
+            "test figures are in the results table",
+        ),
+    ]
+    for is_wrong, message in mistakes:
+        if is_wrong:
+            raise UserError(message)
 
 
 def parse_arguments(recipe, argv):
@@ -248,6 +323,7 @@ def parse_arguments(recipe, argv):
         raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
     if args.weights not in ("imagenet", "none"):
         existing_weights_file(args.weights)
+    check_prediction_options(args)
     return resolve_data_options(args)
 
 
@@ -323,13 +399,17 @@ RESUMABLE_SETTINGS = (
 )
 
 
-RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv")
+RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
+# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
+EVALUATION_PREFIX = "eval-"
 
 
 def set_aside_previous_run(run_dir):
     """Move a finished run's outputs to previous/, so that a new run neither loses nor mixes with them."""
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    # Evaluations of the earlier model go with it.
+    outputs += sorted(run_dir.glob(f"{EVALUATION_PREFIX}*"))
     if not outputs:
         return
     previous_dir = run_dir / "previous"
@@ -420,43 +500,33 @@ def load_best_model(run_dir, last_model):
     return keras.models.load_model(model_file)
 
 
-def predict_test_split(model, test_flow, test_images):
-    """p(fake) for every test image; the test flow keeps the order of test_images."""
-    p_fake = model.predict(test_flow, verbose=1).ravel().astype(float)
+def predict_split(model, flow, images):
+    """p(fake) for every image of an unshuffled, labelled flow, which keeps the order of `images`."""
+    p_fake = model.predict(flow, verbose=1).ravel().astype(float)
     return pd.DataFrame(
         {
-            "path": [str(path) for path, _ in test_images],
-            "label": [class_name for _, class_name in test_images],
+            "path": [str(path) for path, _ in images],
+            "label": [class_name for _, class_name in images],
             "p_fake": p_fake,
         }
     )
 
 
-def test_metrics(predictions, threshold=0.5):
-    """Accuracy, loss and the rest, with fake as the positive class."""
-    labels = (predictions["label"] == "fake").to_numpy(int)
-    p_fake = predictions["p_fake"].to_numpy()
-    predicted = (p_fake >= threshold).astype(int)
-    both_classes = len(set(labels)) == 2
-    return {
-        "test_accuracy": float(sklearn_metrics.accuracy_score(labels, predicted)),
-        # The same loss as training, so that Test Loss compares with val_loss.
-        "test_loss": float(keras.losses.BinaryCrossentropy()(labels[:, None], p_fake[:, None])),
-        "test_auc": float(sklearn_metrics.roc_auc_score(labels, p_fake)) if both_classes else None,
-        "test_precision": float(sklearn_metrics.precision_score(labels, predicted, zero_division=0)),
-        "test_recall": float(sklearn_metrics.recall_score(labels, predicted, zero_division=0)),
-        # [[tn, fp], [fn, tp]]: rows are the true class, columns the predicted one.
-        "confusion_matrix": sklearn_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
-        "n_test": int(len(labels)),
-    }
+def write_test_outputs(folder, title, predictions, metrics):
+    """predictions.csv, metrics.json and the ROC, precision-recall and confusion-matrix figures."""
+    predictions.to_csv(folder / "predictions.csv", index=False)
+    write_json_atomically(folder / "metrics.json", metrics)
+    return plot_evaluation(predictions, metrics, folder, title)
 
 
-def write_run_outputs(run_dir, recipe, args, predictions):
-    """metrics.json, predictions.csv and history.png for one run; return the metrics."""
+def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
+    """metrics.json, predictions.csv, history.png and the test figures for one run; return the metrics."""
     history = read_history(run_dir / "history.csv")
     metrics = {
         "model": recipe.title,
-        **test_metrics(predictions),
+        **classification_metrics(predictions),
+        # The ensemble weighs each model by this; the test split must not choose the weights.
+        "valid_auc": float(sklearn_metrics.roc_auc_score(true_labels(valid_predictions), valid_predictions["p_fake"])),
         "epochs_run": int(len(history)),
         "img_size": args.img_size,
         "weights": args.weights,
@@ -465,10 +535,212 @@ def write_run_outputs(run_dir, recipe, args, predictions):
         # Summed over the epochs in history.csv, so a resumed run counts every session.
         "train_seconds": round(float(history["seconds"].sum()), 1),
     }
-    predictions.to_csv(run_dir / "predictions.csv", index=False)
-    write_json_atomically(run_dir / "metrics.json", metrics)
+    write_test_outputs(run_dir, recipe.title, predictions, metrics)
     plot_history(history, run_dir / "history.png", recipe.title)
     return metrics
+
+
+# ---------------------------------------------------------------------------
+# Applying a trained model: --predict (with Grad-CAM) and --evaluate
+# ---------------------------------------------------------------------------
+
+# The --model value that asks for the weighted average of every trained model.
+ENSEMBLE = "ensemble"
+
+
+@dataclass
+class SavedModel:
+    """A trained model with what is needed to feed it images as it was trained."""
+
+    title: str
+    model: keras.Model
+    img_size: int
+    preprocess_input: Callable
+    preprocessing: str  # "native" or "rescale", as in training.
+
+
+def load_saved_model(model_file, recipe, preprocessing):
+    """Load a .keras file. Its training settings come from the metrics.json beside it, when there is one."""
+    try:
+        model = keras.models.load_model(model_file)
+    except Exception as error:  # Keras raises several kinds for a file that is not a model.
+        raise UserError(f"could not load the model {model_file} ({error}); pass a .keras file that a run saved") from None
+    metrics_file = Path(model_file).with_name("metrics.json")
+    settings = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    # The model's input layer knows its image size; only the pixel scaling has to be recorded.
+    return SavedModel(recipe.title, model, model.input_shape[1], recipe.preprocess_input,
+                      settings.get("preprocessing", preprocessing))
+
+
+def saved_model_file(recipe, args):
+    """--model FILE, or the model that training wrote into OUTPUT_DIR/<model>/."""
+    model_file = Path(args.model) if args.model else args.output_dir / recipe.name / "model.keras"
+    if not model_file.is_file():
+        raise UserError(
+            f"there is no model at {model_file}; train {recipe.title} first (the same command without "
+            "--predict or --evaluate, with the same --output-dir), or pass --model FILE"
+        )
+    return model_file
+
+
+def load_ensemble(output_dir, preprocessing):
+    """The models of the results table's Ensemble row, and their weights."""
+    members = ensemble_members(read_runs(output_dir))
+    if len(members) < 2:
+        raise UserError(
+            f"the ensemble needs two or more models trained into {output_dir} on the same test images; "
+            "train another model with the same --data-dir, --subset and --output-dir"
+        )
+    recipes = {recipe.title: recipe for recipe in load_recipes()}
+    models = []
+    for metrics, _ in members:
+        recipe = recipes[metrics["model"]]
+        models.append(load_saved_model(output_dir / recipe.name / "model.keras", recipe, preprocessing))
+    return models, ensemble_weights([metrics["valid_auc"] for metrics, _ in members])
+
+
+def predict_p_fake(saved, paths, batch_size):
+    """p(fake) for each image file, read and scaled as in the model's training."""
+    flow = prediction_flow(paths, saved.preprocess_input, saved.preprocessing, saved.img_size, batch_size)
+    return saved.model.predict(flow, verbose=0).ravel().astype(float), flow
+
+
+# Grad-CAM lives here rather than with the figures in plot_loss_accuracy_graph.py because it
+# runs the model and takes TensorFlow gradients; that module only draws its result.
+def gradcam_layer(model):
+    """The base's last conv feature map: the layer that feeds the head's average pooling.
+
+    For ResNet50 and InceptionV3 that is the final activation or concatenation after the
+    last convolutions. VGG ends with a max pooling, which only halves the map, so Grad-CAM
+    uses the conv layer before it, as in the Grad-CAM paper.
+    """
+    position = [layer.name for layer in model.layers].index("average_pool") - 1
+    while isinstance(model.layers[position], (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+        position -= 1
+    return model.layers[position]
+
+
+def grad_cam(model, batch):
+    """Grad-CAM heat maps (Selvaraju et al., 2017), one per image, scaled to 0-1.
+
+    Each channel of the last conv feature map is weighted by the mean gradient of p(fake)
+    with respect to it; the weighted sum, without its negative part, shows where the
+    features that raised p(fake) are.
+    """
+    feature_model = keras.Model(model.inputs, [gradcam_layer(model).output, model.output])
+    images = tf.convert_to_tensor(batch)
+    with tf.GradientTape() as tape:
+        # Watching the input records every layer, the frozen ones too.
+        tape.watch(images)
+        features, p_fake = feature_model(images, training=False)
+    gradients = tape.gradient(p_fake, features)
+    channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    heatmaps = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1)).numpy()
+    peaks = heatmaps.max(axis=(1, 2), keepdims=True)
+    return heatmaps / np.where(peaks > 0, peaks, 1)
+
+
+def gradcam_file_names(paths):
+    """A distinct overlay name for each image: its name, with its folder's name in front where two share it."""
+    stems = [path.stem for path in paths]
+    names = []
+    for path, stem in zip(paths, stems):
+        name = stem if stems.count(stem) == 1 else f"{path.parent.name}-{stem}"
+        while f"{name}-gradcam.png" in names:
+            name += "_"
+        names.append(f"{name}-gradcam.png")
+    return names
+
+
+def write_gradcam_overlays(saved, flow, paths, gradcam_dir):
+    """Draw one heat-map overlay per image into gradcam_dir; return their paths."""
+    heatmaps = np.concatenate([grad_cam(saved.model, flow[index]) for index in range(len(flow))])
+    return [
+        save_gradcam_overlay(path, heatmap, gradcam_dir / name)
+        for path, heatmap, name in zip(paths, heatmaps, gradcam_file_names(paths))
+    ]
+
+
+def refuse_writing_into_image_folders(folder, predicted_paths):
+    """The images' folders are read, never written: refuse an output folder inside one of them."""
+    folder = folder.resolve()
+    for path in map(Path, predicted_paths):
+        if path.is_dir() and (folder == path.resolve() or path.resolve() in folder.parents):
+            raise UserError(f"--gradcam {folder} is inside the image folder {path}; choose a folder outside it")
+
+
+def prediction_lines(paths, p_fake, threshold):
+    """The table --predict prints: path, p(fake) and the verdict at the threshold."""
+    verdicts = np.where(p_fake >= threshold, "fake", "real")
+    return pd.DataFrame({"path": [str(path) for path in paths], "p_fake": p_fake, "verdict": verdicts})
+
+
+def predict_images(recipe, args):
+    """--predict: print p(fake) and a verdict for each image; train nothing and write only where asked."""
+    if args.gradcam:
+        refuse_writing_into_image_folders(args.gradcam, args.predict)
+    if args.model == ENSEMBLE:
+        models, weights = load_ensemble(args.output_dir, args.preprocessing)
+    else:
+        models, weights = [load_saved_model(saved_model_file(recipe, args), recipe, args.preprocessing)], [1.0]
+    paths = readable_images(files_to_predict(args.predict))
+    # Each model reads the images at its own size and with its own scaling.
+    p_fake = 0
+    for saved, weight in zip(models, weights):
+        model_p_fake, flow = predict_p_fake(saved, paths, args.batch_size)
+        p_fake = p_fake + weight * model_p_fake
+    lines = prediction_lines(paths, p_fake, args.threshold)
+    source = ", ".join(f"{saved.title} {weight:.2f}" for saved, weight in zip(models, weights))
+    print(f"p(fake) from {source}; an image is called fake from p(fake) {args.threshold}")
+    for line in lines.itertuples():
+        print(f"{line.path}  p_fake={line.p_fake:.4f}  {line.verdict}")
+    if args.csv:
+        write_text_atomically(args.csv, lines.to_csv(index=False))
+        print(f"Wrote {args.csv}")
+    if args.gradcam:
+        overlays = write_gradcam_overlays(models[0], flow, paths, ensure_writable_folder(args.gradcam))
+        print(f"Wrote {len(overlays)} Grad-CAM overlays to {args.gradcam}")
+    return 0
+
+
+def evaluation_name(args, folder):
+    """eval-<data folder>[-jpeg<Q>][-blur<SIGMA>]: a folder of its own for each evaluation."""
+    source = Path(args.data_dir) if args.data_dir is not None else folder.parent
+    name = f"{EVALUATION_PREFIX}{source.resolve().name}"
+    if args.jpeg_quality is not None:
+        name += f"-jpeg{args.jpeg_quality}"
+    if args.blur is not None:
+        name += f"-blur{args.blur}"
+    return name
+
+
+def evaluate_saved_model(recipe, args):
+    """--evaluate: measure a saved model on another folder of real and fake faces, perhaps perturbed."""
+    model_file = saved_model_file(recipe, args)
+    folder = evaluation_folder(args.data_dir)
+    eval_dir = ensure_writable_folder(args.output_dir / recipe.name / evaluation_name(args, folder))
+    images = load_evaluation_images(folder, args.output_dir / ".cache", args.subset, args.seed)
+    saved = load_saved_model(model_file, recipe, args.preprocessing)
+    perturbation = None
+    if args.jpeg_quality is not None or args.blur:
+        perturbation = functools.partial(perturb, jpeg_quality=args.jpeg_quality, blur_sigma=args.blur)
+    flow = evaluation_flow(images, saved.preprocess_input, saved.preprocessing, saved.img_size, args.batch_size, perturbation)
+    predictions = predict_split(saved.model, flow, images)
+    metrics = {
+        "model": recipe.title,
+        "model_file": str(model_file),
+        "data_dir": str(folder),
+        "jpeg_quality": args.jpeg_quality,
+        "blur_sigma": args.blur,
+        **classification_metrics(predictions),
+    }
+    figures = write_test_outputs(eval_dir, recipe.title, predictions, metrics)
+    print(
+        f"\n{recipe.title} on {folder} ({metrics['n_test']} images): accuracy {metrics['test_accuracy']:.4f}, "
+        f"AUC {metrics['test_auc']:.4f}, AP {metrics['test_ap']:.4f}, EER {metrics['test_eer']:.4f}"
+    )
+    print(f"Wrote {eval_dir}/: metrics.json, predictions.csv, {', '.join(path.name for path in figures)}")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -478,8 +750,15 @@ def write_run_outputs(run_dir, recipe, args, predictions):
 
 @exits_on_user_error
 def fine_tune(recipe, argv=None):
-    """Train, evaluate and report one model; return the process exit status."""
+    """Train, evaluate and report one model; return the process exit status.
+
+    With --predict or --evaluate, apply the saved model instead, and train nothing.
+    """
     args = parse_arguments(recipe, argv)
+    if args.predict:
+        return predict_images(recipe, args)
+    if args.evaluate:
+        return evaluate_saved_model(recipe, args)
     split_root = find_split_root(args.data_dir)
     args.data_dir = split_root.resolve()  # Recorded with the run's settings, so a resume uses the same data.
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
@@ -507,8 +786,10 @@ def fine_tune(recipe, argv=None):
         if args.demo:
             print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
         train(model, flows, run_dir, args)
-        predictions = predict_test_split(load_best_model(run_dir, model), flows["test"], dataset.images["test"])
-        metrics = write_run_outputs(run_dir, recipe, args, predictions)
+        best_model = load_best_model(run_dir, model)
+        valid_predictions = predict_split(best_model, flows["valid"], dataset.images["valid"])
+        predictions = predict_split(best_model, flows["test"], dataset.images["test"])
+        metrics = write_run_outputs(run_dir, recipe, args, predictions, valid_predictions)
         table = write_results_table(args.output_dir)
     except KeyboardInterrupt:
         if len(read_history(run_dir / "history.csv")):

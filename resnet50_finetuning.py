@@ -2,6 +2,8 @@
 
     python resnet50_finetuning.py --demo             # an offline run on synthetic faces, under a minute
     python resnet50_finetuning.py                    # the full dataset, ImageNet weights
+    python resnet50_finetuning.py --predict face.jpg # p(fake) of an image, with the trained model
+    python resnet50_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
     python resnet50_finetuning.py --help             # every option
 
 Outputs go to outputs/resnet50/ and the results table to outputs/results.md.

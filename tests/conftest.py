@@ -25,7 +25,10 @@ SCRIPTS = {
 }
 
 # What every run must leave in OUTPUT_DIR/<model>/, as the project documents it.
-RUN_OUTPUTS = ["model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv"]
+RUN_OUTPUTS = [
+    "model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv",
+    "roc.png", "precision_recall.png", "confusion_matrix.png",
+]
 
 # A handful of 32-pixel images: enough for one epoch of every pipeline step.
 TINY_IMAGES_PER_CLASS = {"train": 4, "valid": 2, "test": 3}

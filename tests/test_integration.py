@@ -1,7 +1,9 @@
-"""One script on real dataset files: ../shared/faces-140k-sample, when it is there."""
+"""Two scripts on real dataset files, ../shared/faces-140k-sample, when it is there: training,
+the Ensemble row, --predict with Grad-CAM, and --evaluate with JPEG compression."""
 
 import json
 
+import cv2
 import pandas as pd
 import pytest
 
@@ -9,12 +11,25 @@ from conftest import REPOSITORY_DIR, RUN_OUTPUTS, run_script
 
 SAMPLE_DIR = REPOSITORY_DIR.parent / "shared" / "faces-140k-sample"
 
+pytestmark = pytest.mark.skipif(
+    not SAMPLE_DIR.is_dir(), reason=f"{SAMPLE_DIR} is absent (it ships beside the project's CI only)"
+)
 
-@pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason=f"{SAMPLE_DIR} is absent (it ships beside the project's CI only)")
-def test_vgg16_on_the_real_sample(tmp_path):
-    output_dir = tmp_path / "outputs"
-    # The download's root is given, as a Kaggle user would; 20 images per class keep it quick.
-    assert run_script("VGG16", SAMPLE_DIR, output_dir, "--subset", "20", "--img-size", "48") == 0
+# 20 images per class and 48 pixels keep both runs to seconds; the same --subset and seed
+# give both models the same test images, which the Ensemble row needs.
+SMALL_RUN = ("--subset", "20", "--img-size", "48")
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("sample") / "outputs"
+    # The download's root is given, as a Kaggle user would.
+    for title in ("VGG16", "ResNet50"):
+        assert run_script(title, SAMPLE_DIR, output_dir, *SMALL_RUN) == 0
+    return output_dir
+
+
+def test_training_on_the_real_sample_writes_every_output_and_the_ensemble_row(output_dir):
     run_dir = output_dir / "vgg16"
     for name in RUN_OUTPUTS:
         assert (run_dir / name).exists(), name
@@ -23,3 +38,30 @@ def test_vgg16_on_the_real_sample(tmp_path):
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert predictions["label"].value_counts().to_dict() == {"real": 20, "fake": 20}
     assert all(str(SAMPLE_DIR) in path for path in predictions["path"])
+    table = pd.read_csv(output_dir / "results.csv")
+    assert table["Model"].tolist() == ["VGG16", "ResNet50", "Ensemble"]
+    assert table.notna().all().all()
+
+
+def test_predict_and_gradcam_on_two_real_test_images(output_dir, tmp_path, capsys):
+    predictions = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
+    images = [predictions["path"][0], predictions["path"][39]]  # One real, one fake.
+    options = ["--predict", *images, "--csv", str(tmp_path / "p.csv"), "--gradcam", str(tmp_path / "gradcam")]
+    assert run_script("VGG16", None, output_dir, *options) == 0
+
+    written = pd.read_csv(tmp_path / "p.csv")
+    expected = predictions.set_index("path").loc[images, "p_fake"].to_numpy()
+    assert written["p_fake"].to_numpy() == pytest.approx(expected, abs=1e-6)
+    printed = capsys.readouterr().out
+    for image in images:
+        assert f"{image}  p_fake=" in printed
+        overlay = cv2.imread(str(tmp_path / "gradcam" / f"{image.rsplit('/', 1)[1][:-4]}-gradcam.png"))
+        assert overlay.shape == cv2.imread(image).shape  # 256 x 256 x 3, the dataset's size.
+
+
+def test_evaluate_the_saved_model_on_jpeg_compressed_test_images(output_dir):
+    assert run_script("ResNet50", SAMPLE_DIR, output_dir, "--evaluate", "--jpeg-quality", "75", "--subset", "20") == 0
+    eval_dir = output_dir / "resnet50" / "eval-faces-140k-sample-jpeg75"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert (metrics["n_test"], metrics["jpeg_quality"]) == (40, 75)
+    assert (eval_dir / "roc.png").exists()

@@ -23,7 +23,8 @@ def test_each_script_trains_one_epoch_and_writes_every_output(title, tiny_split_
     assert not (run_dir / "backup").exists()  # Removed once training finished.
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == title and metrics["n_test"] == 6 and metrics["epochs_run"] == 1
-    assert {"test_auc", "test_precision", "test_recall", "train_seconds", "unfreeze_rule"} <= set(metrics)
+    assert {"test_auc", "test_ap", "test_eer", "valid_auc", "test_precision", "test_recall", "train_seconds",
+            "unfreeze_rule"} <= set(metrics)
     history = pd.read_csv(run_dir / "history.csv")
     assert {"accuracy", "loss", "val_accuracy", "val_loss"} <= set(history.columns)
     model = keras.models.load_model(run_dir / "model.keras")
@@ -92,10 +93,11 @@ def test_results_table_keeps_its_rows_across_runs(tmp_path):
     table = pd.read_csv(output_dir / "results.csv")
     assert table["Model"].tolist() == ["VGG16", "ResNet50"]
     assert table["Test Accuracy"].tolist() == [0.95, 0.9]
-    assert list(table.columns) == ["Model", "Test Accuracy", "Test Loss", "Test AUC"]
+    assert list(table.columns) == ["Model", "Test Accuracy", "Test Loss", "Test AUC", "Test AP", "Test EER"]
     markdown = (output_dir / "results.md").read_text().splitlines()
-    assert markdown[0] == "| Model | Test Accuracy | Test Loss | Test AUC |"
-    assert markdown[2:] == ["| VGG16 | 0.9500 | 0.3000 | - |", "| ResNet50 | 0.9000 | 0.3000 | - |"]
+    assert markdown[0] == "| Model | Test Accuracy | Test Loss | Test AUC | Test AP | Test EER |"
+    # Without test predictions there is no Ensemble row.
+    assert markdown[2:] == ["| VGG16 | 0.9500 | 0.3000 | - | - | - |", "| ResNet50 | 0.9000 | 0.3000 | - | - | - |"]
 
 
 class InterruptAfterFirstEpoch(keras.callbacks.Callback):
@@ -166,7 +168,7 @@ def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_ro
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(load_pre_trained_models, "predict_test_split", interrupt)
+    monkeypatch.setattr(load_pre_trained_models, "predict_split", interrupt)
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "2") == 130
     monkeypatch.undo()
     model_file = output_dir / "vgg16" / "model.keras"
@@ -201,10 +203,12 @@ def test_a_new_run_sets_the_previous_run_aside(tmp_path):
     for name in RUN_OUTPUTS:
         (run_dir / name).write_text("from the previous run")
     (run_dir / "metrics.json").write_text(json.dumps({"model": "VGG16", "test_accuracy": 0.9}))
+    (run_dir / "eval-faces").mkdir()
+    (run_dir / "eval-faces" / "metrics.json").write_text("an evaluation of the previous model")
     write_results_table(tmp_path)
     assert "| VGG16 |" in (tmp_path / "results.md").read_text()
 
     load_pre_trained_models.set_aside_previous_run(run_dir)
-    assert not any((run_dir / name).exists() for name in RUN_OUTPUTS)
-    assert all((run_dir / "previous" / name).exists() for name in RUN_OUTPUTS)
+    assert not any((run_dir / name).exists() for name in [*RUN_OUTPUTS, "eval-faces"])
+    assert all((run_dir / "previous" / name).exists() for name in [*RUN_OUTPUTS, "eval-faces/metrics.json"])
     assert "| VGG16 |" not in (tmp_path / "results.md").read_text()

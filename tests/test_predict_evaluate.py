@@ -1,0 +1,289 @@
+"""Applying trained models: --predict, Grad-CAM, --evaluate with perturbations, and the ensemble.
+
+Two tiny models (VGG16 and ResNet50, one epoch at 32 px) are trained once for the whole
+module into the same output folder, and every test below reads or applies them.
+"""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn import metrics as sklearn_metrics
+
+import load_pre_trained_models
+from conftest import SCRIPTS, TINY_IMAGES_PER_CLASS, run_script
+from data_augmentation import perturb
+from data_preprocessing import make_demo_dataset
+from test_commands import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(split root, output folder) after VGG16 and ResNet50 were each trained for one epoch."""
+    folder = tmp_path_factory.mktemp("trained")
+    split_root = make_demo_dataset(folder / "faces", TINY_IMAGES_PER_CLASS, size=32)
+    output_dir = folder / "outputs"
+    for title in ("VGG16", "ResNet50"):
+        assert run_script(title, split_root, output_dir) == 0
+    return split_root, output_dir
+
+
+def apply(title, output_dir, *options):
+    """Run a script with --predict or --evaluate options, as its command line would."""
+    return run_script(title, None, output_dir, *options)
+
+
+def read_metrics(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def printed_lines(output):
+    """{path: (p_fake, verdict)} from --predict's printed lines."""
+    lines = [line.split("  ") for line in output.splitlines() if "  p_fake=" in line]
+    return {path: (float(p_fake.removeprefix("p_fake=")), verdict) for path, p_fake, verdict in lines}
+
+
+# --- Predict ------------------------------------------------------------------
+
+
+def test_predict_gives_a_test_image_the_p_fake_of_predictions_csv(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    test_predictions = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
+    image = test_predictions["path"][4]
+    capsys.readouterr()
+    assert apply("VGG16", output_dir, "--predict", image, "--csv", str(tmp_path / "p.csv")) == 0
+
+    printed = printed_lines(capsys.readouterr().out)
+    written = pd.read_csv(tmp_path / "p.csv")
+    assert written["path"].tolist() == list(printed) == [image]
+    assert written["p_fake"][0] == pytest.approx(test_predictions["p_fake"][4], abs=1e-6)
+    expected_verdict = "fake" if written["p_fake"][0] >= 0.5 else "real"
+    assert written["verdict"][0] == expected_verdict
+    assert printed[image] == (pytest.approx(written["p_fake"][0], abs=1e-4), expected_verdict)
+
+
+def test_threshold_sets_the_verdict(trained, capsys):
+    split_root, output_dir = trained
+    image = str(split_root / "test" / "real" / "0000.jpg")
+    assert apply("VGG16", output_dir, "--predict", image, "--threshold", "0") == 0
+    assert printed_lines(capsys.readouterr().out)[image][1] == "fake"  # Every p(fake) is at least 0.
+    assert apply("VGG16", output_dir, "--predict", image, "--threshold", "1") == 0
+    assert printed_lines(capsys.readouterr().out)[image][1] == "real"
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Images in four formats, colour and grey, odd sizes, with an alpha channel, and two junk files."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    colour = rng.integers(0, 256, (41, 27, 3), np.uint8)
+    Image.fromarray(colour[..., 0]).save(folder / "grey.png")
+    Image.fromarray(colour).save(folder / "colour.bmp")
+    Image.fromarray(colour).save(folder / "colour.webp")
+    Image.fromarray(np.dstack([colour, np.full((41, 27), 128, np.uint8)])).save(folder / "alpha.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    return folder
+
+
+def test_predict_reads_every_format_and_skips_junk_without_touching_the_folder(trained, mixed_folder, capsys):
+    _, output_dir = trained
+    before = {path.name: path.read_bytes() for path in mixed_folder.iterdir()}
+    assert apply("VGG16", output_dir, "--predict", str(mixed_folder)) == 0
+
+    captured = capsys.readouterr()
+    scored = {path.rsplit("/", 1)[1] for path in printed_lines(captured.out)}
+    assert scored == {"grey.png", "colour.bmp", "colour.webp", "alpha.png"}
+    assert f"warning: skipping {mixed_folder / 'notes.txt'}: not a decodable image" in captured.err
+    assert f"warning: skipping {mixed_folder / 'broken.jpg'}" in captured.err
+    assert {path.name: path.read_bytes() for path in mixed_folder.iterdir()} == before
+
+
+def test_gradcam_overlay_has_the_image_size(trained, tmp_path, capsys):
+    _, output_dir = trained
+    image_file = tmp_path / "images" / "odd.png"
+    image_file.parent.mkdir()
+    image = cv2.imread(str(sorted((trained[0] / "test" / "fake").iterdir())[0]))
+    cv2.imwrite(str(image_file), cv2.resize(image, (37, 23)))  # Width 37, height 23.
+    gradcam_dir = tmp_path / "gradcam"
+    assert apply("ResNet50", output_dir, "--predict", str(image_file), "--gradcam", str(gradcam_dir)) == 0
+
+    overlay = cv2.imread(str(gradcam_dir / "odd-gradcam.png"))
+    assert overlay.shape == (23, 37, 3)
+    assert not np.array_equal(overlay, cv2.imread(str(image_file)))  # The heat map is drawn over it.
+    assert sorted(path.name for path in image_file.parent.iterdir()) == ["odd.png"]
+
+
+@pytest.mark.parametrize("title, layer", [("VGG16", "block5_conv3"), ("ResNet50", "conv5_block3_out")])
+def test_gradcam_reads_the_last_conv_feature_map(title, layer):
+    recipe = next(recipe for recipe in load_pre_trained_models.load_recipes() if recipe.title == title)
+    model = load_pre_trained_models.build_model(recipe, weights="none", img_size=64)
+    feature_map = load_pre_trained_models.gradcam_layer(model)
+    assert feature_map.name == layer
+    heatmaps = load_pre_trained_models.grad_cam(model, np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)))
+    assert heatmaps.shape == (2, *feature_map.output.shape[1:3])
+    assert heatmaps.min() >= 0 and heatmaps.max() <= 1
+
+
+def test_gradcam_names_images_that_share_a_name_by_their_folder(tmp_path):
+    paths = [tmp_path / "real" / "0001.jpg", tmp_path / "fake" / "0001.jpg", tmp_path / "fake" / "0002.jpg"]
+    assert load_pre_trained_models.gradcam_file_names(paths) == [
+        "real-0001-gradcam.png", "fake-0001-gradcam.png", "0002-gradcam.png"
+    ]
+
+
+# --- Evaluate -----------------------------------------------------------------
+
+
+def test_evaluate_writes_its_own_folder_and_leaves_the_training_run_alone(trained, capsys):
+    split_root, output_dir = trained
+    run_dir = output_dir / "vgg16"
+    training_files = {path: path.read_bytes() for path in [*run_dir.iterdir(), output_dir / "results.md"] if path.is_file()}
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(split_root)) == 0
+
+    eval_dir = run_dir / "eval-faces"
+    for name in ("metrics.json", "predictions.csv", "roc.png", "precision_recall.png", "confusion_matrix.png"):
+        assert (eval_dir / name).stat().st_size > 0, name
+    assert {path: path.read_bytes() for path in training_files} == training_files
+    # Unperturbed, on the training run's own test split, the evaluation repeats its figures.
+    evaluated, trained_on = read_metrics(eval_dir), read_metrics(run_dir)
+    for key in ("test_accuracy", "test_auc", "test_ap", "test_eer", "n_test"):
+        assert evaluated[key] == pytest.approx(trained_on[key], abs=1e-5), key
+
+
+def test_evaluate_takes_a_folder_of_real_and_fake_and_perturbs_it(trained, tmp_path):
+    split_root, output_dir = trained
+    other = tmp_path / "other-generator"
+    shutil.copytree(split_root / "test", other)
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(other), "--jpeg-quality", "10", "--blur", "2") == 0
+
+    eval_dir = output_dir / "vgg16" / "eval-other-generator-jpeg10-blur2.0"
+    metrics = read_metrics(eval_dir)
+    assert (metrics["jpeg_quality"], metrics["blur_sigma"], metrics["n_test"]) == (10, 2.0, 6)
+    perturbed = pd.read_csv(eval_dir / "predictions.csv")
+    clean = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
+    assert not np.allclose(perturbed["p_fake"], clean["p_fake"], atol=1e-7)
+
+
+def test_perturbations_change_the_pixels():
+    image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype(np.float32)
+    untouched = perturb(image)
+    np.testing.assert_array_equal(untouched, np.rint(image))
+    blurred, compressed = perturb(image, blur_sigma=1.5), perturb(image, jpeg_quality=20)
+    assert blurred.shape == compressed.shape == image.shape
+    # Blur smooths noise; strong compression moves many pixels.
+    assert np.abs(np.diff(blurred, axis=0)).mean() < 0.5 * np.abs(np.diff(untouched, axis=0)).mean()
+    assert np.abs(compressed - untouched).mean() > 10
+
+
+# --- The ensemble -------------------------------------------------------------
+
+
+def expected_ensemble(output_dir):
+    """The Ensemble as documented: p(fake) averaged with weights max(valid AUC - 0.5, 0.01), normalised."""
+    runs = [read_metrics(output_dir / SCRIPTS[title][1]) for title in ("VGG16", "ResNet50")]
+    raw = [max(metrics["valid_auc"] - 0.5, 0.01) for metrics in runs]
+    weights = [weight / sum(raw) for weight in raw]
+    predictions = [pd.read_csv(output_dir / SCRIPTS[title][1] / "predictions.csv").set_index("path").sort_index()
+                   for title in ("VGG16", "ResNet50")]
+    p_fake = weights[0] * predictions[0]["p_fake"] + weights[1] * predictions[1]["p_fake"]
+    return weights, p_fake, (predictions[0]["label"] == "fake").astype(int)
+
+
+def test_results_table_gets_the_weighted_average_as_its_ensemble_row(trained):
+    _, output_dir = trained
+    weights, p_fake, labels = expected_ensemble(output_dir)
+    table = pd.read_csv(output_dir / "results.csv").set_index("Model")
+    assert table.index.tolist() == ["VGG16", "ResNet50", "Ensemble"]
+    ensemble = table.loc["Ensemble"]
+    assert ensemble["Test Accuracy"] == pytest.approx(((p_fake >= 0.5) == labels).mean())
+    assert ensemble["Test AUC"] == pytest.approx(sklearn_metrics.roc_auc_score(labels, p_fake))
+    assert ensemble["Test AP"] == pytest.approx(sklearn_metrics.average_precision_score(labels, p_fake))
+    markdown = (output_dir / "results.md").read_text()
+    assert "| Ensemble |" in markdown
+    assert f"VGG16 {weights[0]:.2f}, ResNet50 {weights[1]:.2f}" in markdown
+
+
+def test_ensemble_weights_grow_with_validation_auc_above_chance():
+    from plot_loss_accuracy_graph import ensemble_weights
+
+    # Above chance by 0.4, 0.2 and nothing (a model worse than chance keeps the floor of 0.01).
+    assert ensemble_weights([0.9, 0.7, 0.4]) == pytest.approx([0.4 / 0.61, 0.2 / 0.61, 0.01 / 0.61])
+
+
+def test_ensemble_row_needs_two_models_on_the_same_test_images(trained, tmp_path):
+    from plot_loss_accuracy_graph import write_results_table
+
+    _, output_dir = trained
+    copy = tmp_path / "outputs"
+    for name in ("vgg16", "resnet50"):
+        (copy / name).mkdir(parents=True)
+        for file_name in ("metrics.json", "predictions.csv"):
+            shutil.copy(output_dir / name / file_name, copy / name / file_name)
+    predictions = pd.read_csv(copy / "resnet50" / "predictions.csv")
+    predictions.drop(index=0).to_csv(copy / "resnet50" / "predictions.csv", index=False)  # Another test split.
+    assert "| Ensemble |" not in write_results_table(copy)
+
+
+def test_predict_with_the_ensemble_averages_the_models(trained, capsys):
+    split_root, output_dir = trained
+    weights, p_fake, _ = expected_ensemble(output_dir)
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", output_dir, "--predict", image, "--model", "ensemble") == 0
+    assert printed_lines(capsys.readouterr().out)[image][0] == pytest.approx(p_fake[image], abs=1e-4)
+
+
+# --- Mistakes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--gradcam", "maps"], ["--gradcam", "add --predict"]),
+        (["--csv", "p.csv"], ["--csv", "add --predict"]),
+        (["--evaluate", "--jpeg-quality", "0"], ["--jpeg-quality", "between 1 and 100"]),
+        (["--evaluate", "--jpeg-quality", "101"], ["--jpeg-quality", "between 1 and 100"]),
+        (["--evaluate", "--blur", "-1"], ["--blur", "0 or more"]),
+        (["--jpeg-quality", "75"], ["--jpeg-quality", "add --evaluate"]),
+        (["--predict", "x.jpg", "--threshold", "2"], ["--threshold", "between 0 and 1"]),
+        (["--predict", "x.jpg", "--evaluate"], ["separate runs"]),
+        (["--predict", "x.jpg", "--model", "ensemble", "--gradcam", "maps"], ["Grad-CAM explains one model"]),
+    ],
+)
+def test_wrong_combinations_are_user_errors(capsys, tmp_path, options, fragments):
+    assert apply("VGG16", tmp_path / "outputs", *options) == 2
+    assert_one_line_error(capsys, *fragments)
+
+
+def test_predict_or_evaluate_without_a_trained_model_says_to_train_first(capsys, tiny_split_root, tmp_path):
+    image = str(tiny_split_root / "test" / "real" / "0000.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image) == 2
+    assert_one_line_error(capsys, str(tmp_path / "outputs" / "vgg16" / "model.keras"), "train VGG16 first", "--model FILE")
+    assert apply("VGG16", tmp_path / "outputs", "--evaluate", "--data-dir", str(tiny_split_root)) == 2
+    assert_one_line_error(capsys, "train VGG16 first")
+    assert not (tmp_path / "outputs" / "vgg16").exists()
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--model", "ensemble") == 2
+    assert_one_line_error(capsys, "two or more models")
+
+
+def test_predict_with_no_readable_image_is_a_user_error(trained, tmp_path, capsys):
+    _, output_dir = trained
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    assert apply("VGG16", output_dir, "--predict", str(junk)) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[0] == f"warning: skipping {junk}: not a decodable image"
+    assert error[-1].startswith("error: none of the files given to --predict is a readable image")
+
+
+def test_gradcam_folder_inside_the_image_folder_is_refused(trained, capsys):
+    split_root, output_dir = trained
+    images = split_root / "test" / "real"
+    assert apply("VGG16", output_dir, "--predict", str(images), "--gradcam", str(images / "maps")) == 2
+    assert_one_line_error(capsys, "inside the image folder")
+    assert not (images / "maps").exists()
