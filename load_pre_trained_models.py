@@ -324,6 +324,8 @@ def parse_arguments(recipe, argv):
     if args.weights not in ("imagenet", "none"):
         existing_weights_file(args.weights)
     check_prediction_options(args)
+    if args.distribute == "multiworker":
+        check_multiworker_cluster()
     return resolve_data_options(args)
 
 
@@ -350,6 +352,26 @@ def distribution_strategy(distribute):
         # Reads the cluster and this worker's place in it from the TF_CONFIG variable.
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def check_multiworker_cluster():
+    """Stop before any work where --distribute multiworker cannot train, and say what to do instead.
+
+    Keras 3 (up to 3.15 at least) cannot fit a model under MultiWorkerMirroredStrategy
+    across machines: its first step reduces the input batch in a way that only a
+    single-machine strategy supports. The check goes once Keras fixes that.
+    """
+    try:
+        cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec().as_dict()
+    except ValueError as error:  # json.JSONDecodeError is a ValueError.
+        raise UserError(f"TF_CONFIG is not valid JSON ({error}); the README's Speed and scale section shows one") from None
+    workers = sum(len(tasks) for task_type, tasks in cluster.items() if task_type in ("chief", "worker"))
+    if workers > 1:
+        raise UserError(
+            f"TF_CONFIG names {workers} workers, but Keras {keras.version()} cannot yet train across machines "
+            "(model.fit fails under MultiWorkerMirroredStrategy: https://github.com/keras-team/keras/issues/20585); "
+            "train on one machine with --distribute mirrored"
+        )
 
 
 def worker_output_dir(strategy, output_dir):

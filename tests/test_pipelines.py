@@ -192,3 +192,18 @@ def test_only_the_chief_worker_writes_the_outputs(tmp_path, cluster, task_type, 
     output_dir = load_pre_trained_models.worker_output_dir(FakeStrategy(cluster, task_type, task_id), tmp_path)
     assert (output_dir == tmp_path) == writes_outputs
     assert load_pre_trained_models.worker_output_dir(tf.distribute.get_strategy(), tmp_path) == tmp_path
+
+
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        ('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}', "keras/issues/20585"),
+        ("{not json", "TF_CONFIG is not valid JSON"),
+    ],
+)
+def test_multiworker_stops_early_where_keras_cannot_train(tiny_split_root, tmp_path, monkeypatch, capsys, tf_config, message):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert run_script("VGG16", tiny_split_root, tmp_path / "outputs", "--distribute", "multiworker") == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "outputs" / "vgg16").exists()
