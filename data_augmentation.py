@@ -14,8 +14,9 @@ Images to predict are read the same way as test images, and an evaluation may bl
 JPEG-compress them first to measure robustness. Run this file to look at what the model
 will see:
 
-    python data_augmentation.py            # a grid of augmented training samples
-    python data_augmentation.py --demo     # the same on the synthetic demo dataset
+    python data_augmentation.py                      # a grid of augmented training samples
+    python data_augmentation.py --demo               # the same on the synthetic demo dataset
+    python data_augmentation.py --pipeline tfdata    # as the tf.data pipeline augments them
 
 It writes OUTPUT_DIR/augmentation_samples.png (default outputs/).
 """
@@ -67,21 +68,9 @@ TRAINING_AUGMENTATION = dict(
 )
 
 
-def perturb(image, jpeg_quality=None, blur_sigma=None):
-    """Blur, then JPEG-compress, an RGB image of 0-255 floats, as CNNDetection tests robustness.
-
-    The image is the one the model sees, already resized to --img-size, so that a sigma
-    means the same number of model pixels whatever the source images' resolution.
-    """
-    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    if blur_sigma:
-        # A (0, 0) kernel size lets OpenCV choose one wide enough for the sigma.
-        pixels = cv2.GaussianBlur(pixels, (0, 0), blur_sigma)
-    if jpeg_quality is not None:
-        # OpenCV encodes BGR, so the channels are swapped there and back.
-        _, encoded = cv2.imencode(".jpg", pixels[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-        pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
-    return pixels.astype(np.float32)
+# ---------------------------------------------------------------------------
+# The ImageDataGenerator flows (--pipeline idg, the default)
+# ---------------------------------------------------------------------------
 
 
 def preprocessing_options(preprocess_input, preprocessing, perturbation=None):
@@ -122,28 +111,6 @@ def image_flow(images, generator, img_size, batch_size, shuffle, seed):
     )
 
 
-def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
-    """A flow of unlabelled images that reads and scales them exactly as the test flow does.
-
-    Keras reads each file with Pillow (grey and palette images become RGB, an alpha
-    channel is dropped) and resizes it to img_size with nearest-neighbour sampling, so
-    a model gives an image the same p(fake) here as in its predictions.csv.
-    """
-    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
-    frame = pd.DataFrame({"filename": [str(path) for path in paths]})
-    # Keras prints how many files it found; --predict's output is kept to one line per image.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return generator.flow_from_dataframe(
-            frame,
-            x_col="filename",
-            class_mode=None,
-            target_size=(img_size, img_size),
-            batch_size=batch_size,
-            shuffle=False,
-            validate_filenames=False,  # The caller has already decoded every file.
-        )
-
-
 def image_generator_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
     """The train, valid and test ImageDataGenerator flows. Only training is augmented and shuffled."""
     scaling = preprocessing_options(preprocess_input, preprocessing)
@@ -163,7 +130,7 @@ def image_generator_flows(dataset, preprocess_input, preprocessing, img_size, ba
 
 
 # ---------------------------------------------------------------------------
-# The tf.data pipeline
+# The tf.data pipeline (--pipeline tfdata)
 # ---------------------------------------------------------------------------
 
 # The formats tf.io.decode_image reads. The image check also accepts others (TIFF, for one).
@@ -185,6 +152,12 @@ def resized_image(path, img_size):
     """Decode and resize an image the way ImageDataGenerator's flows do (nearest pixel)."""
     image = tf.image.resize(decode_image(path), (img_size, img_size), method="nearest")
     return tf.cast(image, tf.float32)
+
+
+def matrix_3x3(*first_two_rows):
+    """An affine transform as a 3x3 matrix, from its first two rows."""
+    values = [tf.cast(value, tf.float32) for value in (*first_two_rows, 0, 0, 1)]
+    return tf.reshape(tf.stack(values), (3, 3))
 
 
 def random_augmentation_matrix(seed, img_size):
@@ -216,12 +189,6 @@ def random_augmentation_matrix(seed, img_size):
     )
     # The flip comes last, so it mirrors the output: x is read from img_size - 1 - x.
     return transform @ matrix_3x3(1 - 2 * flip, 0, flip * (img_size - 1), 0, 1, 0)
-
-
-def matrix_3x3(*first_two_rows):
-    """An affine transform as a 3x3 matrix, from its first two rows."""
-    values = [tf.cast(value, tf.float32) for value in (*first_two_rows, 0, 0, 1)]
-    return tf.reshape(tf.stack(values), (3, 3))
 
 
 def augmented_image(path, seed, img_size):
@@ -309,28 +276,85 @@ def make_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, s
     return PIPELINES[pipeline](dataset, preprocess_input, preprocessing, img_size, batch_size, seed)
 
 
+# ---------------------------------------------------------------------------
+# Images to predict or evaluate (--predict, --evaluate)
+# ---------------------------------------------------------------------------
+
+
+def perturb(image, jpeg_quality=None, blur_sigma=None):
+    """Blur, then JPEG-compress, an RGB image of 0-255 floats, as CNNDetection tests robustness.
+
+    The image is the one the model sees, already resized to --img-size, so that a sigma
+    means the same number of model pixels whatever the source images' resolution.
+    """
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if blur_sigma:
+        # A (0, 0) kernel size lets OpenCV choose one wide enough for the sigma.
+        pixels = cv2.GaussianBlur(pixels, (0, 0), blur_sigma)
+    if jpeg_quality is not None:
+        # OpenCV encodes BGR, so the channels are swapped there and back.
+        _, encoded = cv2.imencode(".jpg", pixels[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
+    return pixels.astype(np.float32)
+
+
+def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
+    """A flow of unlabelled images that reads and scales them exactly as the test flow does.
+
+    Keras reads each file with Pillow (grey and palette images become RGB, an alpha
+    channel is dropped) and resizes it to img_size with nearest-neighbour sampling, so
+    a model gives an image the same p(fake) here as in its predictions.csv.
+    """
+    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+    frame = pd.DataFrame({"filename": [str(path) for path in paths]})
+    # Keras prints how many files it found; --predict's output is kept to one line per image.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return generator.flow_from_dataframe(
+            frame,
+            x_col="filename",
+            class_mode=None,
+            target_size=(img_size, img_size),
+            batch_size=batch_size,
+            shuffle=False,
+            validate_filenames=False,  # The caller has already decoded every file.
+        )
+
+
 def evaluation_flow(images, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
     """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation."""
     generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
     return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0)
 
 
-def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42):
-    """Draw each of a few training images, then augmented versions of it, one row per image."""
+# ---------------------------------------------------------------------------
+# python data_augmentation.py
+# ---------------------------------------------------------------------------
+
+
+def augmented_versions(image_path, class_name, count, img_size, seed, pipeline):
+    """`count` randomly augmented versions of one image, as `pipeline` trains on them, in 0-1."""
+    if pipeline == "tfdata":
+        seeds = [tf.constant([seed, index], tf.int64) for index in range(count)]
+        return [augmented_image(str(image_path), warp_seed, img_size).numpy() / 255 for warp_seed in seeds]
     generator = ImageDataGenerator(**TRAINING_AUGMENTATION, rescale=1.0 / 255)
-    flow = image_flow(images, generator, img_size, batch_size=1, shuffle=False, seed=seed)
+    flow = image_flow([(image_path, class_name)], generator, img_size, batch_size=1, shuffle=False, seed=seed)
+    return [flow[0][0][0] for _ in range(count)]  # Each call draws a new random transform.
+
+
+def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42, pipeline="idg"):
+    """Draw each of a few training images, then augmented versions of it, one row per image."""
     figure, axes = plt.subplots(len(images), columns, figsize=(2 * columns, 2 * len(images)), squeeze=False)
     original = ImageDataGenerator(rescale=1.0 / 255)
     for row, (image_path, class_name) in enumerate(images):
         original_flow = image_flow([(image_path, class_name)], original, img_size, 1, False, seed)
         axes[row][0].imshow(original_flow[0][0][0])
         axes[row][0].set_title(f"{class_name} (original)", fontsize=9)
-        for column in range(1, columns):
-            batch, _ = flow[row]  # Each call draws a new random transform.
-            axes[row][column].imshow(batch[0].clip(0, 1))
+        versions = augmented_versions(image_path, class_name, columns - 1, img_size, seed + row, pipeline)
+        for column, version in enumerate(versions, start=1):
+            axes[row][column].imshow(version.clip(0, 1))
     for axis in axes.flat:
         axis.axis("off")
-    figure.suptitle("Training augmentation: rotation, shift, shear, zoom, horizontal flip")
+    figure.suptitle(f"Training augmentation ({pipeline}): rotation, shift, shear, zoom, horizontal flip")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -343,6 +367,9 @@ def main(argv=None):
     add_data_arguments(parser)
     parser.add_argument("--img-size", type=positive_int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--rows", type=positive_int, default=4, help="how many training images to show (default 4)")
+    parser.add_argument(
+        "--pipeline", choices=list(PIPELINES), default="idg", help="whose augmentation to draw (default idg)"
+    )
     args = resolve_data_options(parser.parse_args(argv))
 
     ensure_writable_folder(args.output_dir)
@@ -355,7 +382,9 @@ def main(argv=None):
     for row in range(args.rows):
         candidates = by_class[CLASSES[row % 2]]
         chosen.append(candidates[(row // 2) % len(candidates)])
-    path = save_augmentation_grid(chosen, args.output_dir / "augmentation_samples.png", args.img_size, seed=args.seed)
+    path = save_augmentation_grid(
+        chosen, args.output_dir / "augmentation_samples.png", args.img_size, seed=args.seed, pipeline=args.pipeline
+    )
     print(f"Wrote {path}")
     return 0
 

@@ -123,8 +123,10 @@ def test_freezing_report_and_its_options(capsys):
     assert_one_line_error(capsys, "--bogus")
 
 
-def test_data_augmentation_writes_a_grid(capsys, tiny_split_root, tmp_path):
-    argv = ["--data-dir", str(tiny_split_root), "--output-dir", str(tmp_path / "out"), "--img-size", "32"]
+@pytest.mark.parametrize("pipeline", ["idg", "tfdata"])
+def test_data_augmentation_writes_a_grid(capsys, tiny_split_root, tmp_path, pipeline):
+    argv = ["--data-dir", str(tiny_split_root), "--output-dir", str(tmp_path / "out"), "--img-size", "32",
+            "--pipeline", pipeline]
     assert data_augmentation.main(argv) == 0
     grid = tmp_path / "out" / "augmentation_samples.png"
     assert grid.read_bytes().startswith(b"\x89PNG")
