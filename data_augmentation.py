@@ -111,6 +111,13 @@ def image_flow(images, generator, img_size, batch_size, shuffle, seed):
     )
 
 
+def usable_cores():
+    """The CPU cores this process may use: a container or a job scheduler may allow fewer than the machine has."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no such limit to read.
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def image_generator_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
     """The train, valid and test ImageDataGenerator flows. Only training is augmented and shuffled."""
     scaling = preprocessing_options(preprocess_input, preprocessing)
@@ -124,8 +131,9 @@ def image_generator_flows(dataset, preprocess_input, preprocessing, img_size, ba
     }
     for flow in flows.values():
         # Each flow is a Keras PyDataset: fit and predict then prepare batches in parallel
-        # threads, and still hand them over in order.
-        flow.workers = os.cpu_count() or 1
+        # threads, and still hand them over in order. The threads draw the random
+        # augmentations in whichever order they run, so --seed no longer fixes them.
+        flow.workers = usable_cores()
     return flows
 
 
@@ -148,10 +156,26 @@ def decode_image(path):
     )
 
 
+def pillow_nearest_indices(source_size, target_size):
+    """The source pixel that Pillow's nearest-pixel resize reads for each target pixel.
+
+    Pillow steps through the source by adding the scale again and again in double
+    precision, so where a target pixel's center falls exactly between two source pixels,
+    the rounding of those sums picks one. Taking the same steps gives exactly its pixels.
+    """
+    scale = source_size / target_size
+    positions = np.add.accumulate(np.r_[scale / 2, np.full(target_size - 1, scale)])
+    return np.minimum(positions.astype(np.int64), source_size - 1)
+
+
 def resized_image(path, img_size):
-    """Decode and resize an image the way ImageDataGenerator's flows do (nearest pixel)."""
-    image = tf.image.resize(decode_image(path), (img_size, img_size), method="nearest")
-    return tf.cast(image, tf.float32)
+    """Decode and resize an image exactly as ImageDataGenerator's flows do, with Pillow's nearest pixel."""
+    image = decode_image(path)
+    height, width = tf.unstack(tf.shape(image)[:2])
+    rows = tf.numpy_function(pillow_nearest_indices, [height, img_size], tf.int64)
+    columns = tf.numpy_function(pillow_nearest_indices, [width, img_size], tf.int64)
+    image = tf.gather(tf.gather(image, rows, axis=0), columns, axis=1)
+    return tf.cast(tf.ensure_shape(image, (img_size, img_size, 3)), tf.float32)
 
 
 def matrix_3x3(*first_two_rows):
@@ -160,12 +184,28 @@ def matrix_3x3(*first_two_rows):
     return tf.reshape(tf.stack(values), (3, 3))
 
 
-def random_augmentation_matrix(seed, img_size):
-    """One 3x3 matrix that rotates, shifts, shears, zooms and maybe flips an img_size image.
+def augmentation_matrix(angle, shift_x, shift_y, shear, zoom_x, zoom_y, flip, img_size):
+    """The 3x3 matrix that rotates, shifts, shears, zooms and flips an img_size image.
 
-    Its random draws follow TRAINING_AUGMENTATION as ImageDataGenerator makes them.
-    The matrix maps each output pixel (x, y) to the point of the image it is read from.
+    Angles are in radians, shifts in pixels, and flip is 0 or 1. The matrix maps each
+    output pixel (x, y) to the point of the image it is read from, and composes the steps
+    as ImageDataGenerator does: rotate, shift, shear, zoom, all about the image center.
     """
+    center = (img_size - 1) / 2
+    transform = (
+        matrix_3x3(1, 0, center, 0, 1, center)
+        @ matrix_3x3(tf.cos(angle), -tf.sin(angle), 0, tf.sin(angle), tf.cos(angle), 0)
+        @ matrix_3x3(1, 0, shift_x, 0, 1, shift_y)
+        @ matrix_3x3(1, -tf.sin(shear), 0, 0, tf.cos(shear), 0)
+        @ matrix_3x3(zoom_x, 0, 0, 0, zoom_y, 0)
+        @ matrix_3x3(1, 0, -center, 0, 1, -center)
+    )
+    # The flip comes last, so it mirrors the output: x is read from img_size - 1 - x.
+    return transform @ matrix_3x3(1 - 2 * flip, 0, flip * (img_size - 1), 0, 1, 0)
+
+
+def random_augmentation_matrix(seed, img_size):
+    """An augmentation_matrix whose random draws follow TRAINING_AUGMENTATION as ImageDataGenerator makes them."""
     seeds = tf.random.experimental.stateless_split(seed, 6)
 
     def uniform(index, bound, shape=()):
@@ -177,18 +217,7 @@ def random_augmentation_matrix(seed, img_size):
     shear = uniform(3, math.radians(TRAINING_AUGMENTATION["shear_range"]))
     zoom_x, zoom_y = tf.unstack(1 + uniform(4, TRAINING_AUGMENTATION["zoom_range"], shape=(2,)))
     flip = tf.cast(tf.random.stateless_uniform((), seeds[5]) < 0.5, tf.float32)
-    center = (img_size - 1) / 2
-    # ImageDataGenerator's order: rotate, shift, shear, zoom, all about the image center.
-    transform = (
-        matrix_3x3(1, 0, center, 0, 1, center)
-        @ matrix_3x3(tf.cos(angle), -tf.sin(angle), 0, tf.sin(angle), tf.cos(angle), 0)
-        @ matrix_3x3(1, 0, shift_x, 0, 1, shift_y)
-        @ matrix_3x3(1, -tf.sin(shear), 0, 0, tf.cos(shear), 0)
-        @ matrix_3x3(zoom_x, 0, 0, 0, zoom_y, 0)
-        @ matrix_3x3(1, 0, -center, 0, 1, -center)
-    )
-    # The flip comes last, so it mirrors the output: x is read from img_size - 1 - x.
-    return transform @ matrix_3x3(1 - 2 * flip, 0, flip * (img_size - 1), 0, 1, 0)
+    return augmentation_matrix(angle, shift_x, shift_y, shear, zoom_x, zoom_y, flip, img_size)
 
 
 def augmented_image(path, seed, img_size):
@@ -233,28 +262,26 @@ def image_dataset(images, preprocess, img_size, batch_size, shuffle, augment, se
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle:
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    # A pair of seeds per image, new every epoch, drives its stateless random warp: the
-    # draws are then reproducible however the parallel calls are scheduled.
-    warp_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip(dataset, warp_seeds)
 
-    def load(path_and_label, warp_seed):
+    def load(path, label):
+        return resized_image(path, img_size), label
+
+    def load_augmented(path_and_label, warp_seed):
         path, label = path_and_label
-        image = augmented_image(path, warp_seed, img_size) if augment else resized_image(path, img_size)
-        return image, label
+        return augmented_image(path, warp_seed, img_size), label
 
-    def preprocess_batch(images, labels):
-        return preprocess(images), labels
-
-    # Each image is loaded on its own, in parallel; preprocessing a whole batch at once
-    # costs less than image by image.
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size).map(preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    # Under MultiWorkerMirroredStrategy each worker keeps its share of the batches.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
+    if augment:
+        # A pair of seeds per image, new every epoch, drives its stateless random warp: the
+        # draws are then reproducible however the parallel calls are scheduled.
+        warp_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, warp_seeds).map(load_augmented, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    # Preprocessing a whole batch at once costs less than image by image.
+    dataset = dataset.batch(batch_size).map(
+        lambda images, labels: (preprocess(images), labels), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def tfdata_pipelines(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):

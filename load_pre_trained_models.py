@@ -359,7 +359,8 @@ def check_multiworker_cluster():
 
     Keras 3 (up to 3.15 at least) cannot fit a model under MultiWorkerMirroredStrategy
     across machines: its first step reduces the input batch in a way that only a
-    single-machine strategy supports. The check goes once Keras fixes that.
+    single-machine strategy supports. When Keras fixes that, this check goes, and every
+    worker but the chief needs an output folder of its own, so that no two write one file.
     """
     try:
         cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec().as_dict()
@@ -372,22 +373,6 @@ def check_multiworker_cluster():
             "(model.fit fails under MultiWorkerMirroredStrategy: https://github.com/keras-team/keras/issues/20585); "
             "train on one machine with --distribute mirrored"
         )
-
-
-def worker_output_dir(strategy, output_dir):
-    """Where this process writes: OUTPUT_DIR for the chief, a folder of its own for any other worker.
-
-    Every worker trains and saves, but only the chief's files are the run's outputs; the
-    others keep theirs apart, so that they never write the same file at once.
-    """
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or resolver.task_type is None:
-        return output_dir
-    task_type, task_id = resolver.task_type, resolver.task_id
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    if task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief):
-        return output_dir
-    return output_dir / ".workers" / f"{task_type}-{task_id}"
 
 
 # ---------------------------------------------------------------------------
@@ -419,6 +404,7 @@ RESUMABLE_SETTINGS = (
     "data_dir", "subset", "seed", "img_size", "batch_size", "learning_rate", "weights", "preprocessing",
     "unfreeze_rule", "pipeline", "mixed_precision",
 )
+SETTINGS_ADDED_LATER = {"pipeline": "idg", "mixed_precision": "False"}
 
 
 RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
@@ -451,7 +437,8 @@ def start_or_resume(run_dir, args):
         set_aside_previous_run(run_dir)
         write_json_atomically(settings_file, settings)
         return False
-    earlier = json.loads(settings_file.read_text())
+    # A run interrupted before a setting existed was made with that setting's default.
+    earlier = {**SETTINGS_ADDED_LATER, **json.loads(settings_file.read_text())}
     changed = [f"--{name.replace('_', '-')} {earlier.get(name)}" for name in settings if settings[name] != earlier.get(name)]
     if changed:
         raise UserError(
@@ -501,8 +488,7 @@ def train(model, flows, run_dir, args):
         return
     # No steps_per_epoch: Keras then uses every batch, the last partial one included.
     callbacks = training_callbacks(run_dir, args.patience, resuming)
-    # shuffle=False: each input pipeline shuffles its own training images, and Keras would
-    # only warn that it cannot.
+    # shuffle=False: each input pipeline already shuffles its training images every epoch.
     model.fit(flows["train"], validation_data=flows["valid"], epochs=args.epochs, callbacks=callbacks, shuffle=False)
     # Early stopping may end before --epochs: this tells a resumed session not to train on.
     finished.touch()
@@ -554,6 +540,9 @@ def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
         "weights": args.weights,
         "preprocessing": args.preprocessing,
         "unfreeze_rule": args.unfreeze_rule,
+        "pipeline": args.pipeline,
+        "mixed_precision": args.mixed_precision,
+        "distribute": args.distribute,
         # Summed over the epochs in history.csv, so a resumed run counts every session.
         "train_seconds": round(float(history["seconds"].sum()), 1),
     }
@@ -587,6 +576,12 @@ def load_saved_model(model_file, recipe, preprocessing):
         model = keras.models.load_model(model_file)
     except Exception as error:  # Keras raises several kinds for a file that is not a model.
         raise UserError(f"could not load the model {model_file} ({error}); pass a .keras file that a run saved") from None
+    # Fed another base's pixel scaling, a model would print wrong p(fake) without a warning.
+    if model.name != f"{recipe.name}_deepfake_detector":
+        raise UserError(
+            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
+            "pass it to its own script, or a model that this script trained"
+        )
     metrics_file = Path(model_file).with_name("metrics.json")
     settings = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     # The model's input layer knows its image size; only the pixel scaling has to be recorded.
@@ -624,7 +619,7 @@ def load_ensemble(output_dir, preprocessing):
 def predict_p_fake(saved, paths, batch_size):
     """p(fake) for each image file, read and scaled as in the model's training."""
     flow = prediction_flow(paths, saved.preprocess_input, saved.preprocessing, saved.img_size, batch_size)
-    return saved.model.predict(flow, verbose=0).ravel().astype(float), flow
+    return saved.model.predict(flow, verbose=0).ravel().astype(float)
 
 
 # Grad-CAM lives here rather than with the figures in plot_loss_accuracy_graph.py because it
@@ -645,17 +640,22 @@ def gradcam_layer(model):
 def grad_cam(model, batch):
     """Grad-CAM heat maps (Selvaraju et al., 2017), one per image, scaled to 0-1.
 
-    Each channel of the last conv feature map is weighted by the mean gradient of p(fake)
-    with respect to it; the weighted sum, without its negative part, shows where the
-    features that raised p(fake) are.
+    Each channel of the last conv feature map is weighted by the mean gradient of the
+    fake score with respect to it; the weighted sum, without its negative part, shows where
+    the features that raised p(fake) are.
     """
-    feature_model = keras.Model(model.inputs, [gradcam_layer(model).output, model.output])
+    output_layer = model.get_layer("p_fake")
+    feature_model = keras.Model(model.inputs, [gradcam_layer(model).output, output_layer.input])
     images = tf.convert_to_tensor(batch)
     with tf.GradientTape() as tape:
         # Watching the input records every layer, the frozen ones too.
         tape.watch(images)
-        features, p_fake = feature_model(images, training=False)
-    gradients = tape.gradient(p_fake, features)
+        features, head_features = feature_model(images, training=False)
+        # The score before the sigmoid, as in the paper: once p(fake) saturates at 0 or 1,
+        # its own gradient vanishes and the map would go blank.
+        fake_score = tf.matmul(tf.cast(head_features, "float32"), output_layer.kernel) + output_layer.bias
+    gradients = tf.cast(tape.gradient(fake_score, features), "float32")
+    features = tf.cast(features, "float32")
     channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     heatmaps = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1)).numpy()
     peaks = heatmaps.max(axis=(1, 2), keepdims=True)
@@ -674,8 +674,9 @@ def gradcam_file_names(paths):
     return names
 
 
-def write_gradcam_overlays(saved, flow, paths, gradcam_dir):
+def write_gradcam_overlays(saved, paths, gradcam_dir, batch_size):
     """Draw one heat-map overlay per image into gradcam_dir; return their paths."""
+    flow = prediction_flow(paths, saved.preprocess_input, saved.preprocessing, saved.img_size, batch_size)
     heatmaps = np.concatenate([grad_cam(saved.model, flow[index]) for index in range(len(flow))])
     return [
         save_gradcam_overlay(path, heatmap, gradcam_dir / name)
@@ -709,8 +710,7 @@ def predict_images(recipe, args):
     # Each model reads the images at its own size and with its own scaling.
     p_fake = 0
     for saved, weight in zip(models, weights):
-        model_p_fake, flow = predict_p_fake(saved, paths, args.batch_size)
-        p_fake = p_fake + weight * model_p_fake
+        p_fake = p_fake + weight * predict_p_fake(saved, paths, args.batch_size)
     lines = prediction_lines(paths, p_fake, args.threshold)
     source = ", ".join(f"{saved.title} {weight:.2f}" for saved, weight in zip(models, weights))
     print(f"p(fake) from {source}; an image is called fake from p(fake) {args.threshold}")
@@ -720,7 +720,7 @@ def predict_images(recipe, args):
         write_text_atomically(args.csv, lines.to_csv(index=False))
         print(f"Wrote {args.csv}")
     if args.gradcam:
-        overlays = write_gradcam_overlays(models[0], flow, paths, ensure_writable_folder(args.gradcam))
+        overlays = write_gradcam_overlays(models[0], paths, ensure_writable_folder(args.gradcam), args.batch_size)
         print(f"Wrote {len(overlays)} Grad-CAM overlays to {args.gradcam}")
     return 0
 
@@ -754,7 +754,7 @@ def evaluate_saved_model(recipe, args):
         "data_dir": str(folder),
         "jpeg_quality": args.jpeg_quality,
         "blur_sigma": args.blur,
-        **classification_metrics(predictions),
+        **classification_metrics(predictions, args.threshold),
     }
     figures = write_test_outputs(eval_dir, recipe.title, predictions, metrics)
     print(
@@ -785,7 +785,6 @@ def fine_tune(recipe, argv=None):
     args.data_dir = split_root.resolve()  # Recorded with the run's settings, so a resume uses the same data.
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
     strategy = distribution_strategy(args.distribute)
-    args.output_dir = worker_output_dir(strategy, args.output_dir)
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(precision_policy(args.mixed_precision))

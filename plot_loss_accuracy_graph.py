@@ -97,10 +97,7 @@ def true_labels(predictions):
 
 
 def equal_error_rate(labels, p_fake):
-    """The error rate at the threshold where false positives and false negatives are equally frequent.
-
-    Returns the rate and that point's false positive rate, for the ROC figure.
-    """
+    """The error rate at the threshold where false positives and false negatives are equally frequent."""
     false_positive_rate, true_positive_rate, _ = sklearn_metrics.roc_curve(labels, p_fake)
     false_negative_rate = 1 - true_positive_rate
     # The ROC curve is a staircase: take its point closest to FPR = FNR, and the mean of the two there.
@@ -128,6 +125,7 @@ def classification_metrics(predictions, threshold=0.5):
         "test_recall": float(sklearn_metrics.recall_score(labels, predicted, zero_division=0)),
         # [[tn, fp], [fn, tp]]: rows are the true class, columns the predicted one.
         "confusion_matrix": sklearn_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "threshold": threshold,
         "n_test": int(len(labels)),
     }
 
@@ -159,7 +157,7 @@ def plot_confusion_matrix(metrics, path, title):
     figure, axis = plt.subplots(figsize=(4.5, 4))
     display = sklearn_metrics.ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=CLASSES)
     display.plot(ax=axis, cmap="Blues", colorbar=False)
-    axis.set_title(f"{title}: confusion matrix at 0.5")
+    axis.set_title(f"{title}: confusion matrix at p(fake) {metrics['threshold']}")
     return save_figure(figure, path)
 
 

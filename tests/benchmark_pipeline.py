@@ -39,7 +39,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.keras.preprocessing.image import ImageDataGenerator  # noqa: E402
 
-from data_augmentation import TRAINING_AUGMENTATION, image_dataset, image_flow, resized_image  # noqa: E402
+from data_augmentation import (  # noqa: E402
+    TRAINING_AUGMENTATION,
+    image_dataset,
+    image_flow,
+    resized_image,
+    usable_cores,
+)
 from data_preprocessing import find_split_root, load_dataset, make_demo_dataset  # noqa: E402
 from load_pre_trained_models import build_model, compile_model, load_recipes, precision_policy  # noqa: E402
 
@@ -116,7 +122,7 @@ def input_pipeline(kind, images, recipe, args):
         return image_dataset(images, recipe.preprocess_input, args.img_size, args.batch_size, True, True, seed=0)
     generator = ImageDataGenerator(**TRAINING_AUGMENTATION, preprocessing_function=recipe.preprocess_input)
     flow = image_flow(images, generator, args.img_size, args.batch_size, shuffle=True, seed=0)
-    flow.workers = os.cpu_count() if kind == "idg-workers" else 1
+    flow.workers = usable_cores() if kind == "idg-workers" else 1
     return flow
 
 

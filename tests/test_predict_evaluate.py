@@ -287,3 +287,32 @@ def test_gradcam_folder_inside_the_image_folder_is_refused(trained, capsys):
     assert apply("VGG16", output_dir, "--predict", str(images), "--gradcam", str(images / "maps")) == 2
     assert_one_line_error(capsys, "inside the image folder")
     assert not (images / "maps").exists()
+
+
+def test_a_model_of_another_script_is_refused(trained, capsys):
+    split_root, output_dir = trained
+    image = str(split_root / "test" / "real" / "0000.jpg")
+    resnet_model = str(output_dir / "resnet50" / "model.keras")
+    assert apply("VGG16", output_dir, "--predict", image, "--model", resnet_model) == 2
+    assert_one_line_error(capsys, "resnet50_deepfake_detector", "not VGG16's")
+
+
+def test_evaluate_judges_at_the_threshold_given(trained, tmp_path):
+    split_root, output_dir = trained
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(split_root), "--threshold", "0") == 0
+    metrics = read_metrics(output_dir / "vgg16" / "eval-faces")
+    # At p(fake) 0 every image is called fake: the 3 real ones are all false positives.
+    assert metrics["threshold"] == 0 and metrics["confusion_matrix"] == [[0, 3], [0, 3]]
+
+
+def test_gradcam_still_shows_regions_when_p_fake_saturates():
+    recipe = next(recipe for recipe in load_pre_trained_models.load_recipes() if recipe.title == "VGG16")
+    model = load_pre_trained_models.build_model(recipe, weights="none", img_size=32)
+    output_layer = model.get_layer("p_fake")
+    # A huge bias pins p(fake) at exactly 1.0 in float32, where the sigmoid's gradient is 0.
+    output_layer.bias.assign([100.0])
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))
+    assert np.all(model.predict(images, verbose=0) == 1.0)
+    output_layer.kernel.assign(np.random.default_rng(1).normal(0, 1, output_layer.kernel.shape))
+    heatmaps = load_pre_trained_models.grad_cam(model, images)
+    assert heatmaps.max() == pytest.approx(1.0)

@@ -1,6 +1,7 @@
 """End-to-end runs of the four scripts on tiny data, and what they leave behind."""
 
 import json
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 import load_pre_trained_models
 from conftest import RUN_OUTPUTS, SCRIPTS, run_script
+from data_preprocessing import UserError
 from plot_loss_accuracy_graph import write_results_table
 
 
@@ -212,3 +214,16 @@ def test_a_new_run_sets_the_previous_run_aside(tmp_path):
     assert not any((run_dir / name).exists() for name in [*RUN_OUTPUTS, "eval-faces"])
     assert all((run_dir / "previous" / name).exists() for name in [*RUN_OUTPUTS, "eval-faces/metrics.json"])
     assert "| VGG16 |" not in (tmp_path / "results.md").read_text()
+
+
+def test_a_run_interrupted_before_the_speed_options_existed_still_resumes(tmp_path):
+    settings = {name: "value" for name in load_pre_trained_models.RESUMABLE_SETTINGS}
+    run_dir = tmp_path / "vgg16"
+    (run_dir / "backup").mkdir(parents=True)
+    older = {name: value for name, value in settings.items() if name not in ("pipeline", "mixed_precision")}
+    (run_dir / "backup" / "settings.json").write_text(json.dumps(older))
+    args = SimpleNamespace(**{**settings, "pipeline": "idg", "mixed_precision": False})
+    assert load_pre_trained_models.start_or_resume(run_dir, args) is True
+    args.pipeline = "tfdata"
+    with pytest.raises(UserError, match="--pipeline idg"):
+        load_pre_trained_models.start_or_resume(run_dir, args)
