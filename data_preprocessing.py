@@ -388,6 +388,24 @@ def choose_subset(paths, per_class, seed):
     return sorted(random.Random(seed).sample(paths, per_class))
 
 
+def usable_images(chosen, folder, bad_files, require_every_class=True):
+    """The (path, class name) pairs of {class: [paths]} under `folder`, less the bad files.
+
+    A class left with no readable image stops the run, unless require_every_class is False.
+    """
+    images = []
+    for class_name in CLASSES:
+        good = [path for path in chosen[class_name] if path not in bad_files]
+        if not good and require_every_class:
+            example = chosen[class_name][0]
+            raise UserError(
+                f"{folder / class_name} has no readable image "
+                f"({example.name}: {bad_files[example]}); replace its files with JPEG or PNG images"
+            )
+        images += [(path, class_name) for path in good]
+    return images
+
+
 def load_dataset(split_root, cache_dir, subset=None, seed=42, require_every_class=True):
     """List, subsample (with --subset) and check the dataset under `split_root`."""
     files = list_images(split_root)
@@ -397,19 +415,9 @@ def load_dataset(split_root, cache_dir, subset=None, seed=42, require_every_clas
     }
     all_paths = [path for split in SPLITS for name in CLASSES for path in chosen[split][name]]
     bad_files = check_images(all_paths, split_root, cache_dir)
-
-    images = {}
-    for split in SPLITS:
-        images[split] = []
-        for class_name in CLASSES:
-            good = [path for path in chosen[split][class_name] if path not in bad_files]
-            if not good and require_every_class:
-                example = chosen[split][class_name][0]
-                raise UserError(
-                    f"{split_root / split / class_name} has no readable image "
-                    f"({example.name}: {bad_files[example]}); replace its files with JPEG or PNG images"
-                )
-            images[split] += [(path, class_name) for path in good]
+    images = {
+        split: usable_images(chosen[split], split_root / split, bad_files, require_every_class) for split in SPLITS
+    }
     return Dataset(split_root, images, bad_files)
 
 
@@ -419,12 +427,8 @@ def load_evaluation_images(folder, cache_dir, subset=None, seed=42):
     chosen = {name: choose_subset(files[name], subset, seed) for name in CLASSES}
     bad_files = check_images([path for name in CLASSES for path in chosen[name]], folder, cache_dir)
     report_bad_files(bad_files)
-    images = [(path, name) for name in CLASSES for path in chosen[name] if path not in bad_files]
-    for class_name in CLASSES:
-        # Without both classes there is no ROC curve, no AUC and no equal error rate.
-        if not any(name == class_name for _, name in images):
-            raise UserError(f"{folder / class_name} has no readable image; evaluation needs real and fake images")
-    return images
+    # Both classes are needed: without them there is no ROC curve, no AUC and no equal error rate.
+    return usable_images(chosen, folder, bad_files)
 
 
 def report_bad_files(bad_files):
