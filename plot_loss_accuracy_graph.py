@@ -1,11 +1,14 @@
 """Draw the curves of each model, compute its metrics, and write the results table.
 
 Every fine-tuning script calls this module when it finishes: it draws the training
-curves (history.png), the ROC curve with its AUC and equal error rate (roc.png), the
-precision-recall curve with its average precision (precision_recall.png) and the
-confusion matrix (confusion_matrix.png), and it draws the Grad-CAM overlays of
---predict --gradcam. Run it on its own to redraw every OUTPUT_DIR/<model>/history.png
-and print the table again:
+curves (history.png, with the kept epoch marked and any warmup epochs shaded), the ROC
+curve with its AUC and equal error rate (roc.png), the precision-recall curve with its
+average precision (precision_recall.png) and the confusion matrix
+(confusion_matrix.png), and it draws the Grad-CAM overlays of --predict --gradcam.
+
+Run on its own, it redraws OUTPUT_DIR/<model>/history.png for every trained model (every
+folder with a history.csv), then rewrites OUTPUT_DIR/results.csv and
+OUTPUT_DIR/results.md and prints the table:
 
     python plot_loss_accuracy_graph.py            # OUTPUT_DIR is outputs/
     python plot_loss_accuracy_graph.py outputs/demo
@@ -19,6 +22,7 @@ average of their p(fake), computed from their predictions.csv, with nothing re-r
 import contextlib
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +32,10 @@ import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
+from mpl_toolkits.axes_grid1 import make_axes_locatable
 from sklearn import metrics as sklearn_metrics
 
 from data_preprocessing import (
@@ -54,6 +61,40 @@ TABLE_COLUMNS = {
 EVALUATION_PLOTS = ("roc.png", "precision_recall.png", "confusion_matrix.png")
 
 
+def save_figure(figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+# At 12 points and 100 dpi, about this many characters of a title fit in an inch of figure.
+TITLE_CHARACTERS_PER_INCH = 8
+
+
+def wrapped_title(title, what, width):
+    """A figure's title, "<title>: <what>", in lines of at most `width` characters.
+
+    A title too long for one line is wrapped, and what the figure shows gets a line of its
+    own below it, so that it is never split.
+    """
+    one_line = f"{title}: {what}"
+    if len(one_line) <= width:
+        return one_line
+    return textwrap.fill(title, width) + "\n" + textwrap.fill(what, width)
+
+
+def set_wrapped_title(axis, title, what):
+    """Title the axis with wrapped_title, at the width of its figure."""
+    width = int(axis.figure.get_figwidth() * TITLE_CHARACTERS_PER_INCH)
+    axis.set_title(wrapped_title(title, what, width))
+
+
+# ---------------------------------------------------------------------------
+# The training curves
+# ---------------------------------------------------------------------------
+
+
 def read_history(history_file):
     """The rows of a history.csv, one per epoch; empty if training stopped before any epoch."""
     try:
@@ -64,26 +105,77 @@ def read_history(history_file):
     return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
-def save_figure(figure, path):
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+# The phase column of history.csv names the epochs that trained the new head only.
+WARMUP_PHASE = "warmup"
+
+
+def kept_epoch(history):
+    """The epoch, counted from 1, whose model ModelCheckpoint kept; None if no val_loss is a number.
+
+    With save_best_only, ModelCheckpoint replaces model.keras only when val_loss improves,
+    so of equal lowest values it keeps the first.
+    """
+    val_loss = pd.to_numeric(history["val_loss"], errors="coerce").to_numpy(float)
+    finite = np.isfinite(val_loss)
+    if not finite.any():
+        return None
+    # NaN counts as infinitely bad, as it never improves on a number; argmin takes the first minimum.
+    return int(np.argmin(np.where(finite, val_loss, np.inf))) + 1
+
+
+def warmup_epochs(history):
+    """The epochs, counted from 1, that trained the head alone; none in a history without phases."""
+    if "phase" not in history.columns:
+        return []
+    return [epoch for epoch, phase in enumerate(history["phase"], start=1) if phase == WARMUP_PHASE]
+
+
+def shade_warmup(axis, epochs):
+    """Shade each warmup epoch, so that the reader sees where the conv layers began to train."""
+    for epoch in epochs:
+        # One label for all the shaded epochs, so that the legend names them once.
+        label = "warmup: head only" if epoch == epochs[0] else None
+        axis.axvspan(epoch - 0.5, epoch + 0.5, color="gold", alpha=0.2, linewidth=0, label=label)
+
+
+def mark_kept_epoch(axis, epoch, values):
+    """A dotted line at the epoch whose model was kept, and a ring round its validation value."""
+    axis.axvline(epoch, color="black", linestyle=":", label=f"kept: epoch {epoch} (lowest val_loss)")
+    # A hollow ring, so that the validation point stays visible inside it.
+    axis.plot(epoch, values[epoch - 1], "o", markersize=14, markerfacecolor="none", markeredgecolor="black")
+
+
+def set_epoch_axis(axis, epoch_count):
+    """Epochs 1 to epoch_count, with ticks on whole epochs only."""
+    # Half an epoch of margin on each side gives even one epoch a whole number to tick,
+    # and min_n_ticks=1 stops matplotlib from falling back to fractions of an epoch.
+    axis.set_xlim(0.5, epoch_count + 0.5)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    axis.set_xlabel("epoch")
+
+
+def history_figure(history, title):
+    """The original's two panels, accuracy and loss per epoch, with the kept epoch marked."""
+    # history.csv counts epochs from 0; the figure counts them from 1, as the training log does.
+    epochs = np.arange(1, len(history) + 1)
+    kept = kept_epoch(history)
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, metric in ((accuracy_axis, "accuracy"), (loss_axis, "loss")):
+        shade_warmup(axis, warmup_epochs(history))
+        axis.plot(epochs, history[metric], "o-", label=f"train {metric}")
+        axis.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
+        if kept is not None:
+            mark_kept_epoch(axis, kept, history[f"val_{metric}"].to_numpy(float))
+        set_wrapped_title(axis, title, metric)
+        set_epoch_axis(axis, len(history))
+        axis.set_ylabel(metric)
+        axis.legend()
+    return figure
 
 
 def plot_history(history, path, title):
-    """The original's two panels: accuracy and loss per epoch, for training and validation."""
-    epochs = range(1, len(history) + 1)
-    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 5))
-    for axis, metric in ((accuracy_axis, "accuracy"), (loss_axis, "loss")):
-        axis.plot(epochs, history[metric], "o-", label=f"train {metric}")
-        axis.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
-        axis.set_title(f"{title}: {metric}")
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_ylabel(metric)
-        axis.legend()
-    return save_figure(figure, path)
+    """Draw the training curves of a history.csv's rows into `path`; return the path."""
+    return save_figure(history_figure(history, title), path)
 
 
 # ---------------------------------------------------------------------------
@@ -133,31 +225,34 @@ def classification_metrics(predictions, threshold=0.5):
 def plot_roc(predictions, metrics, path, title):
     """The ROC curve, its AUC, and the equal error rate where it crosses the FPR = FNR line."""
     figure, axis = plt.subplots(figsize=(5, 5))
+    # The title names the model and the images; the legend only needs the score.
     sklearn_metrics.RocCurveDisplay.from_predictions(
-        true_labels(predictions), predictions["p_fake"], name=title, ax=axis, plot_chance_level=True
+        true_labels(predictions), predictions["p_fake"], name="model", ax=axis, plot_chance_level=True
     )
     eer = metrics["test_eer"]
     # At the EER, FPR = EER and TPR = 1 - FNR = 1 - EER.
     axis.plot([eer], [1 - eer], "o", color="crimson", label=f"EER = {eer:.3f}")
     axis.legend(loc="lower right")
-    axis.set_title(f"{title}: ROC curve (fake is positive)")
+    set_wrapped_title(axis, title, "ROC curve (fake is positive)")
     return save_figure(figure, path)
 
 
 def plot_precision_recall(predictions, path, title):
+    """Precision against recall as the threshold on p(fake) falls, with its average precision."""
     figure, axis = plt.subplots(figsize=(5, 5))
     sklearn_metrics.PrecisionRecallDisplay.from_predictions(
-        true_labels(predictions), predictions["p_fake"], name=title, ax=axis, plot_chance_level=True
+        true_labels(predictions), predictions["p_fake"], name="model", ax=axis, plot_chance_level=True
     )
-    axis.set_title(f"{title}: precision-recall curve")
+    set_wrapped_title(axis, title, "precision-recall curve")
     return save_figure(figure, path)
 
 
 def plot_confusion_matrix(metrics, path, title):
+    """How many images of each true class were called real or fake at the threshold."""
     figure, axis = plt.subplots(figsize=(4.5, 4))
     display = sklearn_metrics.ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=CLASSES)
     display.plot(ax=axis, cmap="Blues", colorbar=False)
-    axis.set_title(f"{title}: confusion matrix at p(fake) {metrics['threshold']}")
+    set_wrapped_title(axis, title, f"confusion matrix at p(fake) {metrics['threshold']}")
     return save_figure(figure, path)
 
 
@@ -172,21 +267,66 @@ def plot_evaluation(predictions, metrics, folder, title):
     ]
 
 
-def save_gradcam_overlay(image_path, heatmap, path, opacity=0.4):
-    """Lay a heat map (values 0 to 1, any size) over the image, in OpenCV's JET colours, at the image's own size.
+# ---------------------------------------------------------------------------
+# Grad-CAM overlays
+# ---------------------------------------------------------------------------
 
-    Red marks the regions that raised p(fake) the most; blue, those that did not.
-    """
+# The longer side of an overlay's image on screen, in pixels at 100 dpi: small faces are
+# enlarged until the title and colour bar read well, and large ones shrunk to keep files small.
+SMALLEST_SHOWN_SIDE = 256
+LARGEST_SHOWN_SIDE = 768
+OVERLAY_DPI = 100  # The dpi save_figure writes.
+
+
+def read_rgb_image(image_path):
+    """The image's pixels as RGB, whether the file is colour, grey, or has an alpha channel."""
     # IMREAD_COLOR turns a grey image into three channels and drops an alpha channel.
     image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"{image_path} is not an image that OpenCV can read")
+    # OpenCV keeps the channels as BGR; matplotlib expects RGB.
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def shown_scale(height, width):
+    """How much to enlarge (above 1) or shrink (below 1) an image for its overlay."""
+    longer_side = max(height, width)
+    return float(np.clip(longer_side, SMALLEST_SHOWN_SIDE, LARGEST_SHOWN_SIDE)) / longer_side
+
+
+def overlay_figure_size(height, width, scale):
+    """The figure's size in inches: the shown image, a colour bar to its right and a title above."""
+    image_width, image_height = width * scale / OVERLAY_DPI, height * scale / OVERLAY_DPI
+    # Wide enough for the title, even above a tall, narrow image.
+    return max(image_width + 1.3, 3.0), image_height + 0.6
+
+
+def save_gradcam_overlay(image_path, heatmap, path, p_fake, verdict, opacity=0.4):
+    """Draw a Grad-CAM heat map (values 0 to 1, any size) over its image, in the jet colours.
+
+    Red marks the regions that raised p(fake) the most; blue, those that did not. The title
+    gives the model's p(fake) and verdict for the image. Writes a PNG; returns its path.
+    """
+    image = read_rgb_image(image_path)
     height, width = image.shape[:2]
     # Bilinear resizing keeps the few cells of a small conv map from showing as blocks.
     heatmap = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    colours = cv2.applyColorMap(np.uint8(255 * np.clip(heatmap, 0, 1)), cv2.COLORMAP_JET)
-    overlay = cv2.addWeighted(colours, opacity, image, 1 - opacity, 0)
+    scale = shown_scale(height, width)
+    # Enlarged pixels stay sharp squares, so that the reader sees the image's own pixels;
+    # shrunk images are smoothed instead, as dropping pixels would break up their edges.
+    interpolation = "nearest" if scale >= 1 else "antialiased"
+    figure, axis = plt.subplots(figsize=overlay_figure_size(height, width, scale))
+    axis.imshow(image, interpolation=interpolation)
+    axis.imshow(np.clip(heatmap, 0, 1), cmap="jet", vmin=0, vmax=1, alpha=opacity, interpolation=interpolation)
+    # The bar shows the colours at full strength, so that each reads clearly, and is as
+    # tall as the image, which is why its label takes two lines.
+    colours = ScalarMappable(norm=Normalize(0, 1), cmap="jet")
+    bar_axis = make_axes_locatable(axis).append_axes("right", size="5%", pad=0.1)
+    figure.colorbar(colours, cax=bar_axis, label="Grad-CAM: share of the\nevidence for fake")
+    axis.set_title(f"p_fake={p_fake:.4f}: {verdict}")
+    axis.set_axis_off()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), overlay)
-    return path
+    return save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------
@@ -302,11 +442,26 @@ def write_results_table(output_dir):
     return markdown
 
 
+def build_parser():
+    parser = OneLineArgumentParser(
+        description="Redraw OUTPUT_DIR/<model>/history.png for every trained model (every folder with a "
+        "history.csv), then rewrite OUTPUT_DIR/results.csv and OUTPUT_DIR/results.md from each model's "
+        "metrics.json and print the table.",
+    )
+    parser.add_argument(
+        "output_dir",
+        nargs="?",
+        type=Path,
+        default=Path("outputs"),
+        metavar="OUTPUT_DIR",
+        help="the folder the fine-tuning scripts wrote into (default outputs)",
+    )
+    return parser
+
+
 @exits_on_user_error
 def main(argv=None):
-    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", nargs="?", type=Path, default=Path("outputs"), help="default outputs")
-    output_dir = parser.parse_args(argv).output_dir
+    output_dir = build_parser().parse_args(argv).output_dir
     histories = {path: read_history(path) for path in sorted(output_dir.glob("*/history.csv"))}
     histories = {path: history for path, history in histories.items() if len(history)}
     if not histories:
