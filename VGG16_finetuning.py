@@ -1,31 +1,30 @@
 """Fine-tune VGG16 on its last 5 conv layers to tell real faces from StyleGAN fakes.
 
-    python VGG16_finetuning.py --demo                # an offline run on synthetic faces, under a minute
-    python VGG16_finetuning.py                       # the full dataset, ImageNet weights
-    python VGG16_finetuning.py --subset 500 --epochs 2 --img-size 128   # a quick CPU run
-    python VGG16_finetuning.py --predict face.jpg    # p(fake) of an image, with the trained model
+    python VGG16_finetuning.py --demo                  # offline, on synthetic faces, in about a minute
+    python VGG16_finetuning.py                         # the full dataset, ImageNet weights
+    python VGG16_finetuning.py --warmup-epochs 2       # train the head alone first, as the Keras guide does
+    python VGG16_finetuning.py --predict face.jpg      # p(fake) of an image, with the trained model
     python VGG16_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
-    python VGG16_finetuning.py --help                # every option
+    python VGG16_finetuning.py --help                  # every option
 
-Outputs go to outputs/vgg16/ (model.keras, history.csv, history.png, metrics.json,
-predictions.csv, roc.png, precision_recall.png, confusion_matrix.png) and the results
-table to outputs/results.md.
+Training writes outputs/vgg16/ (model.keras, history.csv and history.png, metrics.json,
+predictions.csv and the ROC, precision-recall and confusion-matrix figures) and adds
+VGG16's row to the results table, outputs/results.md.
 
-The recipe below is all that is particular to this model; the steps of a run, from
-finding the images to writing the results, are in load_pre_trained_models.fine_tune.
+The recipe below is all that is particular to this model. The fine-tuning itself, the
+same for the four models, is the function `fine_tune` in load_pre_trained_models.py.
 """
 
 import sys
 
-import keras
-
-from load_pre_trained_models import ModelRecipe, fine_tune
+from data_preprocessing import ModelRecipe, fine_tuning_command
 
 RECIPE = ModelRecipe(
     title="VGG16",
     name="vgg16",
-    application=keras.applications.VGG16,
-    preprocess_input=keras.applications.vgg16.preprocess_input,
+    # The pre-trained base is keras.applications.vgg16.VGG16.
+    keras_module="vgg16",
+    constructor="VGG16",
     # block4_conv2 to block5_conv3: the last two of block 4 and all three of block 5.
     trainable_conv_layers=5,
     # The original code unfroze base.layers[-5:], which hold only block5's 3 conv layers.
@@ -34,4 +33,4 @@ RECIPE = ModelRecipe(
 )
 
 if __name__ == "__main__":
-    sys.exit(fine_tune(RECIPE))
+    sys.exit(fine_tuning_command(RECIPE))

@@ -1,28 +1,30 @@
 """Fine-tune VGG19 on its last 8 conv layers to tell real faces from StyleGAN fakes.
 
-    python VGG19_finetuning.py --demo                # an offline run on synthetic faces, under a minute
-    python VGG19_finetuning.py                       # the full dataset, ImageNet weights
-    python VGG19_finetuning.py --predict face.jpg    # p(fake) of an image, with the trained model
+    python VGG19_finetuning.py --demo                  # offline, on synthetic faces, in about a minute
+    python VGG19_finetuning.py                         # the full dataset, ImageNet weights
+    python VGG19_finetuning.py --warmup-epochs 2       # train the head alone first, as the Keras guide does
+    python VGG19_finetuning.py --predict face.jpg      # p(fake) of an image, with the trained model
     python VGG19_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
-    python VGG19_finetuning.py --help                # every option
+    python VGG19_finetuning.py --help                  # every option
 
-Outputs go to outputs/vgg19/ and the results table to outputs/results.md.
+Training writes outputs/vgg19/ (model.keras, history.csv and history.png, metrics.json,
+predictions.csv and the ROC, precision-recall and confusion-matrix figures) and adds
+VGG19's row to the results table, outputs/results.md.
 
-The recipe below is all that is particular to this model; the steps of a run, from
-finding the images to writing the results, are in load_pre_trained_models.fine_tune.
+The recipe below is all that is particular to this model. The fine-tuning itself, the
+same for the four models, is the function `fine_tune` in load_pre_trained_models.py.
 """
 
 import sys
 
-import keras
-
-from load_pre_trained_models import ModelRecipe, fine_tune
+from data_preprocessing import ModelRecipe, fine_tuning_command
 
 RECIPE = ModelRecipe(
     title="VGG19",
     name="vgg19",
-    application=keras.applications.VGG19,
-    preprocess_input=keras.applications.vgg19.preprocess_input,
+    # The pre-trained base is keras.applications.vgg19.VGG19.
+    keras_module="vgg19",
+    constructor="VGG19",
     # block4_conv1 to block5_conv4: all four conv layers of blocks 4 and 5.
     trainable_conv_layers=8,
     # The original code unfroze base.layers[-5:], which hold only block5's 4 conv layers.
@@ -31,4 +33,4 @@ RECIPE = ModelRecipe(
 )
 
 if __name__ == "__main__":
-    sys.exit(fine_tune(RECIPE))
+    sys.exit(fine_tuning_command(RECIPE))

@@ -2,8 +2,10 @@
 
 The training images are randomly rotated, shifted, sheared, zoomed and flipped, so that
 the model sees a slightly different face every epoch; validation and test images are
-only preprocessed. Two input pipelines do this, with the same files, labels and
-preprocessing:
+only resized. Every pipeline hands the model raw RGB pixels, 0 to 255: the model's own
+first layer scales them as its pre-trained base expects (see load_pre_trained_models.py),
+so a saved model needs no preprocessing code of ours. Two input pipelines do this, with
+the same files and labels:
 
 - "idg" (the default): the original project's Keras ImageDataGenerator flows, which
   decode and augment in Python, one worker thread per CPU core;
@@ -18,7 +20,7 @@ will see:
     python data_augmentation.py --demo               # the same on the synthetic demo dataset
     python data_augmentation.py --pipeline tfdata    # as the tf.data pipeline augments them
 
-It writes OUTPUT_DIR/augmentation_samples.png (default outputs/).
+It writes OUTPUT_DIR/augmentation_samples.png (default outputs/, or outputs/demo/ with --demo).
 """
 
 import contextlib
@@ -73,42 +75,25 @@ TRAINING_AUGMENTATION = dict(
 # ---------------------------------------------------------------------------
 
 
-def preprocessing_options(preprocess_input, preprocessing, perturbation=None):
-    """How pixels are scaled: the base model's own preprocess_input, or the original's 1/255.
-
-    `perturbation`, a function of one image, runs first: on the pixels as they are read.
-    """
-    steps = [step for step in (perturbation, preprocess_input if preprocessing == "native" else None) if step]
-
-    def preprocess(image):
-        for step in steps:
-            image = step(image)
-        return image
-
-    # ImageDataGenerator applies its preprocessing_function before its rescale.
-    options = dict(preprocessing_function=preprocess)
-    if preprocessing == "rescale":
-        options["rescale"] = 1.0 / 255
-    return options
-
-
 def image_flow(images, generator, img_size, batch_size, shuffle, seed):
     """A Keras flow over (path, class name) pairs, with labels real = 0 and fake = 1."""
     frame = pd.DataFrame(
         {"filename": [str(path) for path, _ in images], "class": [name for _, name in images]}
     )
-    return generator.flow_from_dataframe(
-        frame,
-        x_col="filename",
-        y_col="class",
-        classes=list(CLASSES),  # Fixes the label order; the default would sort fake before real.
-        class_mode="binary",
-        target_size=(img_size, img_size),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        validate_filenames=False,  # data_preprocessing has already decoded every file.
-    )
+    # Keras would print "Found N non-validated image filenames" right after our own image check.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return generator.flow_from_dataframe(
+            frame,
+            x_col="filename",
+            y_col="class",
+            classes=list(CLASSES),  # Fixes the label order; the default would sort fake before real.
+            class_mode="binary",
+            target_size=(img_size, img_size),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            validate_filenames=False,  # data_preprocessing has already decoded every file.
+        )
 
 
 def usable_cores():
@@ -118,11 +103,10 @@ def usable_cores():
     return os.cpu_count() or 1
 
 
-def image_generator_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
+def image_generator_flows(dataset, img_size, batch_size, seed):
     """The train, valid and test ImageDataGenerator flows. Only training is augmented and shuffled."""
-    scaling = preprocessing_options(preprocess_input, preprocessing)
-    training_generator = ImageDataGenerator(**TRAINING_AUGMENTATION, **scaling)
-    evaluation_generator = ImageDataGenerator(**scaling)
+    training_generator = ImageDataGenerator(**TRAINING_AUGMENTATION)
+    evaluation_generator = ImageDataGenerator()
     flows = {
         "train": image_flow(dataset.images["train"], training_generator, img_size, batch_size, True, seed),
         "valid": image_flow(dataset.images["valid"], evaluation_generator, img_size, batch_size, False, seed),
@@ -254,7 +238,7 @@ def check_tfdata_formats(images):
         )
 
 
-def image_dataset(images, preprocess, img_size, batch_size, shuffle, augment, seed):
+def image_dataset(images, img_size, batch_size, shuffle, augment, seed):
     """A batched tf.data pipeline over (path, class name) pairs, with labels real = 0 and fake = 1."""
     check_tfdata_formats(images)
     paths = [str(path) for path, _ in images]
@@ -277,30 +261,38 @@ def image_dataset(images, preprocess, img_size, batch_size, shuffle, augment, se
         dataset = tf.data.Dataset.zip(dataset, warp_seeds).map(load_augmented, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    # Preprocessing a whole batch at once costs less than image by image.
-    dataset = dataset.batch(batch_size).map(
-        lambda images, labels: (preprocess(images), labels), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # The next batches are prepared while the model trains on this one.
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def tfdata_pipelines(dataset, preprocess_input, preprocessing, img_size, batch_size, seed):
+def tfdata_pipelines(dataset, img_size, batch_size, seed):
     """The train, valid and test tf.data pipelines. Only training is augmented and shuffled."""
-    preprocess = preprocess_input if preprocessing == "native" else (lambda image: image / 255.0)
     return {
-        "train": image_dataset(dataset.images["train"], preprocess, img_size, batch_size, True, True, seed),
-        "valid": image_dataset(dataset.images["valid"], preprocess, img_size, batch_size, False, False, seed),
+        "train": image_dataset(dataset.images["train"], img_size, batch_size, True, True, seed),
+        "valid": image_dataset(dataset.images["valid"], img_size, batch_size, False, False, seed),
         # Never shuffled, so that its predictions line up with dataset.images["test"].
-        "test": image_dataset(dataset.images["test"], preprocess, img_size, batch_size, False, False, seed),
+        "test": image_dataset(dataset.images["test"], img_size, batch_size, False, False, seed),
     }
 
 
 PIPELINES = {"idg": image_generator_flows, "tfdata": tfdata_pipelines}
 
 
-def make_flows(dataset, preprocess_input, preprocessing, img_size, batch_size, seed, pipeline="idg"):
-    """The train, valid and test inputs of the chosen pipeline, ready for model.fit."""
-    return PIPELINES[pipeline](dataset, preprocess_input, preprocessing, img_size, batch_size, seed)
+def make_flows(dataset, img_size, batch_size, seed, pipeline="idg"):
+    """The train, valid and test inputs of the chosen pipeline, ready for model.fit.
+
+    Args:
+        dataset: the checked images, a data_preprocessing.Dataset.
+        img_size: the side, in pixels, that every image is resized to.
+        batch_size: images per batch; the last batch of a split may be smaller.
+        seed: seeds the shuffling and, for tf.data, the augmentation.
+        pipeline: "idg" (ImageDataGenerator) or "tfdata".
+
+    Returns:
+        {"train": ..., "valid": ..., "test": ...}: batches of (raw RGB pixels as float32, label),
+        with only "train" augmented and shuffled.
+    """
+    return PIPELINES[pipeline](dataset, img_size, batch_size, seed)
 
 
 # ---------------------------------------------------------------------------
@@ -325,14 +317,14 @@ def perturb(image, jpeg_quality=None, blur_sigma=None):
     return pixels.astype(np.float32)
 
 
-def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
-    """A flow of unlabelled images that reads and scales them exactly as the test flow does.
+def prediction_flow(paths, img_size, batch_size):
+    """A flow of unlabelled images that reads them exactly as the test flow does.
 
     Keras reads each file with Pillow (grey and palette images become RGB, an alpha
     channel is dropped) and resizes it to img_size with nearest-neighbour sampling, so
     a model gives an image the same p(fake) here as in its predictions.csv.
     """
-    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+    generator = ImageDataGenerator()
     frame = pd.DataFrame({"filename": [str(path) for path in paths]})
     # Keras prints how many files it found; --predict's output is kept to one line per image.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -347,9 +339,9 @@ def prediction_flow(paths, preprocess_input, preprocessing, img_size, batch_size
         )
 
 
-def evaluation_flow(images, preprocess_input, preprocessing, img_size, batch_size, perturbation=None):
-    """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation."""
-    generator = ImageDataGenerator(**preprocessing_options(preprocess_input, preprocessing, perturbation))
+def evaluation_flow(images, img_size, batch_size, perturbation=None):
+    """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation of each image."""
+    generator = ImageDataGenerator(preprocessing_function=perturbation)
     return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0)
 
 
@@ -390,7 +382,11 @@ def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42, pipel
 
 @exits_on_user_error
 def main(argv=None):
-    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(
+        description="Draw what the model trains on: a few training images of the dataset, each followed by "
+        "random augmentations of it (rotation, shift, shear, zoom, flip), as --pipeline makes them. "
+        "It writes OUTPUT_DIR/augmentation_samples.png."
+    )
     add_data_arguments(parser)
     parser.add_argument("--img-size", type=positive_int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--rows", type=positive_int, default=4, help="how many training images to show (default 4)")

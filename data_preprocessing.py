@@ -1,7 +1,8 @@
 """Find the "140k Real and Fake Faces" dataset, check every image, and list the files to train on.
 
-The four fine-tuning scripts call this module before they train. Run it on its own
-to see what they would use:
+The four fine-tuning scripts call this module before they train; it also reads their
+command line (at the bottom), before TensorFlow loads. Run it on its own to see what
+they would use:
 
     python data_preprocessing.py                  # finds the dataset by itself
     python data_preprocessing.py --data-dir D     # a split root, or the Kaggle download's root
@@ -48,90 +49,12 @@ REPOSITORY_DIR = Path(__file__).resolve().parent
 DATASETS_DIR = REPOSITORY_DIR / "datasets"
 DEMO_DATA_DIR = DATASETS_DIR / "demo"
 KAGGLE_INPUT_DIR = Path("/kaggle/input/140k-real-and-fake-faces")
+# Outputs go into the folder the scripts run from.
+OUTPUT_DIR = Path("outputs")
+DEMO_OUTPUT_DIR = OUTPUT_DIR / "demo"
 SPLIT_ROOT_IN_ARCHIVE = Path("real_vs_fake") / "real-vs-fake"
 KAGGLE_PAGE = "https://www.kaggle.com/datasets/xhlulu/140k-real-and-fake-faces"
 KAGGLE_COMMAND = "kaggle datasets download -d xhlulu/140k-real-and-fake-faces"
-
-
-class UserError(Exception):
-    """A mistake the user can fix. Scripts print it on one line and exit with status 2."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like every other error here."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-def exits_on_user_error(main):
-    """Wrap a command's main() so that a UserError prints one line and returns 2."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
-def checked_number(convert, is_allowed, allowed):
-    """An argparse type that reads a number with `convert` and accepts it if `is_allowed`."""
-    kind = "whole number" if convert is int else "number"
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
-        if not is_allowed(value):
-            raise argparse.ArgumentTypeError(f"{text} must be {allowed}")
-        return value
-
-    return parse
-
-
-# Counts such as --epochs and --batch-size.
-positive_int = checked_number(int, lambda value: value >= 1, "1 or more")
-# Keras seeds its generators with 0 to 2**32 - 1.
-seed_value = checked_number(int, lambda value: 0 <= value < 2**32, f"between 0 and {2**32 - 1}")
-# The prediction threshold, a probability.
-probability = checked_number(float, lambda value: 0 <= value <= 1, "between 0 and 1")
-# OpenCV's JPEG quality scale.
-jpeg_quality = checked_number(int, lambda value: 1 <= value <= 100, "between 1 and 100")
-# A Gaussian blur's sigma, in pixels; 0 is no blur.
-non_negative_float = checked_number(float, lambda value: value >= 0, "0 or more")
-
-
-def add_data_arguments(parser):
-    """The options that say which images to use, shared by every command."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        help="a split root (train/, valid/ and test/, each with real/ and fake/) or the "
-        "Kaggle download's root; by default datasets/ and /kaggle/input are searched",
-    )
-    parser.add_argument(
-        "--subset",
-        type=positive_int,
-        metavar="N",
-        help="use at most N images per class in each split, chosen with --seed",
-    )
-    parser.add_argument(
-        "--demo",
-        action="store_true",
-        help="use the small synthetic dataset in datasets/demo, built if absent",
-    )
-    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default 42)")
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        help="where results and the image-check cache go (default outputs, or outputs/demo with --demo)",
-    )
-
 
 # ---------------------------------------------------------------------------
 # Finding the dataset
@@ -253,7 +176,6 @@ def readable_images(paths):
         )
     return good
 
-
 # ---------------------------------------------------------------------------
 # Checking every image once
 # ---------------------------------------------------------------------------
@@ -298,32 +220,6 @@ def load_cache(cache_file):
     except (OSError, ValueError):
         return {}
 
-
-def write_text_atomically(path, text):
-    """Write through a temporary file, so that a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_json_atomically(path, content):
-    write_text_atomically(path, json.dumps(content, indent=2))
-
-
-def ensure_writable_folder(folder):
-    """Create `folder` and check that files can be written there, before any long work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to {folder} ({error.strerror}); choose another --output-dir") from None
-    return folder
-
-
 def check_images(paths, split_root, cache_dir):
     """Decode every image once with OpenCV and Pillow, in parallel; return {path: problem} for the bad ones.
 
@@ -362,7 +258,6 @@ def check_images(paths, split_root, cache_dir):
         except OSError as error:
             print(f"warning: could not cache the image check in {cache_file}: {error.strerror}")
     return problems
-
 
 # ---------------------------------------------------------------------------
 # The dataset the scripts train on
@@ -434,7 +329,6 @@ def load_evaluation_images(folder, cache_dir, subset=None, seed=42):
 def report_bad_files(bad_files):
     for path, problem in sorted(bad_files.items()):
         print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-
 
 # ---------------------------------------------------------------------------
 # The synthetic demo dataset
@@ -523,24 +417,305 @@ def ensure_demo_dataset():
         make_demo_dataset(folder)
     return folder
 
+# ---------------------------------------------------------------------------
+# The command line, and files written whole
+# ---------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A mistake the user can fix. Scripts print it on one line and exit with status 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other error here."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def exits_on_user_error(main):
+    """Wrap a command's main() so that a UserError prints one line and returns 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def checked_number(convert, is_allowed, allowed):
+    """An argparse type that reads a number with `convert` and accepts it if `is_allowed`."""
+    kind = "whole number" if convert is int else "number"
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        if not is_allowed(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {allowed}")
+        return value
+
+    return parse
+
+
+# Counts such as --epochs and --batch-size.
+positive_int = checked_number(int, lambda value: value >= 1, "1 or more")
+# Keras seeds its generators with 0 to 2**32 - 1.
+seed_value = checked_number(int, lambda value: 0 <= value < 2**32, f"between 0 and {2**32 - 1}")
+# The prediction threshold, a probability.
+probability = checked_number(float, lambda value: 0 <= value <= 1, "between 0 and 1")
+# OpenCV's JPEG quality scale.
+jpeg_quality = checked_number(int, lambda value: 1 <= value <= 100, "between 1 and 100")
+# A Gaussian blur's sigma, in pixels; 0 is no blur.
+non_negative_float = checked_number(float, lambda value: value >= 0, "0 or more")
+
+
+def add_data_arguments(parser):
+    """The options that say which images to use, shared by every command."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="a split root (train/, valid/ and test/, each with real/ and fake/) or the "
+        "Kaggle download's root; by default datasets/ and /kaggle/input are searched",
+    )
+    parser.add_argument(
+        "--subset",
+        type=positive_int,
+        metavar="N",
+        help="use at most N images per class in each split, chosen with --seed",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the small synthetic dataset in datasets/demo, built if absent",
+    )
+    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default 42)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="where results and the image-check cache go (default outputs, or outputs/demo with --demo)",
+    )
 
 def resolve_data_options(args):
     """Fill in where the data comes from and where outputs go, from --demo and --data-dir."""
     if args.demo and args.data_dir is None:
         args.data_dir = ensure_demo_dataset()
     if args.output_dir is None:
-        args.output_dir = Path("outputs") / "demo" if args.demo else Path("outputs")
+        args.output_dir = DEMO_OUTPUT_DIR if args.demo else OUTPUT_DIR
     return args
+
+def write_text_atomically(path, text):
+    """Write through a temporary file, so that a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_json_atomically(path, content):
+    write_text_atomically(path, json.dumps(content, indent=2))
+
+
+def ensure_writable_folder(folder):
+    """Create `folder` and check that files can be written there, before any long work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {folder} ({error.strerror}); choose another --output-dir") from None
+    return folder
+
+# ---------------------------------------------------------------------------
+# The four fine-tuning scripts' command line
+# ---------------------------------------------------------------------------
+# It lives here, away from TensorFlow, so that a script reads and checks its options
+# before TensorFlow loads: --help and a mistyped option answer at once, not in seconds.
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What differs between the four models; everything else is shared."""
+
+    title: str  # As the results table shows it, e.g. "VGG16".
+    name: str  # The output folder, e.g. "vgg16".
+    keras_module: str  # The keras.applications module, e.g. "vgg16": its constructor and preprocess_input.
+    constructor: str  # The keras.applications constructor in that module, e.g. "VGG16".
+    trainable_conv_layers: int  # The documented recipe: train the last N Conv2D layers.
+    original_trainable_layers: int  # What the original code did: train the last K Keras layers.
+    imagenet_weights_file: str  # The file Keras downloads for include_top=False.
+    min_img_size: int = 32  # The smallest input the base accepts.
+
+
+DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imagenet")
+# Small enough to train on a laptop CPU in a minute or two, with nothing to download.
+DEMO_DEFAULTS = dict(epochs=5, batch_size=16, img_size=64, weights="none")
+# The --model value that asks for the weighted average of every trained model.
+ENSEMBLE = "ensemble"
+
+# Rates such as --learning-rate.
+positive_float = checked_number(float, lambda value: value > 0, "more than 0")
+# Counts that may be zero, such as --warmup-epochs.
+non_negative_int = checked_number(int, lambda value: value >= 0, "0 or more")
+
+
+def build_parser(recipe):
+    parser = OneLineArgumentParser(
+        description=f"Fine-tune {recipe.title}'s last {recipe.trainable_conv_layers} conv layers to tell real "
+        f"faces from StyleGAN fakes. Training writes OUTPUT_DIR/{recipe.name}/ (model.keras, history.csv and "
+        ".png, metrics.json, predictions.csv, roc.png, precision_recall.png, confusion_matrix.png) and "
+        "OUTPUT_DIR/results.md; --predict and --evaluate apply the trained model instead.",
+    )
+    add_data_arguments(parser)
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=positive_int, help="training epochs in all (default 10; 5 with --demo)")
+    training.add_argument("--batch-size", type=positive_int, help="images per batch (default 32; 16 with --demo)")
+    training.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate (default 1e-4)")
+    training.add_argument(
+        "--warmup-epochs", type=non_negative_int, default=0, metavar="K",
+        help="first train the head alone for K epochs, with the whole base frozen (default 0: one phase, as the original)",
+    )
+    training.add_argument(
+        "--fine-tune-learning-rate", type=positive_float, metavar="RATE",
+        help="the learning rate after the warmup (default --learning-rate / 10)",
+    )
+    training.add_argument(
+        "--img-size", type=positive_int,
+        help=f"image side in pixels (default 224; 64 with --demo; at least {recipe.min_img_size})",
+    )
+    training.add_argument(
+        "--weights", help="imagenet, none, or the path of a weights file for the base (default imagenet; none with --demo)"
+    )
+    training.add_argument(
+        "--preprocessing", choices=["native", "rescale"], default="native",
+        help="how the model's first layer scales pixels: native, the base's own preprocess_input (default); "
+        "rescale, the original's 1/255",
+    )
+    training.add_argument(
+        "--unfreeze-rule", choices=["conv", "layers"], default="conv",
+        help=f"conv: train the last {recipe.trainable_conv_layers} conv layers (default); "
+        f"layers: the original code's last {recipe.original_trainable_layers} Keras layers",
+    )
+    training.add_argument("--patience", type=positive_int, help="stop after N epochs without a better val_loss")
+    speed = parser.add_argument_group("speed and scale")
+    speed.add_argument(
+        "--pipeline", choices=["idg", "tfdata"], default="idg",
+        help="idg: the original's ImageDataGenerator flows (default); "
+        "tfdata: a tf.data pipeline with the same augmentations, several times faster",
+    )
+    speed.add_argument(
+        "--mixed-precision", action="store_true",
+        help="compute in bfloat16 on a CPU or float16 on a GPU, keeping the weights and p(fake) in float32",
+    )
+    speed.add_argument(
+        "--distribute", choices=["none", "mirrored", "multiworker"], default="none",
+        help="mirrored: every visible GPU of this machine; multiworker: every machine in TF_CONFIG "
+        "(--batch-size is then the global batch, split across them)",
+    )
+    add_prediction_arguments(parser)
+    return parser
+
+
+def add_prediction_arguments(parser):
+    """The options that apply a trained model instead of training one."""
+    group = parser.add_argument_group("applying a trained model (no training)")
+    group.add_argument(
+        "--predict", nargs="+", type=Path, metavar="PATH",
+        help="print p(fake) and the verdict for these image files and every image in these folders",
+    )
+    group.add_argument(
+        "--evaluate", action="store_true",
+        help="measure the saved model on --data-dir: a folder holding real/ and fake/, or a dataset's test/",
+    )
+    group.add_argument(
+        "--model", metavar="FILE",
+        help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras); "
+        f"with --predict, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
+    )
+    group.add_argument("--threshold", type=probability, default=0.5, help="p(fake) from which an image is called fake (default 0.5)")
+    group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write the lines to this CSV file")
+    group.add_argument("--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each image to DIR")
+    group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
+    group.add_argument("--blur", type=non_negative_float, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
+
+
+def check_option_combinations(args):
+    """Refuse the combinations of options that would be silently ignored or cannot work."""
+    applying = args.predict or args.evaluate
+    mistakes = [
+        (args.predict and args.evaluate, "--predict and --evaluate are separate runs; give one of them"),
+        (args.gradcam and not args.predict, "--gradcam draws heat maps of --predict's images; add --predict PATH"),
+        (args.csv and not args.predict, "--csv writes --predict's lines; add --predict PATH"),
+        (
+            (args.jpeg_quality is not None or args.blur is not None) and not args.evaluate,
+            "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate",
+        ),
+        (args.model and not applying, "--model names the model for --predict or --evaluate; add one of them"),
+        (
+            args.model == ENSEMBLE and (args.gradcam or args.evaluate),
+            "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
+            "test figures are in the results table",
+        ),
+        (
+            args.fine_tune_learning_rate is not None and not args.warmup_epochs,
+            "--fine-tune-learning-rate is the rate after the warmup; add --warmup-epochs K, or set --learning-rate",
+        ),
+        (
+            args.warmup_epochs >= args.epochs and not applying,
+            f"--warmup-epochs {args.warmup_epochs} leaves no epoch to fine-tune in --epochs {args.epochs}; "
+            "make --epochs larger than --warmup-epochs",
+        ),
+    ]
+    for is_wrong, message in mistakes:
+        if is_wrong:
+            raise UserError(message)
+
+
+def parse_arguments(recipe, argv=None):
+    """Parse a script's options and check them all, so that a mistake stops the run before any long work."""
+    args = build_parser(recipe).parse_args(argv)
+    defaults = dict(DEMO_DEFAULTS, img_size=max(DEMO_DEFAULTS["img_size"], recipe.min_img_size))
+    for option, value in (defaults if args.demo else DOCUMENTED_DEFAULTS).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    if args.img_size < recipe.min_img_size:
+        raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
+    check_option_combinations(args)
+    # Without a warmup there is one phase, trained at --learning-rate, as in the original.
+    if args.fine_tune_learning_rate is None:
+        args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
+    return resolve_data_options(args)
+
+
+@exits_on_user_error
+def fine_tuning_command(recipe, argv=None):
+    """What `python VGG16_finetuning.py ...` runs: check the options, then load TensorFlow and run."""
+    args = parse_arguments(recipe, argv)
+    import load_pre_trained_models  # TensorFlow loads here, once the options are known to be right.
+
+    return load_pre_trained_models.run(recipe, args)
 
 
 # ---------------------------------------------------------------------------
-# The command
+# python data_preprocessing.py
 # ---------------------------------------------------------------------------
 
 
 @exits_on_user_error
 def main(argv=None):
-    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(
+        description="Find the dataset, decode every image once, and print how many images each split and "
+        "class holds. Bad files are listed by path, never moved or deleted, and the exit status is then 1. "
+        "It writes only its cache of verdicts, in OUTPUT_DIR/.cache/, so that the scripts start at once."
+    )
     add_data_arguments(parser)
     args = resolve_data_options(parser.parse_args(argv))
 

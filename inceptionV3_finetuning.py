@@ -1,28 +1,30 @@
 """Fine-tune InceptionV3 on its last 8 conv layers to tell real faces from StyleGAN fakes.
 
-    python inceptionV3_finetuning.py --demo          # an offline run on synthetic faces, under a minute
-    python inceptionV3_finetuning.py                 # the full dataset, ImageNet weights
-    python inceptionV3_finetuning.py --predict face.jpg # p(fake) of an image, with the trained model
+    python inceptionV3_finetuning.py --demo                  # offline, on synthetic faces, in about a minute
+    python inceptionV3_finetuning.py                         # the full dataset, ImageNet weights
+    python inceptionV3_finetuning.py --warmup-epochs 2       # train the head alone first, as the Keras guide does
+    python inceptionV3_finetuning.py --predict face.jpg      # p(fake) of an image, with the trained model
     python inceptionV3_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
-    python inceptionV3_finetuning.py --help          # every option
+    python inceptionV3_finetuning.py --help                  # every option
 
-Outputs go to outputs/inceptionv3/ and the results table to outputs/results.md.
+Training writes outputs/inceptionv3/ (model.keras, history.csv and history.png, metrics.json,
+predictions.csv and the ROC, precision-recall and confusion-matrix figures) and adds
+InceptionV3's row to the results table, outputs/results.md.
 
-The recipe below is all that is particular to this model; the steps of a run, from
-finding the images to writing the results, are in load_pre_trained_models.fine_tune.
+The recipe below is all that is particular to this model. The fine-tuning itself, the
+same for the four models, is the function `fine_tune` in load_pre_trained_models.py.
 """
 
 import sys
 
-import keras
-
-from load_pre_trained_models import ModelRecipe, fine_tune
+from data_preprocessing import ModelRecipe, fine_tuning_command
 
 RECIPE = ModelRecipe(
     title="InceptionV3",
     name="inceptionv3",
-    application=keras.applications.InceptionV3,
-    preprocess_input=keras.applications.inception_v3.preprocess_input,
+    # The pre-trained base is keras.applications.inception_v3.InceptionV3.
+    keras_module="inception_v3",
+    constructor="InceptionV3",
     # The last 8 Conv2D layers in base.layers order: 8 of the 9 in the final "mixed10" block.
     trainable_conv_layers=8,
     # The original code unfroze base.layers[-5:]: Activation and Concatenate layers with no
@@ -34,4 +36,4 @@ RECIPE = ModelRecipe(
 )
 
 if __name__ == "__main__":
-    sys.exit(fine_tune(RECIPE))
+    sys.exit(fine_tuning_command(RECIPE))

@@ -1,28 +1,30 @@
 """Fine-tune ResNet50 on its last 14 conv layers to tell real faces from StyleGAN fakes.
 
-    python resnet50_finetuning.py --demo             # an offline run on synthetic faces, under a minute
-    python resnet50_finetuning.py                    # the full dataset, ImageNet weights
-    python resnet50_finetuning.py --predict face.jpg # p(fake) of an image, with the trained model
+    python resnet50_finetuning.py --demo                  # offline, on synthetic faces, in about a minute
+    python resnet50_finetuning.py                         # the full dataset, ImageNet weights
+    python resnet50_finetuning.py --warmup-epochs 2       # train the head alone first, as the Keras guide does
+    python resnet50_finetuning.py --predict face.jpg      # p(fake) of an image, with the trained model
     python resnet50_finetuning.py --evaluate --data-dir D # the trained model on D's real/ and fake/
-    python resnet50_finetuning.py --help             # every option
+    python resnet50_finetuning.py --help                  # every option
 
-Outputs go to outputs/resnet50/ and the results table to outputs/results.md.
+Training writes outputs/resnet50/ (model.keras, history.csv and history.png, metrics.json,
+predictions.csv and the ROC, precision-recall and confusion-matrix figures) and adds
+ResNet50's row to the results table, outputs/results.md.
 
-The recipe below is all that is particular to this model; the steps of a run, from
-finding the images to writing the results, are in load_pre_trained_models.fine_tune.
+The recipe below is all that is particular to this model. The fine-tuning itself, the
+same for the four models, is the function `fine_tune` in load_pre_trained_models.py.
 """
 
 import sys
 
-import keras
-
-from load_pre_trained_models import ModelRecipe, fine_tune
+from data_preprocessing import ModelRecipe, fine_tuning_command
 
 RECIPE = ModelRecipe(
     title="ResNet50",
     name="resnet50",
-    application=keras.applications.ResNet50,
-    preprocess_input=keras.applications.resnet50.preprocess_input,
+    # The pre-trained base is keras.applications.resnet50.ResNet50.
+    keras_module="resnet50",
+    constructor="ResNet50",
     # conv4_block5_3_conv to conv5_block3_3_conv: the end of stage 4 and all of stage 5.
     trainable_conv_layers=14,
     # The original code unfroze base.layers[-14:]: 4 conv layers and their batch
@@ -32,4 +34,4 @@ RECIPE = ModelRecipe(
 )
 
 if __name__ == "__main__":
-    sys.exit(fine_tune(RECIPE))
+    sys.exit(fine_tuning_command(RECIPE))

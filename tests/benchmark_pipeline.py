@@ -117,11 +117,11 @@ def images_per_second(batches):
     return timed_images / (time.perf_counter() - started)
 
 
-def input_pipeline(kind, images, recipe, args):
-    """The augmented training input of `kind`, as make_flows builds it."""
+def input_pipeline(kind, images, args):
+    """The augmented training input of `kind`, as make_flows builds it: raw pixels, which the model scales."""
     if kind == "tfdata":
-        return image_dataset(images, recipe.preprocess_input, args.img_size, args.batch_size, True, True, seed=0)
-    generator = ImageDataGenerator(**TRAINING_AUGMENTATION, preprocessing_function=recipe.preprocess_input)
+        return image_dataset(images, args.img_size, args.batch_size, True, True, seed=0)
+    generator = ImageDataGenerator(**TRAINING_AUGMENTATION)
     flow = image_flow(images, generator, args.img_size, args.batch_size, shuffle=True, seed=0)
     flow.workers = usable_cores() if kind == "idg-workers" else 1
     return flow
@@ -134,11 +134,11 @@ def decode_only(images, args):
     return decoded.batch(args.batch_size).map(lambda batch: (batch, 0)).prefetch(tf.data.AUTOTUNE)
 
 
-def pipeline_rate(kind, images, recipe, args):
+def pipeline_rate(kind, images, args):
     """Images per second that a pipeline delivers, with nothing consuming them."""
     if kind == "decode":
         return images_per_second(decode_only(images, args))
-    pipeline = input_pipeline(kind, images, recipe, args)
+    pipeline = input_pipeline(kind, images, args)
     if kind == "idg":
         return images_per_second(pipeline[index] for index in range(len(pipeline)))
     if kind == "tfdata":
@@ -175,9 +175,9 @@ def training_rate(model, inputs, args, warm_up_steps, total_steps):
     return (total_steps - warm_up_steps) * args.batch_size / (timer.finished - timer.started)
 
 
-def in_memory_batches(images, recipe, args):
-    """One preprocessed batch held as tensors, repeated: training with no input cost at all."""
-    batch_images, batch_labels = next(iter(input_pipeline("tfdata", images, recipe, args)))
+def in_memory_batches(images, args):
+    """One batch held as tensors, repeated: training with no input cost at all."""
+    batch_images, batch_labels = next(iter(input_pipeline("tfdata", images, args)))
     batch = (tf.constant(np.asarray(batch_images)), tf.constant(np.asarray(batch_labels)))
     return tf.data.Dataset.from_tensors(batch).repeat()
 
@@ -189,9 +189,9 @@ def model_training_rate(measurement, images, recipe, args):
     model = compile_model(build_model(recipe, "none", args.img_size), learning_rate=1e-4)
     feed = measurement.removeprefix("train-").removesuffix("-mixed")
     if feed == "in-memory":
-        inputs = in_memory_batches(images, recipe, args)
+        inputs = in_memory_batches(images, args)
     else:
-        inputs = input_pipeline("idg-workers" if feed == "idg" else "tfdata", images, recipe, args)
+        inputs = input_pipeline("idg-workers" if feed == "idg" else "tfdata", images, args)
         if feed == "tfdata":
             inputs = inputs.repeat()
     warm_up = TRAINING_WARM_UP_STEPS
@@ -205,7 +205,7 @@ def measure(args):
     if args.measure.startswith("train-"):
         rate = model_training_rate(args.measure, images, recipe, args)
     else:
-        rate = pipeline_rate(args.measure, images, recipe, args)
+        rate = pipeline_rate(args.measure, images, args)
     peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux gives KiB.
     print(json.dumps({"images_per_second": rate, "peak_memory_mib": peak_memory_mib}))
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic datasets made inside each test, and a clean Keras state."""
+"""Shared helpers: tiny synthetic datasets made inside each test, running a script in this
+process, callbacks that interrupt or count epochs, and a clean Keras state."""
 
 import importlib
 import os
@@ -14,7 +15,7 @@ sys.path.insert(0, str(REPOSITORY_DIR))
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-from data_preprocessing import make_demo_dataset  # noqa: E402
+from data_preprocessing import fine_tuning_command, make_demo_dataset  # noqa: E402
 
 # The per-model scripts, by model, with their output folders.
 SCRIPTS = {
@@ -41,13 +42,50 @@ def tiny_split_root(tmp_path):
 
 
 def run_script(title, split_root, output_dir, *options):
-    """Run a script's fine_tune in this process, as `python SCRIPT ...` would, small and fast."""
+    """Run a script in this process, as `python SCRIPT ...` would, small and fast; return its exit status."""
     script = importlib.import_module(SCRIPTS[title][0])
     img_size = str(max(32, script.RECIPE.min_img_size))
     data_options = [] if split_root is None else ["--data-dir", str(split_root)]
     argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
             "--epochs", "1", "--batch-size", "4", "--img-size", img_size, *options]
-    return script.fine_tune(script.RECIPE, argv)
+    return fine_tuning_command(script.RECIPE, argv)
+
+
+def assert_one_line_error(capsys, *fragments):
+    """The script printed exactly one line, an error that holds every fragment."""
+    error_output = capsys.readouterr().err.strip().splitlines()
+    assert len(error_output) == 1, error_output
+    assert error_output[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in error_output[0]
+
+
+class InterruptAfterFirstEpoch(keras.callbacks.Callback):
+    """Stops training as Ctrl-C would, once the first epoch of a fit is over (and backed up)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+class CountEpochs(keras.callbacks.Callback):
+    """Records each epoch that begins, in every fit it is given to."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs_begun = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs_begun.append(epoch)
+
+
+def add_callback(monkeypatch, callback):
+    """Append `callback` to the ones each phase of fine_tune trains with."""
+    import load_pre_trained_models
+
+    shared_callbacks = load_pre_trained_models.training_callbacks
+    monkeypatch.setattr(
+        load_pre_trained_models, "training_callbacks", lambda *args, **kwargs: shared_callbacks(*args, **kwargs) + [callback]
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -8,18 +8,9 @@ import pytest
 import data_augmentation
 import data_preprocessing
 import plot_loss_accuracy_graph
-from conftest import REPOSITORY_DIR, run_script
+from conftest import REPOSITORY_DIR, assert_one_line_error, run_script
 
 # --- Every user mistake: exit status 2, one line that says what to do ---------
-
-
-def assert_one_line_error(capsys, *fragments):
-    error_output = capsys.readouterr().err.strip().splitlines()
-    assert len(error_output) == 1, error_output
-    assert error_output[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in error_output[0]
-
 
 def test_no_dataset_found(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(data_preprocessing, "DATASETS_DIR", tmp_path / "datasets")

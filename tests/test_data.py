@@ -194,7 +194,7 @@ def test_subset_is_seeded_and_capped_per_class(tiny_split_root, tmp_path):
 
 def test_flows_label_real_0_and_fake_1_and_keep_test_order(tiny_split_root, tmp_path):
     dataset = load_dataset(tiny_split_root, tmp_path / "cache")
-    flows = make_flows(dataset, lambda x: x / 127.5 - 1, "native", img_size=24, batch_size=4, seed=0)
+    flows = make_flows(dataset, img_size=24, batch_size=4, seed=0)
     test_flow = flows["test"]
     assert test_flow.class_indices == {"real": 0, "fake": 1}
     assert test_flow.filepaths == [str(path) for path, _ in dataset.images["test"]]
@@ -204,22 +204,23 @@ def test_flows_label_real_0_and_fake_1_and_keep_test_order(tiny_split_root, tmp_
     # Every image is used: 6 test images in batches of 4 make 2 batches, the last one partial.
     assert len(test_flow) == 2 and len(test_flow[1][0]) == 2
     images = test_flow[0][0]
-    assert images.shape == (4, 24, 24, 3) and images.min() >= -1 and images.max() <= 1
+    # Raw pixels: the model's first layer scales them.
+    assert images.shape == (4, 24, 24, 3) and images.min() >= 0 and images.max() <= 255 and images.max() > 1
 
 
 def test_only_training_is_augmented(tiny_split_root, tmp_path):
     dataset = load_dataset(tiny_split_root, tmp_path / "cache")
-    flows = make_flows(dataset, None, "rescale", img_size=32, batch_size=2, seed=0)
+    flows = make_flows(dataset, img_size=32, batch_size=2, seed=0)
     training = flows["train"].image_data_generator
     assert training.rotation_range == 20 and training.horizontal_flip and training.zoom_range == [0.8, 1.2]
     assert training.width_shift_range == 0.2 and training.height_shift_range == 0.2
-    assert training.fill_mode == "nearest" and training.rescale == 1 / 255
+    assert training.fill_mode == "nearest" and training.rescale is None
     assert training.shear_range == pytest.approx(11.46, abs=0.01)  # 0.2 radians, in degrees.
     assert flows["train"].shuffle
     for split in ("valid", "test"):
         generator = flows[split].image_data_generator
         assert generator.rotation_range == 0 and not generator.horizontal_flip
-        assert generator.rescale == 1 / 255
+        assert generator.rescale is None and generator.preprocessing_function is None
         assert not flows[split].shuffle
 
 
