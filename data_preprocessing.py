@@ -576,7 +576,10 @@ def build_parser(recipe):
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=positive_int, help="training epochs in all (default 10; 5 with --demo)")
     training.add_argument("--batch-size", type=positive_int, help="images per batch (default 32; 16 with --demo)")
-    training.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate (default 1e-4)")
+    training.add_argument(
+        "--learning-rate", type=positive_float, default=1e-4,
+        help="Adam's learning rate (default 1e-4); with --warmup-epochs, the head's rate during the warmup",
+    )
     training.add_argument(
         "--warmup-epochs", type=non_negative_int, default=0, metavar="K",
         help="first train the head alone for K epochs, with the whole base frozen (default 0: one phase, as the original)",
@@ -602,7 +605,9 @@ def build_parser(recipe):
         help=f"conv: train the last {recipe.trainable_conv_layers} conv layers (default); "
         f"layers: the original code's last {recipe.original_trainable_layers} Keras layers",
     )
-    training.add_argument("--patience", type=positive_int, help="stop after N epochs without a better val_loss")
+    training.add_argument(
+        "--patience", type=positive_int, help="stop after N epochs without a better val_loss (after the warmup)"
+    )
     speed = parser.add_argument_group("speed and scale")
     speed.add_argument(
         "--pipeline", choices=["idg", "tfdata"], default="idg",
@@ -661,6 +666,10 @@ def check_option_combinations(args):
             args.model == ENSEMBLE and (args.gradcam or args.evaluate),
             "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
             "test figures are in the results table",
+        ),
+        (
+            applying and (args.warmup_epochs or args.fine_tune_learning_rate is not None),
+            "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
         ),
         (
             args.fine_tune_learning_rate is not None and not args.warmup_epochs,

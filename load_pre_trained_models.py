@@ -28,6 +28,7 @@ import functools
 import importlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -107,6 +108,7 @@ def fine_tune(recipe, args, run_dir):
     model = add_classification_head(base, recipe, args.preprocessing)
     # The images: checked once, then fed as raw pixels, augmented for training.
     dataset, flows = load_images(args)
+    # (On a resume both fits run again, and each skips the epochs that its backup holds.)
     if args.warmup_epochs:
         # Optionally, train the new head alone first, with the whole base frozen: its random
         # weights would otherwise send large gradients into the pre-trained features.
@@ -117,7 +119,8 @@ def fine_tune(recipe, args, run_dir):
         freeze_all_but_last_conv_layers(base, recipe, args.unfreeze_rule)
     # 4. Compile: a change of the trainable layers takes effect only when the model is compiled.
     compile_model(model, args.fine_tune_learning_rate)
-    # 5. Fit: ModelCheckpoint keeps the model of the epoch with the lowest validation loss.
+    # 5. Fit, counting epochs on from the warmup's: ModelCheckpoint keeps the model of the epoch
+    # with the lowest validation loss.
     model.fit(flows["train"], validation_data=flows["valid"], initial_epoch=args.warmup_epochs, epochs=args.epochs,
               callbacks=training_callbacks(run_dir, args, phase="fine-tune"))
     # 6. Evaluate that best model on the test split, and write every output.
@@ -679,15 +682,13 @@ def run(recipe, args):
 
 def print_next_demo_step(recipe, args, run_dir):
     """After the demo, the command that applies its model to a face, with Grad-CAM."""
-    face = Path(pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0])
-    if face.is_relative_to(Path.cwd()):
-        face = face.relative_to(Path.cwd())
-    output_option = "" if args.output_dir == DEMO_OUTPUT_DIR else f" --output-dir {args.output_dir}"
+    face = pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0]
     script = next(script for script in MODEL_SCRIPTS if importlib.import_module(script).RECIPE == recipe)
-    print(
-        "Next, score a demo face and see which regions drove the score (Grad-CAM):\n"
-        f"  python {script}.py --demo{output_option} --predict {face} --gradcam {args.output_dir / 'gradcam'}"
-    )
+    command = ["python", os.path.relpath(Path(__file__).with_name(f"{script}.py")), "--demo"]
+    if args.output_dir != DEMO_OUTPUT_DIR:
+        command += ["--output-dir", str(args.output_dir)]
+    command += ["--predict", os.path.relpath(face), "--gradcam", str(args.output_dir / "gradcam")]
+    print(f"Next, score a demo face and see which regions drove the score (Grad-CAM):\n  {shlex.join(command)}")
 
 
 def precision_policy(mixed_precision):
@@ -777,7 +778,7 @@ def start_or_resume(run_dir, args):
             f"{settings_file.parent} holds an interrupted run made with {', '.join(changed)}; run it again "
             "with those to resume it, or delete that folder to start a new run"
         )
-    print(f"Resuming the interrupted run in {run_dir} from its last backed-up epoch")
+    print(f"Resuming the interrupted run in {run_dir}")
     return True
 
 
@@ -798,8 +799,9 @@ def is_complete_model_file(path):
 def best_val_loss_so_far(run_dir):
     """The val_loss of the model in model.keras, from the history; None before any epoch."""
     history = read_history(run_dir / "history.csv")
-    if len(history) and is_complete_model_file(run_dir / "model.keras"):
-        return float(history["val_loss"].min())
+    best = history["val_loss"].min() if len(history) else np.nan  # min() passes over NaN.
+    if np.isfinite(best) and is_complete_model_file(run_dir / "model.keras"):
+        return float(best)
     return None
 
 
@@ -813,6 +815,11 @@ class HistoryLogger(keras.callbacks.CSVLogger):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        self.announced = False
+
+    def announce(self):
+        """Say what this phase trains, once it has an epoch to train (a resume may have none)."""
+        self.announced = True
         trains = "the head alone"
         if self.phase != "warmup":
             conv_layers = len(trainable_conv_layer_names(self.model))
@@ -824,6 +831,8 @@ class HistoryLogger(keras.callbacks.CSVLogger):
         )
 
     def on_epoch_begin(self, epoch, logs=None):
+        if not self.announced:
+            self.announce()
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -842,6 +851,39 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         self.model._initial_epoch = None
         super().on_train_begin(logs)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops the run with one line, instead of training on, and testing, a model whose loss is NaN."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise UserError(
+                f"the training loss became {float(loss)}: the learning rate is too high for this model; "
+                f"delete {self.run_dir / 'backup'} and run again with a lower --learning-rate"
+            )
+
+
+class EarlyStoppingFromBest(keras.callbacks.EarlyStopping):
+    """EarlyStopping that counts its patience from the best val_loss so far.
+
+    Keras' own starts with no best, so after a warmup or a resume its first epoch would
+    always count as an improvement, even one worse than the model that is kept.
+    """
+
+    def __init__(self, best_so_far, **kwargs):
+        super().__init__(**kwargs)
+        self.best_so_far = best_so_far
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.best_so_far is not None:
+            self.best = self.best_so_far
 
 
 class MarkTrainingFinished(keras.callbacks.Callback):
@@ -866,20 +908,22 @@ def training_callbacks(run_dir, args, phase):
     Returns:
         A list of Keras callbacks for model.fit.
     """
-    backup_dir = run_dir / "backup"
+    backup_dir, best_so_far = run_dir / "backup", best_val_loss_so_far(run_dir)
     callbacks = [
         HistoryLogger(run_dir / "history.csv", phase, args.unfreeze_rule),
-        keras.callbacks.TerminateOnNaN(),
+        StopOnNaN(run_dir),
         # A later phase, or a resumed run, only replaces model.keras with a better model.
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "model.keras"), monitor="val_loss", save_best_only=True,
-            initial_value_threshold=best_val_loss_so_far(run_dir), verbose=1,
+            initial_value_threshold=best_so_far, verbose=1,
         ),
     ]
     if phase == "fine-tune":
         if args.patience:
             # After a resume, the patience counts again from the resumed epoch.
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, verbose=1))
+            callbacks.append(
+                EarlyStoppingFromBest(best_so_far, monitor="val_loss", patience=args.patience, verbose=1)
+            )
         callbacks.append(MarkTrainingFinished(backup_dir / "training-finished"))
     else:
         backup_dir = backup_dir / "warmup"

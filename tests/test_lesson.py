@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import load_pre_trained_models
-from conftest import REPOSITORY_DIR, CountEpochs, InterruptAfterFirstEpoch, add_callback, assert_one_line_error, run_script
+from conftest import REPOSITORY_DIR, CountEpochs, add_callback, assert_one_line_error, run_script
 from load_pre_trained_models import base_of, build_model, compile_model, load_recipes, pixel_scaling_layer
 
 RECIPES = {recipe.title: recipe for recipe in load_recipes()}
@@ -142,21 +142,43 @@ def test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_the_rate(tin
     assert (metrics["warmup_epochs"], metrics["fine_tune_learning_rate"], metrics["epochs_run"]) == (1, 1e-4, 2)
 
 
-def test_a_run_interrupted_in_its_warmup_resumes_into_the_second_phase(tiny_split_root, tmp_path, monkeypatch):
+class InterruptAfterEpoch(keras.callbacks.Callback):
+    """Stops training as Ctrl-C would, once the given epoch is over (and backed up)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "warmup_epochs, stopped_after, phases",
+    [
+        # Stopped in the warmup: the rest of the warmup, then the second phase from its start.
+        (2, 0, ["warmup", "warmup", "fine-tune"]),
+        # Stopped in the second phase: the warmup's backup says it is done, and nothing is repeated.
+        (1, 1, ["warmup", "fine-tune", "fine-tune"]),
+    ],
+)
+def test_an_interrupted_two_phase_run_resumes_where_it_stopped(
+    tiny_split_root, tmp_path, monkeypatch, warmup_epochs, stopped_after, phases
+):
     output_dir = tmp_path / "outputs"
-    options = ("--warmup-epochs", "2", "--epochs", "3")
-    add_callback(monkeypatch, InterruptAfterFirstEpoch())
+    options = ("--warmup-epochs", str(warmup_epochs), "--epochs", "3")
+    add_callback(monkeypatch, InterruptAfterEpoch(stopped_after))
     assert run_script("VGG16", tiny_split_root, output_dir, *options) == 130
     monkeypatch.undo()
 
     counter = CountEpochs()
     add_callback(monkeypatch, counter)
     assert run_script("VGG16", tiny_split_root, output_dir, *options) == 0
-    # Epoch 0 is not trained again; the second phase starts where the warmup ends.
-    assert counter.epochs_begun == [1, 2]
+    assert counter.epochs_begun == list(range(stopped_after + 1, 3))  # No epoch is trained twice.
     history = pd.read_csv(output_dir / "vgg16" / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
-    assert history["phase"].tolist() == ["warmup", "warmup", "fine-tune"]
+    assert history["phase"].tolist() == phases
 
 
 @pytest.mark.parametrize(
@@ -165,6 +187,7 @@ def test_a_run_interrupted_in_its_warmup_resumes_into_the_second_phase(tiny_spli
         (["--warmup-epochs", "2", "--epochs", "2"], ["--warmup-epochs 2", "--epochs 2"]),
         (["--fine-tune-learning-rate", "1e-5"], ["--fine-tune-learning-rate", "add --warmup-epochs"]),
         (["--warmup-epochs", "-1"], ["--warmup-epochs", "0 or more"]),
+        (["--predict", "face.jpg", "--warmup-epochs", "2"], ["--warmup-epochs", "--predict and --evaluate train none"]),
     ],
 )
 def test_warmup_mistakes_are_one_line_errors(capsys, tiny_split_root, tmp_path, options, fragments):

@@ -12,6 +12,7 @@ import pytest
 
 import load_pre_trained_models
 from conftest import (
+    REPOSITORY_DIR,
     RUN_OUTPUTS,
     TINY_IMAGES_PER_CLASS,
     CountEpochs,
@@ -176,7 +177,9 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     assert metrics["test_auc"] > 0.7
 
     next_command = capsys.readouterr().out.strip().splitlines()[-1].split()
-    assert next_command[:3] == ["python", "VGG16_finetuning.py", "--demo"] and "--gradcam" in next_command
+    # The script, as a path from where the demo ran, and the face, from the demo dataset.
+    assert next_command[0] == "python" and (tmp_path / next_command[1]).samefile(REPOSITORY_DIR / "VGG16_finetuning.py")
+    assert next_command[2] == "--demo" and next_command[4].startswith("datasets/demo/test/fake/")
     assert data_preprocessing.fine_tuning_command(RECIPE, next_command[2:]) == 0
     assert "  p_fake=" in capsys.readouterr().out
     assert len(list((tmp_path / "outputs" / "demo" / "gradcam").glob("*-gradcam.png"))) == 1
@@ -209,11 +212,29 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
     keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]).save(run_dir / "model.keras")
-    assert load_pre_trained_models.best_val_loss_so_far(run_dir) == 0.25
+    args = SimpleNamespace(patience=2, unfreeze_rule="conv")
+    callbacks = load_pre_trained_models.training_callbacks(run_dir, args, phase="fine-tune")
+    # ModelCheckpoint and EarlyStopping both start from the best model so far, not from scratch.
+    checkpoint = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
+    assert checkpoint.best == 0.25
+    early_stopping = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.EarlyStopping))
+    early_stopping.set_model(keras.Sequential())
+    early_stopping.on_train_begin()
+    assert early_stopping.best == 0.25
 
     # A model file cut off mid-write is no best model: the next epoch replaces it.
     (run_dir / "model.keras").write_bytes((run_dir / "model.keras").read_bytes()[:100])
     assert load_pre_trained_models.best_val_loss_so_far(run_dir) is None
+    # Nor is a history whose val_loss was never a number.
+    (run_dir / "history.csv").write_text("epoch,val_loss\n0,nan\n")
+    assert load_pre_trained_models.best_val_loss_so_far(run_dir) is None
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tiny_split_root, tmp_path, capsys):
+    assert run_script("VGG16", tiny_split_root, tmp_path / "outputs", "--learning-rate", "1e30") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: the training loss became nan") and "lower --learning-rate" in error[-1]
+    assert not (tmp_path / "outputs" / "vgg16" / "metrics.json").exists()
 
 
 def test_a_new_run_sets_the_previous_run_aside(tmp_path):
