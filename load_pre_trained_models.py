@@ -116,6 +116,7 @@ def fine_tune(recipe, args, run_dir):
         compile_model(model, args.learning_rate)
         model.fit(flows["train"], validation_data=flows["valid"], epochs=args.warmup_epochs,
                   callbacks=training_callbacks(run_dir, args, phase="warmup"))
+        # Then back to step 2: the last conv layers train again, now beside a trained head.
         freeze_all_but_last_conv_layers(base, recipe, args.unfreeze_rule)
     # 4. Compile: a change of the trainable layers takes effect only when the model is compiled.
     compile_model(model, args.fine_tune_learning_rate)
