@@ -226,8 +226,6 @@ def check_images(paths, split_root, cache_dir):
     Results are cached by path, size and modification time, so a second run only
     decodes new or changed files. Bad files are reported, never moved or deleted.
     """
-    import keras  # Only for its progress bar; imported here so that the module loads fast.
-
     cache_file = cache_file_for(split_root, cache_dir)
     cache = load_cache(cache_file)
     problems, unchecked = {}, []
@@ -242,6 +240,8 @@ def check_images(paths, split_root, cache_dir):
             unchecked.append((path, key, stat))
 
     if unchecked:
+        import keras  # Only for its progress bar; imported here so that TensorFlow loads only if needed.
+
         print(f"Checking {len(unchecked)} images (once; the result is cached in {cache_file})")
         progress = keras.utils.Progbar(len(unchecked), unit_name="image")
         # OpenCV and Pillow release the GIL while they decode, so threads use every core.
@@ -701,7 +701,12 @@ def parse_arguments(recipe, argv=None):
     # Without a warmup there is one phase, trained at --learning-rate, as in the original.
     if args.fine_tune_learning_rate is None:
         args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
-    return resolve_data_options(args)
+    args = resolve_data_options(args)
+    if not (args.predict or args.evaluate):
+        # Found now, so that a wrong path answers at once, and recorded whole, so that a
+        # resumed run uses the same data.
+        args.data_dir = find_split_root(args.data_dir).resolve()
+    return args
 
 
 @exits_on_user_error

@@ -52,7 +52,6 @@ from data_preprocessing import (
     evaluation_folder,
     exits_on_user_error,
     files_to_predict,
-    find_split_root,
     load_dataset,
     load_evaluation_images,
     readable_images,
@@ -647,7 +646,6 @@ def run(recipe, args):
         return evaluate_saved_model(recipe, args)
     if args.distribute == "multiworker":
         check_multiworker_cluster()
-    args.data_dir = find_split_root(args.data_dir).resolve()  # Recorded, so that a resume uses the same data.
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
     strategy = distribution_strategy(args.distribute)
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
