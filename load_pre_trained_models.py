@@ -449,7 +449,7 @@ def saved_model_file(recipe, args):
     )
 
 
-def load_ensemble(output_dir, recipe):
+def load_ensemble(output_dir):
     """The (title, model) pairs of the results table's Ensemble row, and their weights."""
     members = ensemble_members(read_runs(output_dir))
     if len(members) < 2:
@@ -557,7 +557,7 @@ def predict_images(recipe, args):
     if args.gradcam:
         refuse_writing_into_image_folders(args.gradcam, args.predict)
     if args.model == ENSEMBLE:
-        models, weights = load_ensemble(args.output_dir, recipe)
+        models, weights = load_ensemble(args.output_dir)
         members = [f"{title} (weight {weight:.2f})" for (title, _), weight in zip(models, weights)]
         source = "the ensemble of " + ", ".join(members)
     else:
@@ -682,7 +682,7 @@ def run(recipe, args):
 def print_next_demo_step(recipe, args, run_dir):
     """After the demo, the command that applies its model to a face, with Grad-CAM."""
     face = pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0]
-    script = next(script for script in MODEL_SCRIPTS if importlib.import_module(script).RECIPE == recipe)
+    script = MODEL_SCRIPTS[load_recipes().index(recipe)]
     command = ["python", os.path.relpath(Path(__file__).with_name(f"{script}.py")), "--demo"]
     if args.output_dir != DEMO_OUTPUT_DIR:
         command += ["--output-dir", str(args.output_dir)]
@@ -758,13 +758,13 @@ def set_aside_previous_run(run_dir):
 
 
 def start_or_resume(run_dir, args):
-    """Return True to resume the interrupted run in run_dir; otherwise start a new one."""
+    """Start a new run in run_dir, or check that the interrupted run there may be resumed with these options."""
     settings = {name: str(getattr(args, name)) for name in RESUMABLE_SETTINGS}
     settings_file = run_dir / "backup" / "settings.json"
     if not settings_file.exists():
         set_aside_previous_run(run_dir)
         write_json_atomically(settings_file, {"backup_format": BACKUP_FORMAT, **settings})
-        return False
+        return
     earlier = json.loads(settings_file.read_text())
     if earlier.get("backup_format") != BACKUP_FORMAT:
         raise UserError(
@@ -778,7 +778,6 @@ def start_or_resume(run_dir, args):
             "with those to resume it, or delete that folder to start a new run"
         )
     print(f"Resuming the interrupted run in {run_dir}")
-    return True
 
 
 def training_finished(run_dir):

@@ -60,11 +60,16 @@ def assert_one_line_error(capsys, *fragments):
         assert fragment in error_output[0]
 
 
-class InterruptAfterFirstEpoch(keras.callbacks.Callback):
-    """Stops training as Ctrl-C would, once the first epoch of a fit is over (and backed up)."""
+class InterruptAfterEpoch(keras.callbacks.Callback):
+    """Stops training as Ctrl-C would, once the given epoch is over (and backed up)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        raise KeyboardInterrupt
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
 
 
 class CountEpochs(keras.callbacks.Callback):

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import load_pre_trained_models
-from conftest import REPOSITORY_DIR, CountEpochs, add_callback, assert_one_line_error, run_script
+from conftest import REPOSITORY_DIR, CountEpochs, InterruptAfterEpoch, add_callback, assert_one_line_error, run_script
 from load_pre_trained_models import base_of, build_model, compile_model, load_recipes, pixel_scaling_layer
 
 RECIPES = {recipe.title: recipe for recipe in load_recipes()}
@@ -140,18 +140,6 @@ def test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_the_rate(tin
     assert history["phase"].tolist() == ["warmup", "fine-tune"]
     metrics = json.loads((output_dir / "vgg16" / "metrics.json").read_text())
     assert (metrics["warmup_epochs"], metrics["fine_tune_learning_rate"], metrics["epochs_run"]) == (1, 1e-4, 2)
-
-
-class InterruptAfterEpoch(keras.callbacks.Callback):
-    """Stops training as Ctrl-C would, once the given epoch is over (and backed up)."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize(

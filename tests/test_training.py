@@ -16,7 +16,7 @@ from conftest import (
     RUN_OUTPUTS,
     TINY_IMAGES_PER_CLASS,
     CountEpochs,
-    InterruptAfterFirstEpoch,
+    InterruptAfterEpoch,
     add_callback,
     run_script,
 )
@@ -131,7 +131,7 @@ def test_results_table_keeps_its_rows_across_runs(tmp_path):
 
 def test_interrupted_run_resumes_without_losing_epochs(tiny_split_root, tmp_path, monkeypatch):
     output_dir = tmp_path / "outputs"
-    add_callback(monkeypatch, InterruptAfterFirstEpoch())
+    add_callback(monkeypatch, InterruptAfterEpoch(0))
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
     assert (output_dir / "vgg16" / "backup").exists()
     assert len(pd.read_csv(output_dir / "vgg16" / "history.csv")) == 1
@@ -150,7 +150,7 @@ def test_interrupted_run_resumes_without_losing_epochs(tiny_split_root, tmp_path
 
 def test_resume_with_other_options_is_refused(tiny_split_root, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "outputs"
-    add_callback(monkeypatch, InterruptAfterFirstEpoch())
+    add_callback(monkeypatch, InterruptAfterEpoch(0))
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
     monkeypatch.undo()
     capsys.readouterr()
