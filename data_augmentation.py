@@ -7,8 +7,8 @@ first layer scales them as its pre-trained base expects (see load_pre_trained_mo
 so a saved model needs no preprocessing code of ours. Two input pipelines do this, with
 the same files and labels:
 
-- "idg" (the default): the original project's Keras ImageDataGenerator flows, which
-  decode and augment in Python, one worker thread per CPU core;
+- "idg" (the default): the original project's Keras ImageDataGenerator augmentation, in
+  flows that decode and augment in Python, one worker thread per CPU core;
 - "tfdata": a tf.data pipeline that decodes in parallel and applies all five
   augmentations as one projective warp per image, several times faster on a CPU.
 
@@ -23,20 +23,19 @@ will see:
 It writes OUTPUT_DIR/augmentation_samples.png (default outputs/, or outputs/demo/ with --demo).
 """
 
-import contextlib
-import io
 import math
 import os
 import sys
 
 import cv2
+import keras
 import matplotlib
 
 matplotlib.use("Agg")  # Draw to files: training servers have no screen.
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import tensorflow as tf
+from PIL import Image
 
 # Keras 3's own keras.preprocessing.image no longer has ImageDataGenerator; TensorFlow's
 # copy of Keras does.
@@ -75,25 +74,70 @@ TRAINING_AUGMENTATION = dict(
 # ---------------------------------------------------------------------------
 
 
+# Pillow reads 16-bit greyscale images in these modes (and 32-bit integer ones in "I"); its
+# convert("RGB"), which Keras' own flows call, clips their values to 255 and shows them white.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def load_pixels(path, img_size):
+    """An image file's pixels as float32 RGB, 0 to 255, resized to img_size as Keras' load_img does it.
+
+    That is: read with Pillow, grey and palette images made RGB, an alpha channel dropped,
+    and nearest-pixel resizing. A 16-bit greyscale image keeps the top 8 bits of each
+    value, as OpenCV and TensorFlow read it, so it looks as its 8-bit version does.
+    """
+    with Image.open(path) as image:
+        if image.mode in WIDE_GREY_MODES:
+            top_bits = np.asarray(image).astype(np.int64) >> 8
+            image = Image.fromarray(np.clip(top_bits, 0, 255).astype(np.uint8), "L")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (img_size, img_size):
+            image = image.resize((img_size, img_size), Image.NEAREST)
+        return np.asarray(image, np.float32)
+
+
+class ImageFlow(keras.utils.PyDataset):
+    """Batches of image files, and their labels if given, as ImageDataGenerator's own flows make them.
+
+    Each image is read with load_pixels, then, if a generator is given, randomly
+    transformed and standardized by it, as its flow_from_dataframe would. (That flow reads
+    16-bit greyscale images as white, hence this one.) Batches are prepared in parallel
+    threads, one per usable core, and still handed over in order.
+    """
+
+    def __init__(self, paths, labels, img_size, batch_size, generator=None, shuffle=False, seed=None):
+        super().__init__(workers=usable_cores())
+        self.paths, self.img_size, self.batch_size = [str(path) for path in paths], img_size, batch_size
+        self.labels = None if labels is None else np.asarray(labels, np.float32)
+        self.generator, self.shuffle = generator, shuffle
+        self.random = np.random.default_rng(seed)
+        self.order = np.arange(len(self.paths))
+        self.on_epoch_end()
+
+    def __len__(self):
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, index):
+        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        images = np.stack([self.transformed(load_pixels(self.paths[position], self.img_size)) for position in chosen])
+        return images if self.labels is None else (images, self.labels[chosen])
+
+    def transformed(self, image):
+        if self.generator is None:
+            return image
+        return self.generator.standardize(self.generator.random_transform(image))
+
+    def on_epoch_end(self):
+        """Draw a new order of the images for the next epoch, if they are shuffled."""
+        if self.shuffle:
+            self.order = self.random.permutation(len(self.paths))
+
+
 def image_flow(images, generator, img_size, batch_size, shuffle, seed):
-    """A Keras flow over (path, class name) pairs, with labels real = 0 and fake = 1."""
-    frame = pd.DataFrame(
-        {"filename": [str(path) for path, _ in images], "class": [name for _, name in images]}
-    )
-    # Keras would print "Found N non-validated image filenames" right after our own image check.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return generator.flow_from_dataframe(
-            frame,
-            x_col="filename",
-            y_col="class",
-            classes=list(CLASSES),  # Fixes the label order; the default would sort fake before real.
-            class_mode="binary",
-            target_size=(img_size, img_size),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            validate_filenames=False,  # data_preprocessing has already decoded every file.
-        )
+    """An ImageFlow over (path, class name) pairs, with labels real = 0 and fake = 1."""
+    labels = [CLASSES.index(class_name) for _, class_name in images]
+    return ImageFlow([path for path, _ in images], labels, img_size, batch_size, generator, shuffle, seed)
 
 
 def usable_cores():
@@ -106,19 +150,14 @@ def usable_cores():
 def image_generator_flows(dataset, img_size, batch_size, seed):
     """The train, valid and test ImageDataGenerator flows. Only training is augmented and shuffled."""
     training_generator = ImageDataGenerator(**TRAINING_AUGMENTATION)
-    evaluation_generator = ImageDataGenerator()
-    flows = {
+    # The threads of the training flow draw the random augmentations in whichever order
+    # they run, so --seed fixes the order of the images but not their augmentations.
+    return {
         "train": image_flow(dataset.images["train"], training_generator, img_size, batch_size, True, seed),
-        "valid": image_flow(dataset.images["valid"], evaluation_generator, img_size, batch_size, False, seed),
+        "valid": image_flow(dataset.images["valid"], None, img_size, batch_size, False, seed),
         # The test flow is never shuffled, so its predictions line up with its file names.
-        "test": image_flow(dataset.images["test"], evaluation_generator, img_size, batch_size, False, seed),
+        "test": image_flow(dataset.images["test"], None, img_size, batch_size, False, seed),
     }
-    for flow in flows.values():
-        # Each flow is a Keras PyDataset: fit and predict then prepare batches in parallel
-        # threads, and still hand them over in order. The threads draw the random
-        # augmentations in whichever order they run, so --seed no longer fixes them.
-        flow.workers = usable_cores()
-    return flows
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +268,7 @@ def augmented_image(path, seed, img_size):
 
 
 def check_tfdata_formats(images):
-    """Stop before training if tf.data could not decode some of the files."""
+    """Stop before training if tf.data could not decode some of the files, counting them all."""
     unreadable = [path for path, _ in images if path.suffix.lower() not in TFDATA_FORMATS]
     if unreadable:
         raise UserError(
@@ -240,7 +279,6 @@ def check_tfdata_formats(images):
 
 def image_dataset(images, img_size, batch_size, shuffle, augment, seed):
     """A batched tf.data pipeline over (path, class name) pairs, with labels real = 0 and fake = 1."""
-    check_tfdata_formats(images)
     paths = [str(path) for path, _ in images]
     labels = [float(CLASSES.index(name)) for _, name in images]
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -267,6 +305,7 @@ def image_dataset(images, img_size, batch_size, shuffle, augment, seed):
 
 def tfdata_pipelines(dataset, img_size, batch_size, seed):
     """The train, valid and test tf.data pipelines. Only training is augmented and shuffled."""
+    check_tfdata_formats([image for split in ("train", "valid", "test") for image in dataset.images[split]])
     return {
         "train": image_dataset(dataset.images["train"], img_size, batch_size, True, True, seed),
         "valid": image_dataset(dataset.images["valid"], img_size, batch_size, False, False, seed),
@@ -318,30 +357,14 @@ def perturb(image, jpeg_quality=None, blur_sigma=None):
 
 
 def prediction_flow(paths, img_size, batch_size):
-    """A flow of unlabelled images that reads them exactly as the test flow does.
-
-    Keras reads each file with Pillow (grey and palette images become RGB, an alpha
-    channel is dropped) and resizes it to img_size with nearest-neighbour sampling, so
-    a model gives an image the same p(fake) here as in its predictions.csv.
-    """
-    generator = ImageDataGenerator()
-    frame = pd.DataFrame({"filename": [str(path) for path in paths]})
-    # Keras prints how many files it found; --predict's output is kept to one line per image.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return generator.flow_from_dataframe(
-            frame,
-            x_col="filename",
-            class_mode=None,
-            target_size=(img_size, img_size),
-            batch_size=batch_size,
-            shuffle=False,
-            validate_filenames=False,  # The caller has already decoded every file.
-        )
+    """A flow of unlabelled images that reads them exactly as the test flow does (see load_pixels),
+    so that a model gives an image the same p(fake) here as in its predictions.csv."""
+    return ImageFlow(paths, None, img_size, batch_size)
 
 
 def evaluation_flow(images, img_size, batch_size, perturbation=None):
     """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation of each image."""
-    generator = ImageDataGenerator(preprocessing_function=perturbation)
+    generator = None if perturbation is None else ImageDataGenerator(preprocessing_function=perturbation)
     return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0)
 
 

@@ -26,13 +26,18 @@ we never read them.)
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import io
 import json
+import math
 import os
 import random
+import re
+import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,59 +114,100 @@ def find_split_root(data_dir=None):
 
 
 def files_in(folder):
-    """The files directly in `folder`, sorted. Hidden files such as .DS_Store are not images and not mistakes."""
-    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    """The files directly in `folder`, sorted, and {path: why it is passed over} for whatever else is there.
+
+    Hidden entries such as .DS_Store are neither images nor mistakes, and are passed over
+    in silence; a subfolder or a broken link is reported, as it may hold images meant for training.
+    """
+    files, passed_over = [], {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            passed_over[path] = "a folder; class folders are read one level deep, so move its images up"
+        elif path.is_symlink():
+            passed_over[path] = "a broken link; it points to nothing"
+        else:
+            passed_over[path] = "not a regular file"
+    return files, passed_over
 
 
-def class_files(folder, class_name, needed):
-    """The files of one class folder; `needed` says, in the error, what the folder should hold."""
+def class_files(folder, class_name, needed, passed_over):
+    """The files of one class folder; `needed` says, in the error, what the folder should hold.
+
+    What the folder holds besides files is added to `passed_over`, to be reported.
+    """
     if not folder.is_dir():
         raise UserError(f"{folder} is missing: {needed}")
-    paths = files_in(folder)
+    paths, others = files_in(folder)
+    passed_over.update(others)
     if not paths:
-        raise UserError(f"{folder} is empty; put the {class_name} images there")
+        holds = f"holds no image file, only {len(others)} folders or broken links" if others else "is empty"
+        raise UserError(f"{folder} {holds}; put the {class_name} images there")
     return paths
 
 
 def list_images(split_root):
-    """Return {split: {class: [paths]}}, after checking that every folder is there."""
+    """Return {split: {class: [paths]}}, after checking that every folder is there, and what was passed over."""
     needed = "the dataset needs train/, valid/ and test/, each with real/ and fake/"
-    return {
-        split: {name: class_files(split_root / split / name, name, needed) for name in CLASSES} for split in SPLITS
+    passed_over = {}
+    files = {
+        split: {name: class_files(split_root / split / name, name, needed, passed_over) for name in CLASSES}
+        for split in SPLITS
     }
+    return files, passed_over
 
 
 def evaluation_folder(data_dir):
     """The folder holding real/ and fake/ to evaluate on: `data_dir` itself, or its dataset's test/ split."""
-    if data_dir is not None and all((Path(data_dir) / name).is_dir() for name in CLASSES):
-        return Path(data_dir)
+    if data_dir is not None:
+        present = [name for name in CLASSES if (Path(data_dir) / name).is_dir()]
+        if len(present) == len(CLASSES):
+            return Path(data_dir)
+        if present:
+            missing = next(name for name in CLASSES if name not in present)
+            raise UserError(
+                f"{data_dir} has {present[0]}/ but no {missing}/; --evaluate needs both, to measure "
+                f"how well the model tells them apart: add {Path(data_dir) / missing}"
+            )
     return find_split_root(data_dir) / "test"
 
 
 def list_evaluation_images(folder):
-    """Return {class: [paths]} for a folder holding real/ and fake/."""
+    """Return {class: [paths]} for a folder holding real/ and fake/, and what was passed over."""
     needed = "--evaluate needs a folder holding real/ and fake/, or a dataset with test/real/ and test/fake/"
-    return {name: class_files(folder / name, name, needed) for name in CLASSES}
+    passed_over = {}
+    return {name: class_files(folder / name, name, needed, passed_over) for name in CLASSES}, passed_over
 
 
 def files_to_predict(paths):
     """The files named by `paths`, and every file inside the folders among them, in order.
 
-    A path that does not exist is reported and passed over, like an unreadable image.
+    A path that does not exist, or a broken link, is reported and passed over, like an unreadable image.
     """
     files = []
     for path in map(Path, paths):
         if path.is_dir():
             # Folders are searched to any depth, so that a split root's test/ can be scored at once.
-            files += sorted(
-                file for file in path.rglob("*")
-                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
+            inside = sorted(
+                entry for entry in path.rglob("*")
+                if not any(part.startswith(".") for part in entry.relative_to(path).parts)
             )
+            files += [entry for entry in inside if entry.is_file()]
+            for broken_link in [entry for entry in inside if entry.is_symlink() and not entry.exists()]:
+                print(f"warning: skipping {broken_link}: a broken link; it points to nothing", file=sys.stderr)
         elif path.is_file():
             files.append(path)
         else:
-            print(f"warning: skipping {path}: no such file or folder", file=sys.stderr)
+            problem = "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder"
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
     return files
+
+
+# What the image check decodes (both OpenCV and Pillow read these), as the error messages name them.
+READABLE_FORMATS = ("JPEG", "PNG", "BMP", "WebP", "TIFF", "GIF", "PPM")
 
 
 def readable_images(paths):
@@ -171,8 +217,8 @@ def readable_images(paths):
     good = [path for path in paths if problems[path] is None]
     if not good:
         raise UserError(
-            "none of the files given to --predict is a readable image; name JPEG, PNG, BMP or WebP files, "
-            "or folders holding them"
+            "none of the files given to --predict is a readable image; name "
+            f"{', '.join(READABLE_FORMATS[:-1])} or {READABLE_FORMATS[-1]} files, or folders holding them"
         )
     return good
 
@@ -188,6 +234,19 @@ def image_problem(path):
         return f"unreadable ({error.strerror})"
     if not data:
         return "empty file"
+    # Pillow reads the size first, and refuses images so large that they could exhaust the
+    # memory (a "decompression bomb"); Keras reads every image with Pillow, so they are left out.
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
+    except Exception:  # Not an image Pillow knows: OpenCV decides below.
+        width = height = 0
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return f"too large ({width} x {height} pixels, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
     try:
         # OpenCV returns None for most bad files, and raises for a few (an absurd size).
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -205,7 +264,7 @@ def image_problem(path):
 
 
 # Raise this whenever image_problem changes, so that older verdicts are not reused.
-IMAGE_CHECK_VERSION = 2
+IMAGE_CHECK_VERSION = 3
 
 
 def cache_file_for(split_root, cache_dir):
@@ -303,7 +362,7 @@ def usable_images(chosen, folder, bad_files, require_every_class=True):
 
 def load_dataset(split_root, cache_dir, subset=None, seed=42, require_every_class=True):
     """List, subsample (with --subset) and check the dataset under `split_root`."""
-    files = list_images(split_root)
+    files, passed_over = list_images(split_root)
     # Subsample before checking, so that a quick run on a few images decodes only those.
     chosen = {
         split: {name: choose_subset(files[split][name], subset, seed) for name in CLASSES} for split in SPLITS
@@ -313,15 +372,15 @@ def load_dataset(split_root, cache_dir, subset=None, seed=42, require_every_clas
     images = {
         split: usable_images(chosen[split], split_root / split, bad_files, require_every_class) for split in SPLITS
     }
-    return Dataset(split_root, images, bad_files)
+    return Dataset(split_root, images, {**passed_over, **bad_files})
 
 
 def load_evaluation_images(folder, cache_dir, subset=None, seed=42):
     """The readable (path, class name) pairs of a folder holding real/ and fake/, checked like a dataset."""
-    files = list_evaluation_images(folder)
+    files, passed_over = list_evaluation_images(folder)
     chosen = {name: choose_subset(files[name], subset, seed) for name in CLASSES}
     bad_files = check_images([path for name in CLASSES for path in chosen[name]], folder, cache_dir)
-    report_bad_files(bad_files)
+    report_bad_files({**passed_over, **bad_files})
     # Both classes are needed: without them there is no ROC curve, no AUC and no equal error rate.
     return usable_images(chosen, folder, bad_files)
 
@@ -426,7 +485,14 @@ class UserError(Exception):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like every other error here."""
+    """An ArgumentParser whose errors are one line, like every other error here.
+
+    Options must be spelled out: argparse would otherwise take --epoch 3 for --epochs 3,
+    and a later option beginning the same way would silently change what it means.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -447,7 +513,10 @@ def exits_on_user_error(main):
 
 
 def checked_number(convert, is_allowed, allowed):
-    """An argparse type that reads a number with `convert` and accepts it if `is_allowed`."""
+    """An argparse type that reads a number with `convert` and accepts it if `is_allowed`.
+
+    float() reads "inf" and "nan" too; no option here means either, so they are refused.
+    """
     kind = "whole number" if convert is int else "number"
 
     def parse(text):
@@ -455,6 +524,8 @@ def checked_number(convert, is_allowed, allowed):
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number, {allowed}")
         if not is_allowed(value):
             raise argparse.ArgumentTypeError(f"{text} must be {allowed}")
         return value
@@ -521,16 +592,114 @@ def write_json_atomically(path, content):
     write_text_atomically(path, json.dumps(content, indent=2))
 
 
-def ensure_writable_folder(folder):
-    """Create `folder` and check that files can be written there, before any long work."""
+def ensure_writable_folder(folder, option="--output-dir"):
+    """Create `folder` and check that files can be written there, before any long work; `option` names it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot write to {folder} ({error.strerror}); choose another --output-dir") from None
+        # mkdir says "File exists" or "Not a directory" when a plain file stands where a folder should be.
+        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise UserError(f"cannot write to {folder} ({reason}); choose another {option}") from None
     return folder
+
+
+def check_output_file(path, option):
+    """Check, before any long work, that the file `option` names can be written."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; name a file")
+    ensure_writable_folder(path.parent, option)
+
+
+def refuse_output_inside(output, image_folders, option):
+    """Refuse an output folder that is, or is inside, one of the image folders: its files would be read as images."""
+    output = Path(output).resolve()
+    for folder in map(Path, image_folders):
+        if output == folder.resolve() or folder.resolve() in output.parents:
+            raise UserError(f"{option} {output} is inside the image folder {folder}; choose a folder outside it")
+
+
+# ---------------------------------------------------------------------------
+# One run at a time
+# ---------------------------------------------------------------------------
+
+# Locked beyond anything written, as Windows' locks keep other processes from reading the locked bytes.
+WINDOWS_LOCK_OFFSET = 2**20
+
+
+def lock(handle, wait):
+    """Lock an open file for this process; return False if another process holds it and `wait` is False.
+
+    The operating system releases the lock when the process ends, however it ends.
+    """
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(WINDOWS_LOCK_OFFSET)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def locked(lock_file):
+    """Hold lock_file's lock while the block runs, waiting for it if another process holds it."""
+    with open(lock_file, "a") as handle:
+        lock(handle, wait=True)
+        yield
+
+
+# A run's lock file, in OUTPUT_DIR/<model>/; it holds who runs there.
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(folder):
+    """Let one run at a time write into `folder`: a second one stops at once, and names the first.
+
+    The lock file holds who runs there while they do, and is emptied when they end. A run
+    killed before it could empty it leaves its name behind, but not its lock, which the
+    operating system releases: the next run takes the folder over, and says so.
+    """
+    lock_file = folder / RUN_LOCK
+    lock_file.touch()
+    with open(lock_file, "r+") as handle:
+        if not lock(handle, wait=False):
+            handle.seek(0)
+            holder = handle.read().strip() or "another run"
+            raise UserError(
+                f"{folder} is in use by {holder}; wait for that run to end, or give this one another --output-dir"
+            )
+        handle.seek(0)
+        left_behind = handle.read().strip()
+        if left_behind:
+            print(f"Taking over {folder} from a run that ended without releasing it ({left_behind})")
+        command = " ".join([Path(sys.executable).name, *sys.argv])
+        write_lock_holder(handle, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}: {command}")
+        try:
+            yield
+        finally:
+            # Emptied, not deleted: a run that has just opened the file must lock this same file.
+            write_lock_holder(handle, "")
+
+
+def write_lock_holder(handle, holder):
+    handle.seek(0)
+    handle.truncate()
+    handle.write(holder)
+    handle.flush()
+
 
 # ---------------------------------------------------------------------------
 # The four fine-tuning scripts' command line
@@ -553,6 +722,8 @@ class ModelRecipe:
     min_img_size: int = 32  # The smallest input the base accepts.
 
 
+# The dataset's faces are 256 pixels, and a model's memory grows with the square of the side.
+MAX_IMG_SIZE = 1024
 DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imagenet")
 # Small enough to train on a laptop CPU in a minute or two, with nothing to download.
 DEMO_DEFAULTS = dict(epochs=5, batch_size=16, img_size=64, weights="none")
@@ -590,7 +761,7 @@ def build_parser(recipe):
     )
     training.add_argument(
         "--img-size", type=positive_int,
-        help=f"image side in pixels (default 224; 64 with --demo; at least {recipe.min_img_size})",
+        help=f"image side in pixels (default 224; 64 with --demo; {recipe.min_img_size} to {MAX_IMG_SIZE})",
     )
     training.add_argument(
         "--weights", help="imagenet, none, or the path of a weights file for the base (default imagenet; none with --demo)"
@@ -695,6 +866,11 @@ def parse_arguments(recipe, argv=None):
             setattr(args, option, value)
     if args.img_size < recipe.min_img_size:
         raise UserError(f"--img-size {args.img_size} is too small for {recipe.title}: use {recipe.min_img_size} or more")
+    if args.img_size > MAX_IMG_SIZE:
+        raise UserError(
+            f"--img-size {args.img_size} is more than {MAX_IMG_SIZE}: the dataset's faces are 256 pixels, and "
+            f"memory grows with the square of the size; use {MAX_IMG_SIZE} or less"
+        )
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
     check_option_combinations(args)
@@ -702,11 +878,35 @@ def parse_arguments(recipe, argv=None):
     if args.fine_tune_learning_rate is None:
         args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
     args = resolve_data_options(args)
-    if not (args.predict or args.evaluate):
+    if args.predict:
+        check_prediction_outputs(args)
+    elif args.evaluate:
+        args.evaluation_folder = evaluation_folder(args.data_dir)
+        refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
+    else:
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data.
         args.data_dir = find_split_root(args.data_dir).resolve()
+        refuse_output_inside(args.output_dir, [args.data_dir], "--output-dir")
+        if args.output_dir.resolve() in args.data_dir.parents:
+            raise UserError(
+                f"the dataset {args.data_dir} is inside --output-dir {args.output_dir}; keep results and data "
+                "apart, so that a results folder can be shared or deleted whole: choose an output folder beside it"
+            )
     return args
+
+
+def check_prediction_outputs(args):
+    """Check --csv and --gradcam before any image is read: each must be writable and outside the images' folders."""
+    folders_given = [path for path in args.predict if path.is_dir()]
+    if args.csv:
+        check_output_file(args.csv, "--csv")
+        refuse_output_inside(args.csv.parent, folders_given, "--csv")
+    if args.gradcam:
+        # The overlays are images: beside an image given as a file, they would be scored the next time.
+        files_given = [path.parent for path in args.predict if path.is_file()]
+        refuse_output_inside(args.gradcam, folders_given + files_given, "--gradcam")
+        ensure_writable_folder(args.gradcam, "--gradcam")
 
 
 @exits_on_user_error

@@ -49,11 +49,11 @@ from data_preprocessing import (
     OneLineArgumentParser,
     UserError,
     ensure_writable_folder,
-    evaluation_folder,
     exits_on_user_error,
     files_to_predict,
     load_dataset,
     load_evaluation_images,
+    one_run_at_a_time,
     readable_images,
     report_bad_files,
     write_json_atomically,
@@ -319,12 +319,29 @@ def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
 def load_best_model(run_dir, last_model=None):
     """The model with the lowest val_loss, as model.keras holds it."""
     model_file = run_dir / "model.keras"
-    if not model_file.exists():  # val_loss was never a number: keep the last weights.
+    if not model_file.exists():
+        history = read_history(run_dir / "history.csv")
+        if not np.isfinite(history["val_loss"].astype(float)).any():
+            raise TrainingDiverged(
+                f"the validation loss was not a finite number in any of the {len(history)} epochs, so there is "
+                "no model to test; run again with a lower --learning-rate"
+            )
         if last_model is None:
             raise UserError(f"{model_file} is missing; delete {run_dir / 'backup'} to train again")
-        print("warning: val_loss never improved; model.keras holds the last epoch's model", file=sys.stderr)
-        last_model.save(model_file)
+        print("warning: model.keras is missing; it now holds the last epoch's model", file=sys.stderr)
+        save_whole(last_model, model_file)
     return keras.models.load_model(model_file)
+
+
+def save_whole(model, model_file):
+    """Save into a temporary file, then rename it: a kill mid-save leaves the earlier file whole."""
+    model.save(saving_file(model_file))
+    os.replace(saving_file(model_file), model_file)
+
+
+def saving_file(model_file):
+    """Where a model is saved before it is renamed to model_file; it too ends in .keras, as Keras requires."""
+    return model_file.with_name(f".saving-{model_file.name}")
 
 
 def predict_split(model, flow, images):
@@ -414,6 +431,11 @@ def image_size(model):
 
 def load_saved_model(model_file, recipe):
     """Load a detector that this recipe's script saved; refuse anything else with one line."""
+    if Path(model_file).suffix == ".keras" and not is_complete_model_file(model_file):
+        raise UserError(
+            f"{model_file} is not a complete .keras file (it was cut off, perhaps while it was copied or saved); "
+            "copy it again, or train the model again"
+        )
     try:
         model = keras.models.load_model(model_file)
     except Exception as error:  # Keras raises several kinds for a file that is not a model.
@@ -538,14 +560,6 @@ def write_gradcam_overlays(model, lines, gradcam_dir, batch_size):
     ]
 
 
-def refuse_writing_into_image_folders(folder, predicted_paths):
-    """The images' folders are read, never written: refuse an output folder inside one of them."""
-    folder = folder.resolve()
-    for path in map(Path, predicted_paths):
-        if path.is_dir() and (folder == path.resolve() or path.resolve() in folder.parents):
-            raise UserError(f"--gradcam {folder} is inside the image folder {path}; choose a folder outside it")
-
-
 def prediction_lines(paths, p_fake, threshold):
     """The table --predict prints: path, p(fake) and the verdict at the threshold."""
     verdicts = np.where(p_fake >= threshold, "fake", "real")
@@ -553,9 +567,10 @@ def prediction_lines(paths, p_fake, threshold):
 
 
 def predict_images(recipe, args):
-    """--predict: print p(fake) and a verdict for each image; train nothing and write only where asked."""
-    if args.gradcam:
-        refuse_writing_into_image_folders(args.gradcam, args.predict)
+    """--predict: print p(fake) and a verdict for each image; train nothing and write only where asked.
+
+    Where --csv and --gradcam write was checked with the options, before any image is read.
+    """
     if args.model == ENSEMBLE:
         models, weights = load_ensemble(args.output_dir)
         members = [f"{title} (weight {weight:.2f})" for (title, _), weight in zip(models, weights)]
@@ -575,7 +590,7 @@ def predict_images(recipe, args):
         write_text_atomically(args.csv, lines.to_csv(index=False))
         print(f"Wrote {args.csv}")
     if args.gradcam:
-        overlays = write_gradcam_overlays(models[0][1], lines, ensure_writable_folder(args.gradcam), args.batch_size)
+        overlays = write_gradcam_overlays(models[0][1], lines, args.gradcam, args.batch_size)
         print(f"Wrote {len(overlays)} Grad-CAM overlays to {args.gradcam}")
     return 0
 
@@ -601,11 +616,18 @@ def evaluation_labels(recipe, args, folder):
 def evaluate_saved_model(recipe, args):
     """--evaluate: measure a saved model on another folder of real and fake faces, perhaps perturbed."""
     model_file = saved_model_file(recipe, args)
-    folder = evaluation_folder(args.data_dir)
-    eval_name, eval_title = evaluation_labels(recipe, args, folder)
-    eval_dir = ensure_writable_folder(args.output_dir / recipe.name / eval_name)
+    folder = args.evaluation_folder  # Found, and checked, with the options.
     images = load_evaluation_images(folder, args.output_dir / ".cache", args.subset, args.seed)
     model = load_saved_model(model_file, recipe)
+    eval_name, eval_title = evaluation_labels(recipe, args, folder)
+    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
+    with one_run_at_a_time(run_dir):
+        return write_evaluation(recipe, args, model, model_file, images, run_dir / eval_name, eval_title)
+
+
+def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_title):
+    """Score the images, perhaps perturbed, and write the evaluation's outputs into eval_dir."""
+    folder = args.evaluation_folder
     perturbation = None
     if args.jpeg_quality is not None or args.blur:
         perturbation = functools.partial(perturb, jpeg_quality=args.jpeg_quality, blur_sigma=args.blur)
@@ -619,6 +641,7 @@ def evaluate_saved_model(recipe, args):
         "blur_sigma": args.blur,
         **classification_metrics(predictions, args.threshold),
     }
+    eval_dir.mkdir(exist_ok=True)
     figures = write_test_outputs(eval_dir, eval_title, predictions, metrics)
     print(
         f"\n{recipe.title} on {folder} ({metrics['n_test']} images): accuracy {metrics['test_accuracy']:.4f}, "
@@ -649,6 +672,21 @@ def run(recipe, args):
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
     strategy = distribution_strategy(args.distribute)
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
+    # A second run into the same folder would mix its epochs, history and model with this one's.
+    with one_run_at_a_time(run_dir):
+        metrics = train_and_test(recipe, args, run_dir, strategy)
+    if metrics is None:  # Interrupted: the same command resumes it.
+        return 130
+    print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
+    print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
+    print(f"Results so far ({args.output_dir / 'results.md'}):\n{(args.output_dir / 'results.md').read_text()}")
+    if args.demo:
+        print_next_demo_step(recipe, args, run_dir)
+    return 0
+
+
+def train_and_test(recipe, args, run_dir, strategy):
+    """Start, or resume, the run in run_dir, and tell the story; return its test metrics, or None if interrupted."""
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(precision_policy(args.mixed_precision))
     # Each input pipeline shuffles its own training images; Keras need not say it leaves them be.
@@ -667,16 +705,21 @@ def run(recipe, args):
             print("\nInterrupted. Run the same command again to resume after the last finished epoch.")
         else:
             print("\nInterrupted before the first epoch finished; the same command starts it again.")
-        return 130
-    # Every output is written: the run is complete, and its backup is no longer needed.
+        return None
+    except TrainingDiverged:
+        # Its backup could only resume a run that cannot go on; the corrected command starts afresh.
+        shutil.rmtree(run_dir / "backup", ignore_errors=True)
+        raise
+    except (tf.errors.ResourceExhaustedError, MemoryError):
+        raise UserError(
+            f"out of memory with --batch-size {args.batch_size} and --img-size {args.img_size}; "
+            "run again with a smaller --batch-size (or --img-size)"
+        ) from None
+    # Every output is written: the run is complete, and neither its backup nor a save cut
+    # off by a kill is needed any more.
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
-
-    print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
-    print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
-    print(f"Results so far ({args.output_dir / 'results.md'}):\n{(args.output_dir / 'results.md').read_text()}")
-    if args.demo:
-        print_next_demo_step(recipe, args, run_dir)
-    return 0
+    saving_file(run_dir / "model.keras").unlink(missing_ok=True)
+    return metrics
 
 
 def print_next_demo_step(recipe, args, run_dir):
@@ -741,26 +784,36 @@ BACKUP_FORMAT = 2
 
 
 def set_aside_previous_run(run_dir):
-    """Move a finished run's outputs to previous/, so that a new run neither loses nor mixes with them."""
+    """Move an earlier run's outputs aside, so that a new run neither loses nor mixes with them.
+
+    A finished run (one with metrics.json) goes to previous/; an attempt that never got as
+    far as its test (it diverged, or its backup was deleted) goes to unfinished/, so that
+    previous/ still holds the last finished run. One of each is kept, not more.
+    """
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     # Evaluations of the earlier model go with it.
     outputs += sorted(run_dir.glob(f"{EVALUATION_PREFIX}*"))
     if not outputs:
         return
-    previous_dir = run_dir / "previous"
-    shutil.rmtree(previous_dir, ignore_errors=True)  # One run back is kept, not more.
-    previous_dir.mkdir()
+    finished = (run_dir / "metrics.json").exists()
+    aside_dir = run_dir / ("previous" if finished else "unfinished")
+    shutil.rmtree(aside_dir, ignore_errors=True)
+    aside_dir.mkdir()
     for path in outputs:
-        path.rename(previous_dir / path.name)
-    print(f"Moved the previous run's outputs to {previous_dir}")
+        path.rename(aside_dir / path.name)
+    print(f"Moved the {'previous run' if finished else 'unfinished attempt'}'s outputs to {aside_dir}")
     write_results_table(run_dir.parent)  # Its row leaves the results table with them.
 
 
 def start_or_resume(run_dir, args):
     """Start a new run in run_dir, or check that the interrupted run there may be resumed with these options."""
     settings = {name: str(getattr(args, name)) for name in RESUMABLE_SETTINGS}
-    settings_file = run_dir / "backup" / "settings.json"
+    backup_dir = run_dir / "backup"
+    settings_file = backup_dir / "settings.json"
+    if settings_file.exists() and not finished_an_epoch(backup_dir):
+        print(f"The run interrupted in {run_dir} had not finished an epoch: there is nothing to resume, starting afresh")
+        shutil.rmtree(backup_dir)
     if not settings_file.exists():
         set_aside_previous_run(run_dir)
         write_json_atomically(settings_file, {"backup_format": BACKUP_FORMAT, **settings})
@@ -777,12 +830,31 @@ def start_or_resume(run_dir, args):
             f"{settings_file.parent} holds an interrupted run made with {', '.join(changed)}; run it again "
             "with those to resume it, or delete that folder to start a new run"
         )
+    finished_epochs = epochs_of_finished_training(run_dir)
+    if finished_epochs not in (None, args.epochs):
+        raise UserError(
+            f"{run_dir} holds a run that finished training with --epochs {finished_epochs} and was stopped while "
+            f"testing; run it again with --epochs {finished_epochs} to test it, or delete {backup_dir} to train anew"
+        )
     print(f"Resuming the interrupted run in {run_dir}")
+
+
+def finished_an_epoch(backup_dir):
+    """True if a backup holds the weights of a finished epoch, in either phase."""
+    return any(backup_dir.rglob("latest.weights.h5*"))
 
 
 def training_finished(run_dir):
     """True once an earlier session of this run finished training (and was stopped while evaluating)."""
     return (run_dir / "backup" / "training-finished").exists()
+
+
+def epochs_of_finished_training(run_dir):
+    """The --epochs that a run finished training with, as its mark records; None if it has not finished."""
+    if not training_finished(run_dir):
+        return None
+    recorded = (run_dir / "backup" / "training-finished").read_text().strip()
+    return int(recorded) if recorded.isdigit() else None
 
 
 def is_complete_model_file(path):
@@ -795,24 +867,25 @@ def is_complete_model_file(path):
 
 
 def best_val_loss_so_far(run_dir):
-    """The val_loss of the model in model.keras, from the history; None before any epoch."""
-    history = read_history(run_dir / "history.csv")
-    best = history["val_loss"].min() if len(history) else np.nan  # min() passes over NaN.
-    if np.isfinite(best) and is_complete_model_file(run_dir / "model.keras"):
-        return float(best)
-    return None
+    """The lowest val_loss in the history, that of the model in model.keras; None before any finite one."""
+    val_loss = read_history(run_dir / "history.csv")["val_loss"].astype(float)
+    finite = val_loss[np.isfinite(val_loss)]
+    return float(finite.min()) if len(finite) else None
 
 
-class HistoryLogger(keras.callbacks.CSVLogger):
-    """CSVLogger that also says what a phase trains, and records each epoch's phase and wall time."""
+class HistoryLogger(keras.callbacks.Callback):
+    """Writes history.csv as CSVLogger does, one row per epoch, with each epoch's phase and wall time.
+
+    Unlike CSVLogger, it rewrites the whole file after each epoch, through a temporary
+    file: a kill never leaves half a row, and an epoch that a resumed run trains again (a
+    kill can fall between an epoch's row and its backup) replaces its earlier row.
+    """
 
     def __init__(self, history_file, phase, unfreeze_rule):
-        # Appends, so that the history survives a crash and both phases share one file.
-        super().__init__(str(history_file), append=True)
-        self.phase, self.unfreeze_rule = phase, unfreeze_rule
+        super().__init__()
+        self.history_file, self.phase, self.unfreeze_rule = history_file, phase, unfreeze_rule
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
         self.announced = False
 
     def announce(self):
@@ -835,7 +908,34 @@ class HistoryLogger(keras.callbacks.CSVLogger):
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = round(time.perf_counter() - self.started, 1)
-        super().on_epoch_end(epoch, {**(logs or {}), "phase": self.phase, "seconds": seconds})
+        row = {"epoch": epoch, **{name: float(value) for name, value in sorted((logs or {}).items())}}
+        row.update(phase=self.phase, seconds=seconds)
+        history = read_history(self.history_file)
+        history = history[history["epoch"].astype(int) < epoch]  # Rows of this epoch or later are replaced.
+        rows = [*history.to_dict("records"), row]
+        write_text_atomically(self.history_file, pd.DataFrame(rows).to_csv(index=False))
+
+
+class SaveBestModel(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that keeps the best model whole: it saves into a temporary file, then renames it.
+
+    A kill during a save, which takes seconds for a large model, leaves the previous
+    best model as it was, instead of a file cut off halfway.
+    """
+
+    def __init__(self, model_file, **kwargs):
+        self.model_file = Path(model_file)
+        self.saving_file = saving_file(self.model_file)
+        super().__init__(str(self.saving_file), save_best_only=True, **kwargs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        best_before = self.best
+        super().on_epoch_end(epoch, logs)
+        if self.saving_file.exists():
+            os.replace(self.saving_file, self.model_file)
+            # Keras starts from None or from infinity, depending on its version.
+            improved = "is" if best_before is None or np.isinf(best_before) else f"improved from {best_before:.4f} to"
+            print(f"Epoch {epoch + 1}: {self.monitor} {improved} {self.best:.4f}; saved {self.model_file}")
 
 
 class PhaseBackup(keras.callbacks.BackupAndRestore):
@@ -851,19 +951,19 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
         super().on_train_begin(logs)
 
 
+class TrainingDiverged(UserError):
+    """The loss is not a number any more: the run cannot go on, and its backup is deleted."""
+
+
 class StopOnNaN(keras.callbacks.Callback):
     """Stops the run with one line, instead of training on, and testing, a model whose loss is NaN."""
-
-    def __init__(self, run_dir):
-        super().__init__()
-        self.run_dir = run_dir
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
-            raise UserError(
+            raise TrainingDiverged(
                 f"the training loss became {float(loss)}: the learning rate is too high for this model; "
-                f"delete {self.run_dir / 'backup'} and run again with a lower --learning-rate"
+                "run again with a lower --learning-rate (the run then starts afresh)"
             )
 
 
@@ -885,14 +985,17 @@ class EarlyStoppingFromBest(keras.callbacks.EarlyStopping):
 
 
 class MarkTrainingFinished(keras.callbacks.Callback):
-    """Leaves a mark once the last phase ends, so that a session stopped while evaluating does not train on."""
+    """Leaves a mark once the last phase ends, so that a session stopped while evaluating does not train on.
 
-    def __init__(self, mark_file):
+    The mark records --epochs, so that a later command can tell whether it asks for the same training.
+    """
+
+    def __init__(self, mark_file, epochs):
         super().__init__()
-        self.mark_file = mark_file
+        self.mark_file, self.epochs = mark_file, epochs
 
     def on_train_end(self, logs=None):
-        self.mark_file.touch()
+        write_text_atomically(self.mark_file, str(self.epochs))
 
 
 def training_callbacks(run_dir, args, phase):
@@ -907,14 +1010,16 @@ def training_callbacks(run_dir, args, phase):
         A list of Keras callbacks for model.fit.
     """
     backup_dir, best_so_far = run_dir / "backup", best_val_loss_so_far(run_dir)
+    model_file = run_dir / "model.keras"
+    # A later phase, or a resumed run, only replaces model.keras with a better model; if that
+    # file is gone or damaged, though, the next epoch's model takes its place.
+    threshold = best_so_far if is_complete_model_file(model_file) else None
+    if best_so_far is not None and threshold is None:
+        print(f"warning: {model_file}, the best model so far, is missing or damaged; the next epoch's model replaces it")
     callbacks = [
         HistoryLogger(run_dir / "history.csv", phase, args.unfreeze_rule),
-        StopOnNaN(run_dir),
-        # A later phase, or a resumed run, only replaces model.keras with a better model.
-        keras.callbacks.ModelCheckpoint(
-            str(run_dir / "model.keras"), monitor="val_loss", save_best_only=True,
-            initial_value_threshold=best_so_far, verbose=1,
-        ),
+        StopOnNaN(),
+        SaveBestModel(model_file, monitor="val_loss", initial_value_threshold=threshold),
     ]
     if phase == "fine-tune":
         if args.patience:
@@ -922,7 +1027,7 @@ def training_callbacks(run_dir, args, phase):
             callbacks.append(
                 EarlyStoppingFromBest(best_so_far, monitor="val_loss", patience=args.patience, verbose=1)
             )
-        callbacks.append(MarkTrainingFinished(backup_dir / "training-finished"))
+        callbacks.append(MarkTrainingFinished(backup_dir / "training-finished", args.epochs))
     else:
         backup_dir = backup_dir / "warmup"
     # Last, so that an epoch counts as done only once its row and checkpoint are written.

@@ -123,17 +123,6 @@ def test_data_augmentation_writes_a_grid(capsys, tiny_split_root, tmp_path, pipe
     assert grid.read_bytes().startswith(b"\x89PNG")
 
 
-def test_plot_command_redraws_histories_and_prints_the_table(capsys, tiny_split_root, tmp_path):
-    output_dir = tmp_path / "outputs"
-    assert run_script("VGG16", tiny_split_root, output_dir) == 0
-    history_png = output_dir / "vgg16" / "history.png"
-    history_png.unlink()
-    capsys.readouterr()
-    assert plot_loss_accuracy_graph.main([str(output_dir)]) == 0
-    assert history_png.exists()
-    assert "| VGG16 |" in capsys.readouterr().out
-
-
 def test_plot_command_skips_a_run_stopped_before_its_first_epoch(capsys, tmp_path):
     (tmp_path / "vgg19").mkdir()
     (tmp_path / "vgg19" / "history.csv").write_text("")

@@ -196,8 +196,7 @@ def test_flows_label_real_0_and_fake_1_and_keep_test_order(tiny_split_root, tmp_
     dataset = load_dataset(tiny_split_root, tmp_path / "cache")
     flows = make_flows(dataset, img_size=24, batch_size=4, seed=0)
     test_flow = flows["test"]
-    assert test_flow.class_indices == {"real": 0, "fake": 1}
-    assert test_flow.filepaths == [str(path) for path, _ in dataset.images["test"]]
+    assert test_flow.paths == [str(path) for path, _ in dataset.images["test"]]
     expected_labels = [CLASSES.index(name) for _, name in dataset.images["test"]]
     labels = np.concatenate([test_flow[index][1] for index in range(len(test_flow))])
     assert labels.tolist() == expected_labels
@@ -211,17 +210,14 @@ def test_flows_label_real_0_and_fake_1_and_keep_test_order(tiny_split_root, tmp_
 def test_only_training_is_augmented(tiny_split_root, tmp_path):
     dataset = load_dataset(tiny_split_root, tmp_path / "cache")
     flows = make_flows(dataset, img_size=32, batch_size=2, seed=0)
-    training = flows["train"].image_data_generator
+    training = flows["train"].generator
     assert training.rotation_range == 20 and training.horizontal_flip and training.zoom_range == [0.8, 1.2]
     assert training.width_shift_range == 0.2 and training.height_shift_range == 0.2
     assert training.fill_mode == "nearest" and training.rescale is None
     assert training.shear_range == pytest.approx(11.46, abs=0.01)  # 0.2 radians, in degrees.
     assert flows["train"].shuffle
     for split in ("valid", "test"):
-        generator = flows[split].image_data_generator
-        assert generator.rotation_range == 0 and not generator.horizontal_flip
-        assert generator.rescale is None and generator.preprocessing_function is None
-        assert not flows[split].shuffle
+        assert flows[split].generator is None and not flows[split].shuffle
 
 
 # --- The demo dataset ---------------------------------------------------------

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(
     not SAMPLE_DIR.is_dir(), reason=f"{SAMPLE_DIR} is absent (it ships beside the project's CI only)"
 )
 
-# 20 images per class and 48 pixels keep both runs to seconds; the same --subset and seed
+# 10 images per class and 48 pixels keep both runs to seconds; the same --subset and seed
 # give both models the same test images, which the Ensemble row needs.
-SMALL_RUN = ("--subset", "20", "--img-size", "48")
+SMALL_RUN = ("--subset", "10", "--img-size", "48")
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def test_training_on_the_real_sample_writes_every_output_and_the_ensemble_row(ou
     for name in RUN_OUTPUTS:
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["n_test"] == 40
+    assert metrics["n_test"] == 20
     predictions = pd.read_csv(run_dir / "predictions.csv")
-    assert predictions["label"].value_counts().to_dict() == {"real": 20, "fake": 20}
+    assert predictions["label"].value_counts().to_dict() == {"real": 10, "fake": 10}
     assert all(str(SAMPLE_DIR) in path for path in predictions["path"])
     table = pd.read_csv(output_dir / "results.csv")
     assert table["Model"].tolist() == ["VGG16", "VGG19", "Ensemble"]
@@ -45,7 +45,7 @@ def test_training_on_the_real_sample_writes_every_output_and_the_ensemble_row(ou
 
 def test_predict_and_gradcam_on_two_real_test_images(output_dir, tmp_path, capsys):
     predictions = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
-    images = [predictions["path"][0], predictions["path"][39]]  # One real, one fake.
+    images = [predictions["path"][0], predictions["path"][19]]  # One real, one fake.
     options = ["--predict", *images, "--csv", str(tmp_path / "p.csv"), "--gradcam", str(tmp_path / "gradcam")]
     assert run_script("VGG16", None, output_dir, *options) == 0
 
@@ -60,8 +60,8 @@ def test_predict_and_gradcam_on_two_real_test_images(output_dir, tmp_path, capsy
 
 
 def test_evaluate_the_saved_model_on_jpeg_compressed_test_images(output_dir):
-    assert run_script("VGG19", SAMPLE_DIR, output_dir, "--evaluate", "--jpeg-quality", "75", "--subset", "20") == 0
+    assert run_script("VGG19", SAMPLE_DIR, output_dir, "--evaluate", "--jpeg-quality", "75", "--subset", "10") == 0
     eval_dir = output_dir / "vgg19" / "eval-faces-140k-sample-jpeg75"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert (metrics["n_test"], metrics["jpeg_quality"]) == (40, 75)
+    assert (metrics["n_test"], metrics["jpeg_quality"]) == (20, 75)
     assert (eval_dir / "roc.png").exists()

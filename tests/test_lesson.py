@@ -152,13 +152,17 @@ def test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_the_rate(tin
     ],
 )
 def test_an_interrupted_two_phase_run_resumes_where_it_stopped(
-    tiny_split_root, tmp_path, monkeypatch, warmup_epochs, stopped_after, phases
+    tiny_split_root, tmp_path, monkeypatch, capsys, warmup_epochs, stopped_after, phases
 ):
     output_dir = tmp_path / "outputs"
     options = ("--warmup-epochs", str(warmup_epochs), "--epochs", "3")
     add_callback(monkeypatch, InterruptAfterEpoch(stopped_after))
     assert run_script("VGG16", tiny_split_root, output_dir, *options) == 130
+    assert "Run the same command again to resume" in capsys.readouterr().out
     monkeypatch.undo()
+    # Resumed with other settings, its history would mix two runs: refused, and the run is kept.
+    assert run_script("VGG16", tiny_split_root, output_dir, *options, "--unfreeze-rule", "layers") == 2
+    assert_one_line_error(capsys, "made with --unfreeze-rule conv", "delete that folder")
 
     counter = CountEpochs()
     add_callback(monkeypatch, counter)
@@ -167,6 +171,9 @@ def test_an_interrupted_two_phase_run_resumes_where_it_stopped(
     history = pd.read_csv(output_dir / "vgg16" / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
     assert history["phase"].tolist() == phases
+    metrics = json.loads((output_dir / "vgg16" / "metrics.json").read_text())
+    # Both sessions' epochs count.
+    assert metrics["epochs_run"] == 3 and metrics["train_seconds"] == pytest.approx(history["seconds"].sum(), abs=0.1)
 
 
 @pytest.mark.parametrize(

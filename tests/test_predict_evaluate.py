@@ -1,7 +1,8 @@
 """Applying trained models: --predict, Grad-CAM, --evaluate with perturbations, and the ensemble.
 
 Two tiny models (VGG16 and VGG19, one epoch at 32 px) are trained once for the whole
-module into the same output folder, and every test below reads or applies them.
+module into the same output folder, and every test below reads or applies them; the
+first redraws their figures with plot_loss_accuracy_graph.py.
 """
 
 import json
@@ -15,6 +16,7 @@ from PIL import Image
 from sklearn import metrics as sklearn_metrics
 
 import load_pre_trained_models
+import plot_loss_accuracy_graph
 from conftest import SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
 from data_augmentation import perturb
 from data_preprocessing import make_demo_dataset
@@ -44,6 +46,16 @@ def printed_lines(output):
     """{path: (p_fake, verdict)} from --predict's printed lines."""
     lines = [line.split("  ") for line in output.splitlines() if "  p_fake=" in line]
     return {path: (float(p_fake.removeprefix("p_fake=")), verdict) for path, p_fake, verdict in lines}
+
+
+def test_plot_command_redraws_histories_and_prints_the_table(trained, capsys):
+    split_root, output_dir = trained
+    history_png = output_dir / "vgg16" / "history.png"
+    history_png.unlink()
+    capsys.readouterr()
+    assert plot_loss_accuracy_graph.main([str(output_dir)]) == 0
+    assert history_png.exists()
+    assert "| VGG16 |" in capsys.readouterr().out
 
 
 # --- Predict ------------------------------------------------------------------

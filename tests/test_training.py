@@ -15,9 +15,6 @@ from conftest import (
     REPOSITORY_DIR,
     RUN_OUTPUTS,
     TINY_IMAGES_PER_CLASS,
-    CountEpochs,
-    InterruptAfterEpoch,
-    add_callback,
     run_script,
 )
 from data_preprocessing import UserError, make_demo_dataset
@@ -129,37 +126,6 @@ def test_results_table_keeps_its_rows_across_runs(tmp_path):
     assert markdown[2:] == ["| VGG16 | 0.9500 | 0.3000 | - | - | - |", "| ResNet50 | 0.9000 | 0.3000 | - | - | - |"]
 
 
-def test_interrupted_run_resumes_without_losing_epochs(tiny_split_root, tmp_path, monkeypatch):
-    output_dir = tmp_path / "outputs"
-    add_callback(monkeypatch, InterruptAfterEpoch(0))
-    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
-    assert (output_dir / "vgg16" / "backup").exists()
-    assert len(pd.read_csv(output_dir / "vgg16" / "history.csv")) == 1
-
-    monkeypatch.undo()
-    counter = CountEpochs()
-    add_callback(monkeypatch, counter)
-    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 0
-    assert counter.epochs_begun == [1, 2]  # Epoch 0 was not trained again.
-    history = pd.read_csv(output_dir / "vgg16" / "history.csv")
-    assert history["epoch"].tolist() == [0, 1, 2]
-    metrics = json.loads((output_dir / "vgg16" / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 3
-    assert metrics["train_seconds"] == pytest.approx(history["seconds"].sum(), abs=0.1)
-
-
-def test_resume_with_other_options_is_refused(tiny_split_root, tmp_path, monkeypatch, capsys):
-    output_dir = tmp_path / "outputs"
-    add_callback(monkeypatch, InterruptAfterEpoch(0))
-    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 130
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3", "--unfreeze-rule", "layers") == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "--unfreeze-rule conv" in error and "delete that folder" in error
-    assert len(pd.read_csv(output_dir / "vgg16" / "history.csv")) == 1  # The interrupted run is kept.
-
-
 def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monkeypatch, capsys):
     """The README's first command, on the fast pipeline: offline, seeded, and it learns."""
     import data_preprocessing
@@ -167,13 +133,13 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
 
     monkeypatch.setattr(data_preprocessing, "DEMO_DATA_DIR", tmp_path / "datasets" / "demo")
     monkeypatch.chdir(tmp_path)
-    # --demo means 64 px, random weights and outputs/demo; 3 of its 5 epochs keep the test short.
-    assert data_preprocessing.fine_tuning_command(RECIPE, ["--demo", "--pipeline", "tfdata", "--epochs", "3"]) == 0
+    # --demo means 64 px, random weights and outputs/demo; 2 of its 5 epochs keep the test short.
+    assert data_preprocessing.fine_tuning_command(RECIPE, ["--demo", "--pipeline", "tfdata", "--epochs", "2"]) == 0
     assert len(list((tmp_path / "datasets" / "demo" / "train" / "fake").glob("*.jpg"))) == 100
     metrics = json.loads((tmp_path / "outputs" / "demo" / "vgg16" / "metrics.json").read_text())
-    assert (metrics["img_size"], metrics["weights"], metrics["epochs_run"], metrics["n_test"]) == (64, "none", 3, 60)
-    # From random weights, in three epochs, it ranks fakes above real faces far better than
-    # chance (AUC 0.82 on a 2-core CPU with TensorFlow 2.21; seeded, so the same each run).
+    assert (metrics["img_size"], metrics["weights"], metrics["epochs_run"], metrics["n_test"]) == (64, "none", 2, 60)
+    # From random weights, in two epochs, it ranks fakes above real faces better than chance
+    # (AUC 0.76 on a 2-core CPU with TensorFlow 2.21; seeded, so the same each run).
     assert metrics["test_auc"] > 0.7
 
     next_command = capsys.readouterr().out.strip().splitlines()[-1].split()
@@ -212,7 +178,7 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
     keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]).save(run_dir / "model.keras")
-    args = SimpleNamespace(patience=2, unfreeze_rule="conv")
+    args = SimpleNamespace(patience=2, unfreeze_rule="conv", epochs=5)
     callbacks = load_pre_trained_models.training_callbacks(run_dir, args, phase="fine-tune")
     # ModelCheckpoint and EarlyStopping both start from the best model so far, not from scratch.
     checkpoint = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
@@ -222,10 +188,14 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     early_stopping.on_train_begin()
     assert early_stopping.best == 0.25
 
-    # A model file cut off mid-write is no best model: the next epoch replaces it.
+    # A model file cut off mid-write (as an earlier version could leave it) is no best model:
+    # the next epoch replaces it, while the history still knows the best val_loss.
     (run_dir / "model.keras").write_bytes((run_dir / "model.keras").read_bytes()[:100])
-    assert load_pre_trained_models.best_val_loss_so_far(run_dir) is None
-    # Nor is a history whose val_loss was never a number.
+    assert load_pre_trained_models.best_val_loss_so_far(run_dir) == 0.25
+    callbacks = load_pre_trained_models.training_callbacks(run_dir, args, phase="fine-tune")
+    checkpoint = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
+    assert checkpoint.best in (None, np.inf)
+    # A history whose val_loss was never a number knows no best.
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,nan\n")
     assert load_pre_trained_models.best_val_loss_so_far(run_dir) is None
 
@@ -235,6 +205,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tiny_split_root, tm
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: the training loss became nan") and "lower --learning-rate" in error[-1]
     assert not (tmp_path / "outputs" / "vgg16" / "metrics.json").exists()
+    # Nothing blocks the corrected command: the backup, which could only resume the failed run, is gone.
+    assert not (tmp_path / "outputs" / "vgg16" / "backup").exists()
 
 
 def test_a_new_run_sets_the_previous_run_aside(tmp_path):
@@ -260,5 +232,6 @@ def test_a_run_interrupted_under_an_earlier_version_is_refused_with_what_to_do(t
     (run_dir / "backup").mkdir(parents=True)
     # Its models took scaled pixels: its weights do not fit today's model.
     (run_dir / "backup" / "settings.json").write_text(json.dumps(settings))
+    (run_dir / "backup" / "latest.weights.h5").write_text("the weights of a finished epoch")
     with pytest.raises(UserError, match="earlier version of these scripts.*delete that folder"):
         load_pre_trained_models.start_or_resume(run_dir, SimpleNamespace(**settings))

@@ -1,0 +1,369 @@
+"""Nothing lost, nothing stuck: two runs at once, a kill at any moment, and every value checked.
+
+Each test here reproduces a way a careless user, a crashing machine or a second terminal
+once broke a run, and checks that it now ends in one line, or in a run that finishes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import data_preprocessing
+import load_pre_trained_models
+from conftest import REPOSITORY_DIR, assert_one_line_error, run_script
+from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, prediction_flow, resized_image
+from data_preprocessing import (
+    READABLE_FORMATS,
+    UserError,
+    files_to_predict,
+    image_problem,
+    load_dataset,
+    one_run_at_a_time,
+)
+
+# --- Two runs at once -----------------------------------------------------------------
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from data_preprocessing import one_run_at_a_time
+with one_run_at_a_time(Path(sys.argv[2])):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def another_run(tmp_path):
+    """Start a process that holds OUTPUT_DIR/vgg16's lock, as a run training there would; yield it."""
+    run_dir = tmp_path / "outputs" / "vgg16"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(REPOSITORY_DIR), str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    yield holder
+    holder.kill()
+    holder.wait()
+
+
+def test_a_second_run_into_the_same_folder_stops_and_names_the_first(another_run, tiny_split_root, tmp_path, capsys):
+    output_dir = tmp_path / "outputs"
+    assert run_script("VGG16", tiny_split_root, output_dir) == 2
+    assert_one_line_error(capsys, f"{output_dir / 'vgg16'} is in use by pid {another_run.pid}", "--output-dir")
+    assert not (output_dir / "vgg16" / "backup").exists()  # It wrote nothing.
+    # Another model trains into the same output folder meanwhile.
+    (output_dir / "vgg19").mkdir()
+    with one_run_at_a_time(output_dir / "vgg19"):
+        pass
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(another_run, tmp_path, capsys):
+    another_run.send_signal(signal.SIGKILL)
+    another_run.wait()
+    with one_run_at_a_time(tmp_path / "outputs" / "vgg16"):
+        assert f"ended without releasing it (pid {another_run.pid}" in capsys.readouterr().out
+    # A run that ends, however it ends, leaves nothing to take over.
+    with pytest.raises(UserError):
+        with one_run_at_a_time(tmp_path / "outputs" / "vgg16"):
+            raise UserError("a mistake")
+    with one_run_at_a_time(tmp_path / "outputs" / "vgg16"):
+        assert "Taking over" not in capsys.readouterr().out
+
+
+def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tmp_path):
+    """kill -9 during training, then the same command: every epoch is in history.csv exactly once."""
+    output_dir = tmp_path / "outputs"
+    options = ["--data-dir", str(tiny_split_root), "--output-dir", str(output_dir), "--weights", "none",
+               "--img-size", "32", "--batch-size", "4", "--epochs", "3"]
+    training = subprocess.Popen(
+        [sys.executable, str(REPOSITORY_DIR / "VGG16_finetuning.py"), *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    history_file = output_dir / "vgg16" / "history.csv"
+    while not history_file.exists() and training.poll() is None:
+        time.sleep(0.02)
+    # Killed just after the first row: while it saves the model, or backs up, or trains on.
+    training.send_signal(signal.SIGKILL)
+    training.wait()
+    assert len(pd.read_csv(history_file)) >= 1
+
+    assert data_preprocessing.fine_tuning_command(load_pre_trained_models.load_recipes()[0], options) == 0
+    assert pd.read_csv(history_file)["epoch"].tolist() == [0, 1, 2]
+    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 3
+
+
+# --- Every value checked, before any long work -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--learning-rate", "inf"], ["--learning-rate", "finite"]),
+        (["--learning-rate", "nan"], ["--learning-rate", "finite"]),
+        (["--warmup-epochs", "1", "--epochs", "2", "--fine-tune-learning-rate", "-inf"], ["--fine-tune-learning-rate"]),
+        (["--predict", "x.jpg", "--threshold", "nan"], ["--threshold", "finite"]),
+        (["--evaluate", "--blur", "inf"], ["--blur", "finite"]),
+        (["--img-size", "10000"], ["--img-size 10000", "1024 or less"]),
+        (["--epoch", "3"], ["unrecognized arguments: --epoch 3"]),
+    ],
+)
+def test_values_that_cannot_work_are_refused_with_one_line(capsys, tiny_split_root, tmp_path, options, fragments):
+    assert run_script("VGG16", tiny_split_root, tmp_path / "outputs", *options) == 2
+    assert_one_line_error(capsys, *fragments)
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_an_output_folder_inside_the_dataset_or_around_it_is_refused(capsys, tiny_split_root, where):
+    output_dir = tiny_split_root / "train" / "real" / "results" if where == "inside" else tiny_split_root.parent
+    assert run_script("VGG16", tiny_split_root, output_dir) == 2
+    assert_one_line_error(capsys, "--output-dir", "choose")
+    assert not (tiny_split_root / "train" / "real" / "results").exists()
+
+
+def test_out_of_memory_ends_with_one_line_naming_batch_size_and_img_size(tiny_split_root, tmp_path, monkeypatch, capsys):
+    def run_out_of_memory(*args):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(load_pre_trained_models, "fine_tune", run_out_of_memory)
+    assert run_script("VGG16", tiny_split_root, tmp_path / "outputs") == 2
+    assert_one_line_error(capsys, "out of memory", "--batch-size 4", "--img-size 32")
+
+
+# --- Outputs checked before any image is read ----------------------------------------------
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "face.png"), np.full((40, 40, 3), 128, np.uint8))
+    return folder / "face.png"
+
+
+@pytest.mark.parametrize(
+    "destination, fragments",
+    [
+        (["--csv", "/proc/scores.csv"], ["--csv"]),
+        (["--csv", "{plain_file}/scores.csv"], ["--csv", "a file is in the way"]),
+        (["--csv", "{tmp_path}"], ["--csv", "is a folder"]),
+        (["--csv", "{image_folder}/scores.csv", "--predict", "{image_folder}"], ["--csv", "inside the image folder"]),
+        (["--gradcam", "{plain_file}/maps"], ["--gradcam", "a file is in the way"]),
+        # The overlays are images: beside a face given as a file, they would be scored the next time.
+        (["--gradcam", "{image_folder}/maps"], ["--gradcam", "inside the image folder"]),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_named_before_any_image_is_read(
+    capsys, tmp_path, image_file, monkeypatch, destination, fragments
+):
+    monkeypatch.setattr(data_preprocessing, "image_problem", lambda path: pytest.fail("an image was read"))
+    (tmp_path / "notes.txt").write_text("a plain file")
+    places = dict(plain_file=tmp_path / "notes.txt", tmp_path=tmp_path, image_folder=image_file.parent)
+    options = [option.format(**places) for option in destination]
+    if "--predict" not in options:
+        options += ["--predict", str(image_file)]
+    assert run_script("VGG16", None, tmp_path / "outputs", *options) == 2
+    assert_one_line_error(capsys, *fragments)
+
+
+# --- Images -----------------------------------------------------------------------------
+
+
+def test_a_16_bit_grey_png_reads_as_its_8_bit_version_on_every_path(tmp_path):
+    gradient = (np.arange(48 * 48).reshape(48, 48) * 28).astype(np.uint16)  # 0 to 64,484.
+    cv2.imwrite(str(tmp_path / "deep.png"), gradient)
+    cv2.imwrite(str(tmp_path / "eight_bit.png"), (gradient >> 8).astype(np.uint8))
+    deep, eight_bit = tmp_path / "deep.png", tmp_path / "eight_bit.png"
+    assert Image.open(deep).mode.startswith("I")  # Pillow's convert("RGB") would clip it to white.
+    assert image_problem(deep) is None
+
+    def idg(path):
+        return image_flow([(path, "real")], None, 32, 1, False, 0)[0][0][0]
+
+    def predicting(path):
+        return prediction_flow([path], 32, 1)[0][0]
+
+    def evaluating(path):
+        return evaluation_flow([(path, "real")], 32, 1, perturbation=lambda image: image)[0][0][0]
+
+    def tfdata(path):
+        return resized_image(str(path), 32).numpy()
+
+    for read in (idg, predicting, evaluating, tfdata):
+        np.testing.assert_array_equal(read(deep), read(eight_bit), err_msg=read.__name__)
+    assert 100 < load_pixels(deep, 32).mean() < 140  # A gradient from black to white, not white.
+
+
+def test_an_image_too_large_for_pillow_is_reported_as_too_large_with_its_size(tmp_path, monkeypatch):
+    cv2.imwrite(str(tmp_path / "large.png"), np.zeros((60, 50, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    with pytest.warns(Image.DecompressionBombWarning):
+        problem = image_problem(tmp_path / "large.png")
+    assert problem == "too large (50 x 60 pixels, more than Pillow's limit of 2,000); resize it"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Past twice the limit, Pillow refuses to open it.
+    assert image_problem(tmp_path / "large.png") == "too large (3,000 pixels, more than Pillow's limit of 1,000); resize it"
+
+
+def test_subfolders_and_broken_links_in_class_folders_are_reported(tiny_split_root, tmp_path, capsys):
+    real = tiny_split_root / "train" / "real"
+    (real / "more").mkdir()
+    (real / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache")
+    assert "a folder" in dataset.bad_files[real / "more"]
+    assert "a broken link" in dataset.bad_files[real / "gone.jpg"]
+    assert files_to_predict([real]) == sorted(path for path in real.glob("*.jpg") if path.exists())
+    assert f"skipping {real / 'gone.jpg'}: a broken link" in capsys.readouterr().err
+
+
+def test_the_tfdata_format_refusal_counts_the_files_of_every_split(tiny_split_root, tmp_path):
+    for split in ("train", "test"):
+        Image.new("RGB", (32, 32)).save(tiny_split_root / split / "fake" / "scan.tif")
+    dataset = load_dataset(tiny_split_root, tmp_path / "cache")
+    with pytest.raises(UserError, match=r"(2 such files)"):
+        make_flows(dataset, 32, 4, 0, pipeline="tfdata")
+
+
+@pytest.mark.parametrize("image_format", READABLE_FORMATS)
+def test_every_format_the_predict_error_names_is_read(tmp_path, image_format):
+    path = tmp_path / f"face.{image_format.lower()}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), np.uint8)).save(path, image_format.upper())
+    assert image_problem(path) is None
+
+
+# --- Messages -------------------------------------------------------------------------
+
+
+def test_evaluate_on_a_folder_without_fake_names_the_missing_fake(capsys, tiny_split_root, tmp_path):
+    folder = tiny_split_root / "test"
+    for path in (folder / "fake").iterdir():
+        path.unlink()
+    (folder / "fake").rmdir()
+    assert run_script("VGG16", None, tmp_path / "outputs", "--evaluate", "--data-dir", str(folder)) == 2
+    assert_one_line_error(capsys, "no fake/", str(folder / "fake"))
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    model_file = tmp_path / "model.keras"
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(model_file)
+    return model_file
+
+
+def test_a_cut_off_keras_file_is_named_as_such(capsys, tmp_path, saved_model, image_file):
+    saved_model.write_bytes(saved_model.read_bytes()[:2000])
+    assert run_script("VGG16", None, tmp_path / "outputs", "--predict", str(image_file), "--model", str(saved_model)) == 2
+    assert_one_line_error(capsys, f"{saved_model} is not a complete .keras file")
+
+
+def test_an_evaluation_folder_is_made_only_once_its_inputs_are_read(capsys, tiny_split_root, tmp_path, saved_model):
+    folder = tiny_split_root / "test"
+    for path in (folder / "real").iterdir():
+        path.write_text("not an image")
+    output_dir = tmp_path / "outputs"
+    assert run_script("VGG16", None, output_dir, "--evaluate", "--data-dir", str(folder), "--model", str(saved_model)) == 2
+    assert "has no readable image" in capsys.readouterr().err
+    assert not list(output_dir.glob("vgg16/eval-*"))
+
+
+# --- Resuming, and the best model --------------------------------------------------------
+
+
+def test_a_kill_while_saving_the_best_model_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model_file = tmp_path / "model.keras"
+    checkpoint = load_pre_trained_models.SaveBestModel(model_file, monitor="val_loss")
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_loss": 0.6})
+    saved = model_file.read_bytes()
+
+    def killed_halfway(path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(saved[: len(saved) // 2])
+        raise KeyboardInterrupt  # As a kill would stop it, halfway through the file.
+
+    monkeypatch.setattr(model, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.on_epoch_end(1, {"val_loss": 0.4})
+    assert model_file.read_bytes() == saved
+    assert load_pre_trained_models.is_complete_model_file(model_file)
+
+
+def test_an_epoch_trained_again_replaces_its_history_row(tmp_path):
+    history_file = tmp_path / "history.csv"
+
+    def train(epochs):
+        logger = load_pre_trained_models.HistoryLogger(history_file, "fine-tune", "conv")
+        logger.on_train_begin()
+        logger.announced = True  # Nothing to announce without a model.
+        for epoch in epochs:
+            logger.on_epoch_begin(epoch)
+            logger.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_loss": 0.5})
+
+    train([0, 1])
+    # Killed after epoch 1's row but before its backup: the resumed run trains epoch 1 again.
+    train([1, 2])
+    history = pd.read_csv(history_file)
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert list(history.columns) == ["epoch", "loss", "val_loss", "phase", "seconds"]
+
+
+def resumable_args(**changes):
+    settings = {name: "value" for name in load_pre_trained_models.RESUMABLE_SETTINGS}
+    return SimpleNamespace(**{**settings, "epochs": 3, **changes})
+
+
+def back_up(run_dir, args, finished_epoch=True):
+    """A backup/ as an interrupted run leaves it, with or without a finished epoch."""
+    backup = run_dir / "backup"
+    backup.mkdir(parents=True)
+    settings = {name: str(getattr(args, name)) for name in load_pre_trained_models.RESUMABLE_SETTINGS}
+    (backup / "settings.json").write_text(json.dumps({"backup_format": load_pre_trained_models.BACKUP_FORMAT, **settings}))
+    if finished_epoch:
+        (backup / "latest.weights.h5").write_text("the weights of a finished epoch")
+    return backup
+
+
+def test_a_backup_with_no_finished_epoch_lets_a_corrected_command_start_afresh(tmp_path, capsys):
+    run_dir = tmp_path / "vgg16"
+    back_up(run_dir, resumable_args(), finished_epoch=False)
+    (run_dir / "previous").mkdir()
+    (run_dir / "previous" / "metrics.json").write_text("the last finished run")
+    (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.5\n")  # Killed before its backup.
+
+    load_pre_trained_models.start_or_resume(run_dir, resumable_args(batch_size="16"))
+    assert "nothing to resume, starting afresh" in capsys.readouterr().out
+    assert json.loads((run_dir / "backup" / "settings.json").read_text())["batch_size"] == "16"
+    assert (run_dir / "previous" / "metrics.json").read_text() == "the last finished run"
+    assert (run_dir / "unfinished" / "history.csv").exists()
+
+
+def test_a_finished_training_is_not_tested_under_another_epochs(tmp_path):
+    run_dir = tmp_path / "vgg16"
+    backup = back_up(run_dir, resumable_args())
+    (backup / "training-finished").write_text("3")
+    with pytest.raises(UserError, match="finished training with --epochs 3.*again with --epochs 3"):
+        load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=5))
+    load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=3))
+
+
+def test_a_run_whose_val_loss_is_never_finite_ends_with_one_line(tmp_path):
+    run_dir = tmp_path / "vgg16"
+    run_dir.mkdir()
+    (run_dir / "history.csv").write_text("epoch,loss,val_loss\n0,0.7,nan\n1,0.7,inf\n")
+    with pytest.raises(load_pre_trained_models.TrainingDiverged, match="not a finite number in any of the 2 epochs"):
+        load_pre_trained_models.load_best_model(run_dir, last_model=keras.Sequential())
+    assert not (run_dir / "model.keras").exists()
