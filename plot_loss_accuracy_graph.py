@@ -19,7 +19,6 @@ models have been tested on the same images, it also gets an Ensemble row: the we
 average of their p(fake), computed from their predictions.csv, with nothing re-run.
 """
 
-import contextlib
 import json
 import sys
 import textwrap
@@ -44,6 +43,7 @@ from data_preprocessing import (
     UserError,
     ensure_writable_folder,
     exits_on_user_error,
+    locked,
     write_text_atomically,
 )
 
@@ -413,26 +413,11 @@ def results_markdown(rows, note=None):
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def locked(lock_file):
-    """Hold an exclusive lock, so that two scripts finishing at once take turns."""
-    with open(lock_file, "w") as handle:
-        try:
-            import fcntl  # POSIX only; on Windows the table is written without a lock.
-        except ImportError:
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def write_results_table(output_dir):
     """Rebuild OUTPUT_DIR/results.csv and results.md from every metrics.json (and, for the
     Ensemble row, every predictions.csv); return the Markdown."""
     output_dir = Path(output_dir)
+    # Two scripts that finish at once take turns, so that neither row is lost.
     with locked(output_dir / ".results.lock"):
         rows, ensemble_note = read_results(output_dir)
         frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS)).rename(columns=TABLE_COLUMNS)

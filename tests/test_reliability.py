@@ -31,6 +31,7 @@ from data_preprocessing import (
     image_problem,
     load_dataset,
     one_run_at_a_time,
+    readable_images,
 )
 
 # --- Two runs at once -----------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tm
     [
         (["--learning-rate", "inf"], ["--learning-rate", "finite"]),
         (["--learning-rate", "nan"], ["--learning-rate", "finite"]),
-        (["--warmup-epochs", "1", "--epochs", "2", "--fine-tune-learning-rate", "-inf"], ["--fine-tune-learning-rate"]),
+        (["--warmup-epochs", "1", "--epochs", "2", "--fine-tune-learning-rate", "inf"], ["--fine-tune-learning-rate"]),
         (["--predict", "x.jpg", "--threshold", "nan"], ["--threshold", "finite"]),
         (["--evaluate", "--blur", "inf"], ["--blur", "finite"]),
         (["--img-size", "10000"], ["--img-size 10000", "1024 or less"]),
@@ -235,6 +236,14 @@ def test_the_tfdata_format_refusal_counts_the_files_of_every_split(tiny_split_ro
     dataset = load_dataset(tiny_split_root, tmp_path / "cache")
     with pytest.raises(UserError, match=r"(2 such files)"):
         make_flows(dataset, 32, 4, 0, pipeline="tfdata")
+
+
+def test_the_predict_error_names_every_format_that_is_read(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError) as error:
+        readable_images([tmp_path / "notes.txt"])
+    assert all(image_format in str(error.value) for image_format in ("JPEG", "PNG", "BMP", "WebP", "TIFF", "GIF"))
+    assert "notes.txt: not a decodable image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("image_format", READABLE_FORMATS)
