@@ -93,7 +93,7 @@ def load_pixels(path, img_size):
         if image.mode != "RGB":
             image = image.convert("RGB")
         if image.size != (img_size, img_size):
-            image = image.resize((img_size, img_size), Image.NEAREST)
+            image = image.resize((img_size, img_size), Image.Resampling.NEAREST)
         return np.asarray(image, np.float32)
 
 

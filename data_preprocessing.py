@@ -206,8 +206,9 @@ def files_to_predict(paths):
     return files
 
 
-# What the image check decodes (both OpenCV and Pillow read these), as the error messages name them.
-READABLE_FORMATS = ("JPEG", "PNG", "BMP", "WebP", "TIFF", "GIF", "PPM")
+# What the image check decodes (OpenCV and Pillow both read these), as the error messages name
+# them. GIF is not among them: OpenCV reads it only from version 5.
+READABLE_FORMATS = ("JPEG", "PNG", "BMP", "WebP", "TIFF", "PPM")
 
 
 def readable_images(paths):
