@@ -43,6 +43,7 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 from data_preprocessing import (
     CLASSES,
+    SPLITS,
     OneLineArgumentParser,
     UserError,
     add_data_arguments,
@@ -124,6 +125,7 @@ class ImageFlow(keras.utils.PyDataset):
         return images if self.labels is None else (images, self.labels[chosen])
 
     def transformed(self, image):
+        """The image as the generator makes it: randomly transformed, then standardized."""
         if self.generator is None:
             return image
         return self.generator.standardize(self.generator.random_transform(image))
@@ -305,7 +307,7 @@ def image_dataset(images, img_size, batch_size, shuffle, augment, seed):
 
 def tfdata_pipelines(dataset, img_size, batch_size, seed):
     """The train, valid and test tf.data pipelines. Only training is augmented and shuffled."""
-    check_tfdata_formats([image for split in ("train", "valid", "test") for image in dataset.images[split]])
+    check_tfdata_formats([image for split in SPLITS for image in dataset.images[split]])
     return {
         "train": image_dataset(dataset.images["train"], img_size, batch_size, True, True, seed),
         "valid": image_dataset(dataset.images["valid"], img_size, batch_size, False, False, seed),

@@ -38,6 +38,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,19 +236,9 @@ def image_problem(path):
         return f"unreadable ({error.strerror})"
     if not data:
         return "empty file"
-    # Pillow reads the size first, and refuses images so large that they could exhaust the
-    # memory (a "decompression bomb"); Keras reads every image with Pillow, so they are left out.
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as error:
-        pixels = re.search(r"\((\d+) pixels\)", str(error))
-        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
-        return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
-    except Exception:  # Not an image Pillow knows: OpenCV decides below.
-        width = height = 0
-    if width * height > Image.MAX_IMAGE_PIXELS:
-        return f"too large ({width} x {height} pixels, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
+    too_large = size_problem(data)
+    if too_large:
+        return too_large
     try:
         # OpenCV returns None for most bad files, and raises for a few (an absurd size).
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -263,6 +254,31 @@ def image_problem(path):
         return "damaged image data"
     return None
 
+
+def size_problem(data):
+    """Why an image is too large to read safely, from its header alone; None if it is not, or is no image Pillow knows.
+
+    Pillow, which Keras reads every image with, refuses an image of more than twice
+    Image.MAX_IMAGE_PIXELS (a "decompression bomb", which could exhaust the memory) and
+    warns above it; such images are left out and reported with their size.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = image.size[0] * image.size[1]
+    except Image.DecompressionBombError as error:
+        # Its message is the only place that gives the size: "Image size (N pixels) exceeds limit ...".
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(found[1]) if found else None
+    except Exception:  # Not an image Pillow knows: the decoders decide.
+        return None
+    if pixels is not None and pixels <= Image.MAX_IMAGE_PIXELS:
+        return None
+    size = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
+
+
+# The check above reports these images on one line; Pillow's own warning would add several.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Raise this whenever image_problem changes, so that older verdicts are not reused.
 IMAGE_CHECK_VERSION = 3
@@ -542,8 +558,10 @@ seed_value = checked_number(int, lambda value: 0 <= value < 2**32, f"between 0 a
 probability = checked_number(float, lambda value: 0 <= value <= 1, "between 0 and 1")
 # OpenCV's JPEG quality scale.
 jpeg_quality = checked_number(int, lambda value: 1 <= value <= 100, "between 1 and 100")
-# A Gaussian blur's sigma, in pixels; 0 is no blur.
-non_negative_float = checked_number(float, lambda value: value >= 0, "0 or more")
+# A Gaussian blur's sigma, in pixels; 0 is no blur, and beyond 100 an image at the largest
+# --img-size is a flat colour (OpenCV also fails on kernels that wide).
+MAX_BLUR = 100
+blur_sigma = checked_number(float, lambda value: 0 <= value <= MAX_BLUR, f"between 0 and {MAX_BLUR}")
 
 
 def add_data_arguments(parser):
@@ -609,7 +627,11 @@ def ensure_writable_folder(folder, option="--output-dir"):
 
 def check_output_file(path, option):
     """Check, before any long work, that the file `option` names can be written."""
-    if path.is_dir():
+    try:
+        is_folder = path.is_dir()
+    except OSError as error:  # A folder on the way that this user may not enter.
+        raise UserError(f"cannot reach {path} ({error.strerror}); choose another {option}") from None
+    if is_folder:
         raise UserError(f"{option} {path} is a folder; name a file")
     ensure_writable_folder(path.parent, option)
 
@@ -635,21 +657,32 @@ def lock(handle, wait):
 
     The operating system releases the lock when the process ends, however it ends.
     """
-    if os.name == "nt":
-        import msvcrt
-
-        handle.seek(WINDOWS_LOCK_OFFSET)
-        try:
-            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
-        except OSError:
+    while not lock_at_once(handle):
+        if not wait:
             return False
-        return True
-    import fcntl
+        time.sleep(0.1)
+    return True
 
+
+def lock_at_once(handle):
+    """Try once to lock an open file: flock on Linux and macOS, msvcrt's byte lock on Windows."""
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(WINDOWS_LOCK_OFFSET)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # Another process holds it (Linux and macOS).
         return False
+    except OSError as error:
+        if os.name == "nt":  # Another process holds it (Windows says so with a PermissionError).
+            return False
+        # Some network file systems cannot lock at all: go on without the lock, and say so.
+        print(f"warning: cannot lock {handle.name} ({error.strerror}); make sure no other run writes there", file=sys.stderr)
     return True
 
 
@@ -696,6 +729,7 @@ def one_run_at_a_time(folder):
 
 
 def write_lock_holder(handle, holder):
+    """Replace what the lock file says about who holds it."""
     handle.seek(0)
     handle.truncate()
     handle.write(holder)
@@ -819,7 +853,7 @@ def add_prediction_arguments(parser):
     group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write the lines to this CSV file")
     group.add_argument("--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each image to DIR")
     group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
-    group.add_argument("--blur", type=non_negative_float, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
+    group.add_argument("--blur", type=blur_sigma, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
 
 
 def check_option_combinations(args):
@@ -898,15 +932,23 @@ def parse_arguments(recipe, argv=None):
 
 
 def check_prediction_outputs(args):
-    """Check --csv and --gradcam before any image is read: each must be writable and outside the images' folders."""
-    folders_given = [path for path in args.predict if path.is_dir()]
+    """Check --csv and --gradcam before any image is read: each must be writable and outside the images' folders.
+
+    Where each goes is refused before anything is created there.
+    """
+    try:
+        folders_given = [path for path in args.predict if path.is_dir()]
+        files_given = [path for path in args.predict if path.is_file()]
+    except OSError as error:  # A folder on the way that this user may not enter.
+        raise UserError(f"cannot reach {error.filename} ({error.strerror}); check the paths given to --predict") from None
     if args.csv:
-        check_output_file(args.csv, "--csv")
+        if any(args.csv.resolve() == image.resolve() for image in files_given):
+            raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")
         refuse_output_inside(args.csv.parent, folders_given, "--csv")
+        check_output_file(args.csv, "--csv")
     if args.gradcam:
         # The overlays are images: beside an image given as a file, they would be scored the next time.
-        files_given = [path.parent for path in args.predict if path.is_file()]
-        refuse_output_inside(args.gradcam, folders_given + files_given, "--gradcam")
+        refuse_output_inside(args.gradcam, folders_given + [path.parent for path in files_given], "--gradcam")
         ensure_writable_folder(args.gradcam, "--gradcam")
 
 

@@ -302,7 +302,8 @@ def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
     Args:
         recipe, args, run_dir: as for fine_tune.
         dataset, flows: the images and their inputs, from load_images.
-        last_model: the model as training left it, kept if no epoch ever had a finite val_loss.
+        last_model: the model as training left it, kept (with a warning) if model.keras is
+            missing or damaged although some epoch had a finite val_loss.
 
     Returns:
         The test metrics, as written to run_dir/metrics.json.
@@ -319,7 +320,7 @@ def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
 def load_best_model(run_dir, last_model=None):
     """The model with the lowest val_loss, as model.keras holds it."""
     model_file = run_dir / "model.keras"
-    if not model_file.exists():
+    if not is_complete_model_file(model_file):
         history = read_history(run_dir / "history.csv")
         if not np.isfinite(history["val_loss"].astype(float)).any():
             raise TrainingDiverged(
@@ -328,7 +329,7 @@ def load_best_model(run_dir, last_model=None):
             )
         if last_model is None:
             raise UserError(f"{model_file} is missing; delete {run_dir / 'backup'} to train again")
-        print("warning: model.keras is missing; it now holds the last epoch's model", file=sys.stderr)
+        print("warning: model.keras is missing or damaged; it now holds the last epoch's model", file=sys.stderr)
         save_whole(last_model, model_file)
     return keras.models.load_model(model_file)
 
@@ -840,8 +841,12 @@ def start_or_resume(run_dir, args):
 
 
 def finished_an_epoch(backup_dir):
-    """True if a backup holds the weights of a finished epoch, in either phase."""
-    return any(backup_dir.rglob("latest.weights.h5*"))
+    """True if a backup holds a finished epoch, in either phase.
+
+    BackupAndRestore writes an epoch's weights, then the number of the epoch they end:
+    without that number, the weights may have been cut off by a kill.
+    """
+    return any(backup_dir.rglob("training_metadata.json*"))
 
 
 def training_finished(run_dir):
@@ -866,11 +871,30 @@ def is_complete_model_file(path):
         return False
 
 
+# Beside the backup: the epoch and val_loss of the model in model.keras (see SaveBestModel).
+BEST_MODEL_RECORD = "best-model.json"
+
+
 def best_val_loss_so_far(run_dir):
-    """The lowest val_loss in the history, that of the model in model.keras; None before any finite one."""
+    """The lowest val_loss in the history, which patience counts from; None before any finite one."""
     val_loss = read_history(run_dir / "history.csv")["val_loss"].astype(float)
     finite = val_loss[np.isfinite(val_loss)]
     return float(finite.min()) if len(finite) else None
+
+
+def val_loss_to_beat(model_file, record_file, best_so_far):
+    """The val_loss of the model in model_file, as its record says; None if there is no such model.
+
+    A run of an earlier version of these scripts has no record: the history's best stands in.
+    """
+    if not is_complete_model_file(model_file):
+        if best_so_far is not None:
+            print(f"warning: {model_file}, the best model so far, is missing or damaged; the next epoch's model replaces it")
+        return None
+    try:
+        return float(json.loads(record_file.read_text())["val_loss"])
+    except (OSError, ValueError, KeyError):
+        return best_so_far
 
 
 class HistoryLogger(keras.callbacks.Callback):
@@ -920,22 +944,30 @@ class SaveBestModel(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that keeps the best model whole: it saves into a temporary file, then renames it.
 
     A kill during a save, which takes seconds for a large model, leaves the previous
-    best model as it was, instead of a file cut off halfway.
+    best model as it was, instead of a file cut off halfway. Once renamed, the model's
+    val_loss is recorded beside the run's backup: a resumed run must beat that model,
+    whatever the history says of an epoch that the kill made it train again.
     """
 
-    def __init__(self, model_file, **kwargs):
-        self.model_file = Path(model_file)
+    def __init__(self, model_file, record_file, **kwargs):
+        self.model_file, self.record_file = Path(model_file), Path(record_file)
         self.saving_file = saving_file(self.model_file)
         super().__init__(str(self.saving_file), save_best_only=True, **kwargs)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.saving_file.unlink(missing_ok=True)  # A save that a kill cut off is no model.
 
     def on_epoch_end(self, epoch, logs=None):
         best_before = self.best
         super().on_epoch_end(epoch, logs)
-        if self.saving_file.exists():
-            os.replace(self.saving_file, self.model_file)
-            # Keras starts from None or from infinity, depending on its version.
-            improved = "is" if best_before is None or np.isinf(best_before) else f"improved from {best_before:.4f} to"
-            print(f"Epoch {epoch + 1}: {self.monitor} {improved} {self.best:.4f}; saved {self.model_file}")
+        if self.best == best_before:  # No better model, so nothing was saved.
+            return
+        os.replace(self.saving_file, self.model_file)
+        write_json_atomically(self.record_file, {"epoch": epoch + 1, self.monitor: float(self.best)})
+        # Keras starts from None or from infinity, depending on its version.
+        improved = "is" if best_before is None or np.isinf(best_before) else f"improved from {best_before:.4f} to"
+        print(f"Epoch {epoch + 1}: {self.monitor} {improved} {self.best:.4f}; saved {self.model_file}")
 
 
 class PhaseBackup(keras.callbacks.BackupAndRestore):
@@ -1011,15 +1043,14 @@ def training_callbacks(run_dir, args, phase):
     """
     backup_dir, best_so_far = run_dir / "backup", best_val_loss_so_far(run_dir)
     model_file = run_dir / "model.keras"
-    # A later phase, or a resumed run, only replaces model.keras with a better model; if that
-    # file is gone or damaged, though, the next epoch's model takes its place.
-    threshold = best_so_far if is_complete_model_file(model_file) else None
-    if best_so_far is not None and threshold is None:
-        print(f"warning: {model_file}, the best model so far, is missing or damaged; the next epoch's model replaces it")
     callbacks = [
         HistoryLogger(run_dir / "history.csv", phase, args.unfreeze_rule),
         StopOnNaN(),
-        SaveBestModel(model_file, monitor="val_loss", initial_value_threshold=threshold),
+        # A later phase, or a resumed run, only replaces model.keras with a better model.
+        SaveBestModel(
+            model_file, backup_dir / BEST_MODEL_RECORD, monitor="val_loss",
+            initial_value_threshold=val_loss_to_beat(model_file, backup_dir / BEST_MODEL_RECORD, best_so_far),
+        ),
     ]
     if phase == "fine-tune":
         if args.patience:

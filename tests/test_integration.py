@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(
     not SAMPLE_DIR.is_dir(), reason=f"{SAMPLE_DIR} is absent (it ships beside the project's CI only)"
 )
 
-# 10 images per class and 48 pixels keep both runs to seconds; the same --subset and seed
+# 10 images per class and 32 pixels keep both runs to seconds; the same --subset and seed
 # give both models the same test images, which the Ensemble row needs.
-SMALL_RUN = ("--subset", "10", "--img-size", "48")
+SMALL_RUN = ("--subset", "10", "--img-size", "32")
 
 
 @pytest.fixture(scope="module")

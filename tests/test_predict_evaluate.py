@@ -259,7 +259,7 @@ def test_predict_with_the_ensemble_averages_the_models(trained, capsys):
         (["--csv", "p.csv"], ["--csv", "add --predict"]),
         (["--evaluate", "--jpeg-quality", "0"], ["--jpeg-quality", "between 1 and 100"]),
         (["--evaluate", "--jpeg-quality", "101"], ["--jpeg-quality", "between 1 and 100"]),
-        (["--evaluate", "--blur", "-1"], ["--blur", "0 or more"]),
+        (["--evaluate", "--blur", "-1"], ["--blur", "between 0 and 100"]),
         (["--jpeg-quality", "75"], ["--jpeg-quality", "add --evaluate"]),
         (["--predict", "x.jpg", "--threshold", "2"], ["--threshold", "between 0 and 1"]),
         (["--predict", "x.jpg", "--evaluate"], ["separate runs"]),

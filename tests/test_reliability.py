@@ -89,7 +89,7 @@ def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tm
     """kill -9 during training, then the same command: every epoch is in history.csv exactly once."""
     output_dir = tmp_path / "outputs"
     options = ["--data-dir", str(tiny_split_root), "--output-dir", str(output_dir), "--weights", "none",
-               "--img-size", "32", "--batch-size", "4", "--epochs", "3"]
+               "--img-size", "32", "--batch-size", "4", "--epochs", "2"]
     training = subprocess.Popen(
         [sys.executable, str(REPOSITORY_DIR / "VGG16_finetuning.py"), *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -103,8 +103,8 @@ def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tm
     assert len(pd.read_csv(history_file)) >= 1
 
     assert data_preprocessing.fine_tuning_command(load_pre_trained_models.load_recipes()[0], options) == 0
-    assert pd.read_csv(history_file)["epoch"].tolist() == [0, 1, 2]
-    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 3
+    assert pd.read_csv(history_file)["epoch"].tolist() == [0, 1]
+    assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 2
 
 
 # --- Every value checked, before any long work -------------------------------------------
@@ -118,6 +118,7 @@ def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tm
         (["--warmup-epochs", "1", "--epochs", "2", "--fine-tune-learning-rate", "inf"], ["--fine-tune-learning-rate"]),
         (["--predict", "x.jpg", "--threshold", "nan"], ["--threshold", "finite"]),
         (["--evaluate", "--blur", "inf"], ["--blur", "finite"]),
+        (["--evaluate", "--blur", "1e9"], ["--blur", "between 0 and 100"]),
         (["--img-size", "10000"], ["--img-size 10000", "1024 or less"]),
         (["--epoch", "3"], ["unrecognized arguments: --epoch 3"]),
     ],
@@ -162,7 +163,8 @@ def image_file(tmp_path):
         (["--csv", "/proc/scores.csv"], ["--csv"]),
         (["--csv", "{plain_file}/scores.csv"], ["--csv", "a file is in the way"]),
         (["--csv", "{tmp_path}"], ["--csv", "is a folder"]),
-        (["--csv", "{image_folder}/scores.csv", "--predict", "{image_folder}"], ["--csv", "inside the image folder"]),
+        (["--csv", "{image_folder}/new/scores.csv", "--predict", "{image_folder}"], ["--csv", "inside the image folder"]),
+        (["--csv", "{image_folder}/face.png"], ["--csv", "one of the images given to --predict"]),
         (["--gradcam", "{plain_file}/maps"], ["--gradcam", "a file is in the way"]),
         # The overlays are images: beside a face given as a file, they would be scored the next time.
         (["--gradcam", "{image_folder}/maps"], ["--gradcam", "inside the image folder"]),
@@ -179,6 +181,9 @@ def test_an_output_that_cannot_be_written_is_named_before_any_image_is_read(
         options += ["--predict", str(image_file)]
     assert run_script("VGG16", None, tmp_path / "outputs", *options) == 2
     assert_one_line_error(capsys, *fragments)
+    # Nothing was made where the outputs would have gone, nor written over the image.
+    assert sorted(path.name for path in image_file.parent.iterdir()) == ["face.png"]
+    assert cv2.imread(str(image_file)) is not None
 
 
 # --- Images -----------------------------------------------------------------------------
@@ -211,10 +216,8 @@ def test_a_16_bit_grey_png_reads_as_its_8_bit_version_on_every_path(tmp_path):
 
 def test_an_image_too_large_for_pillow_is_reported_as_too_large_with_its_size(tmp_path, monkeypatch):
     cv2.imwrite(str(tmp_path / "large.png"), np.zeros((60, 50, 3), np.uint8))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
-    with pytest.warns(Image.DecompressionBombWarning):
-        problem = image_problem(tmp_path / "large.png")
-    assert problem == "too large (50 x 60 pixels, more than Pillow's limit of 2,000); resize it"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # Pillow only warns, and Keras would read it.
+    assert image_problem(tmp_path / "large.png") == "too large (3,000 pixels, more than Pillow's limit of 2,000); resize it"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Past twice the limit, Pillow refuses to open it.
     assert image_problem(tmp_path / "large.png") == "too large (3,000 pixels, more than Pillow's limit of 1,000); resize it"
 
@@ -293,11 +296,13 @@ def test_an_evaluation_folder_is_made_only_once_its_inputs_are_read(capsys, tiny
 
 def test_a_kill_while_saving_the_best_model_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model_file = tmp_path / "model.keras"
-    checkpoint = load_pre_trained_models.SaveBestModel(model_file, monitor="val_loss")
+    model_file, record_file = tmp_path / "model.keras", tmp_path / "backup" / "best-model.json"
+    checkpoint = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss")
     checkpoint.set_model(model)
+    checkpoint.on_train_begin()
     checkpoint.on_epoch_end(0, {"val_loss": 0.6})
     saved = model_file.read_bytes()
+    assert json.loads(record_file.read_text()) == {"epoch": 1, "val_loss": 0.6}
 
     def killed_halfway(path, *args, **kwargs):
         with open(path, "wb") as file:
@@ -309,6 +314,15 @@ def test_a_kill_while_saving_the_best_model_leaves_the_previous_one_whole(tmp_pa
         checkpoint.on_epoch_end(1, {"val_loss": 0.4})
     assert model_file.read_bytes() == saved
     assert load_pre_trained_models.is_complete_model_file(model_file)
+    assert json.loads(record_file.read_text())["val_loss"] == 0.6
+
+    # The resumed run must beat the model that model.keras holds; the half-saved file is not it.
+    resumed = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss",
+                                                    initial_value_threshold=0.6)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    resumed.on_epoch_end(1, {"val_loss": 0.9})
+    assert model_file.read_bytes() == saved
 
 
 def test_an_epoch_trained_again_replaces_its_history_row(tmp_path):
@@ -341,12 +355,15 @@ def back_up(run_dir, args, finished_epoch=True):
     backup.mkdir(parents=True)
     settings = {name: str(getattr(args, name)) for name in load_pre_trained_models.RESUMABLE_SETTINGS}
     (backup / "settings.json").write_text(json.dumps({"backup_format": load_pre_trained_models.BACKUP_FORMAT, **settings}))
+    # BackupAndRestore writes the weights first, then the number of the epoch they end.
+    (backup / "latest.weights.h5").write_text("the weights of an epoch, whole or cut off by a kill")
     if finished_epoch:
-        (backup / "latest.weights.h5").write_text("the weights of a finished epoch")
+        (backup / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
     return backup
 
 
 def test_a_backup_with_no_finished_epoch_lets_a_corrected_command_start_afresh(tmp_path, capsys):
+    """As after a crash in epoch 1, or a kill while the first backup was written."""
     run_dir = tmp_path / "vgg16"
     back_up(run_dir, resumable_args(), finished_epoch=False)
     (run_dir / "previous").mkdir()

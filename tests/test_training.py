@@ -15,6 +15,7 @@ from conftest import (
     REPOSITORY_DIR,
     RUN_OUTPUTS,
     TINY_IMAGES_PER_CLASS,
+    assert_one_line_error,
     run_script,
 )
 from data_preprocessing import UserError, make_demo_dataset
@@ -155,7 +156,7 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     assert "no model at outputs/vgg16/model.keras" in error and "outputs/demo/vgg16/model.keras" in error
 
 
-def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_root, tmp_path, monkeypatch):
+def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_root, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "outputs"
 
     def interrupt(*args):
@@ -166,6 +167,10 @@ def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_ro
     monkeypatch.undo()
     model_file = output_dir / "vgg16" / "model.keras"
     saved_at = model_file.stat().st_mtime_ns
+    # Another --epochs would silently test the model trained for 2: refused, with what to do.
+    capsys.readouterr()
+    assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 2
+    assert_one_line_error(capsys, "finished training with --epochs 2", "again with --epochs 2")
 
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "2") == 0
     assert model_file.stat().st_mtime_ns == saved_at  # No epoch was trained again.
@@ -232,6 +237,6 @@ def test_a_run_interrupted_under_an_earlier_version_is_refused_with_what_to_do(t
     (run_dir / "backup").mkdir(parents=True)
     # Its models took scaled pixels: its weights do not fit today's model.
     (run_dir / "backup" / "settings.json").write_text(json.dumps(settings))
-    (run_dir / "backup" / "latest.weights.h5").write_text("the weights of a finished epoch")
+    (run_dir / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
     with pytest.raises(UserError, match="earlier version of these scripts.*delete that folder"):
         load_pre_trained_models.start_or_resume(run_dir, SimpleNamespace(**settings))
