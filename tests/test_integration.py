@@ -37,7 +37,7 @@ def test_training_on_the_real_sample_writes_every_output_and_the_ensemble_row(ou
     assert metrics["n_test"] == 20
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert predictions["label"].value_counts().to_dict() == {"real": 10, "fake": 10}
-    assert all(str(SAMPLE_DIR) in path for path in predictions["path"])
+    assert all(str(SAMPLE_DIR.resolve()) in path for path in predictions["path"])
     table = pd.read_csv(output_dir / "results.csv")
     assert table["Model"].tolist() == ["VGG16", "VGG19", "Ensemble"]
     assert table.notna().all().all()
