@@ -863,10 +863,14 @@ def epochs_of_finished_training(run_dir):
 
 
 def is_complete_model_file(path):
-    """True if `path` is a whole .keras file (a zip archive), not one cut off mid-write."""
+    """True if `path` is a whole .keras file, not one cut off mid-write or mid-copy.
+
+    A .keras file is a zip archive whose directory of contents comes last: a file cut
+    off anywhere has none, and reading the directory takes no time even for a large model.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
+            return "model.weights.h5" in archive.namelist()
     except (OSError, zipfile.BadZipFile):
         return False
 
