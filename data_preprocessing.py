@@ -9,7 +9,8 @@ they would use:
     python data_preprocessing.py --demo           # the small synthetic demo dataset
 
 It prints how many images each split and class holds, lists every file that cannot
-be decoded, and exits with status 1 if there is any.
+be decoded (and any subfolder or broken link in a class folder), and exits with status 1
+if there is any.
 
 The dataset's layout, as Kaggle ships it:
 
