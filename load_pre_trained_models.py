@@ -321,10 +321,10 @@ def load_best_model(run_dir, last_model=None):
     """The model with the lowest val_loss, as model.keras holds it."""
     model_file = run_dir / "model.keras"
     if not is_complete_model_file(model_file):
-        history = read_history(run_dir / "history.csv")
-        if not np.isfinite(history["val_loss"].astype(float)).any():
+        if best_val_loss_so_far(run_dir) is None:
+            epochs = len(read_history(run_dir / "history.csv"))
             raise TrainingDiverged(
-                f"the validation loss was not a finite number in any of the {len(history)} epochs, so there is "
+                f"the validation loss was not a finite number in any of the {epochs} epochs, so there is "
                 "no model to test; run again with a lower --learning-rate"
             )
         if last_model is None:
