@@ -26,6 +26,8 @@ It writes OUTPUT_DIR/augmentation_samples.png (default outputs/, or outputs/demo
 import math
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import keras
@@ -35,7 +37,7 @@ matplotlib.use("Agg")  # Draw to files: training servers have no screen.
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Keras 3's own keras.preprocessing.image no longer has ImageDataGenerator; TensorFlow's
 # copy of Keras does.
@@ -80,36 +82,64 @@ TRAINING_AUGMENTATION = dict(
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def load_pixels(path, img_size):
-    """An image file's pixels as float32 RGB, 0 to 255, resized to img_size as Keras' load_img does it.
+def upright_rgb(image):
+    """A Pillow image as a viewer shows it: turned upright by its EXIF orientation, and made 8-bit RGB.
 
-    That is: read with Pillow, grey and palette images made RGB, an alpha channel dropped,
-    and nearest-pixel resizing. A 16-bit greyscale image keeps the top 8 bits of each
-    value, as OpenCV and TensorFlow read it, so it looks as its 8-bit version does.
+    A phone stores a portrait photo on its side and records the turn in EXIF; grey and
+    palette images are made RGB, and an alpha channel is dropped. A 16-bit greyscale
+    image keeps the top 8 bits of each value, as OpenCV and TensorFlow read it, so it looks
+    as its 8-bit version does.
     """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_GREY_MODES:
+        top_bits = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(top_bits, 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_upright(path):
+    """An image file's pixels as uint8 RGB, upright (see upright_rgb)."""
     with Image.open(path) as image:
-        if image.mode in WIDE_GREY_MODES:
-            top_bits = np.asarray(image).astype(np.int64) >> 8
-            image = Image.fromarray(np.clip(top_bits, 0, 255).astype(np.uint8), "L")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.size != (img_size, img_size):
-            image = image.resize((img_size, img_size), Image.Resampling.NEAREST)
-        return np.asarray(image, np.float32)
+        return np.asarray(upright_rgb(image))
+
+
+def model_input(image, img_size):
+    """An RGB image (Pillow or uint8 array) as the model reads it: float32, 0 to 255, resized as Keras' load_img does.
+
+    That is nearest-pixel resizing, which is what the models were trained on.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.size != (img_size, img_size):
+        image = image.resize((img_size, img_size), Image.Resampling.NEAREST)
+    return np.asarray(image, np.float32)
+
+
+def load_pixels(path, img_size, frame=None):
+    """An image file's pixels as the model reads them: upright RGB (see upright_rgb), resized to img_size.
+
+    With a FaceFrame, the face is first cut out as the dataset frames its faces.
+    """
+    if frame is not None:
+        return model_input(frame.crop(read_upright(path)), img_size)
+    with Image.open(path) as image:
+        return model_input(upright_rgb(image), img_size)
 
 
 class ImageFlow(keras.utils.PyDataset):
     """Batches of image files, and their labels if given, as ImageDataGenerator's own flows make them.
 
-    Each image is read with load_pixels, then, if a generator is given, randomly
+    Each image is read with load_pixels (its face cut out first, where a frame is given), then, if a generator is given, randomly
     transformed and standardized by it, as its flow_from_dataframe would. (That flow reads
     16-bit greyscale images as white, hence this one.) Batches are prepared in parallel
     threads, one per usable core, and still handed over in order.
     """
 
-    def __init__(self, paths, labels, img_size, batch_size, generator=None, shuffle=False, seed=None):
+    def __init__(self, paths, labels, img_size, batch_size, generator=None, shuffle=False, seed=None, frames=None):
         super().__init__(workers=usable_cores())
         self.paths, self.img_size, self.batch_size = [str(path) for path in paths], img_size, batch_size
+        # With faces found (--evaluate --faces auto), the FaceFrame to cut out of each image.
+        self.frames = [None] * len(self.paths) if frames is None else frames
         self.labels = None if labels is None else np.asarray(labels, np.float32)
         self.generator, self.shuffle = generator, shuffle
         self.random = np.random.default_rng(seed)
@@ -121,7 +151,9 @@ class ImageFlow(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([self.transformed(load_pixels(self.paths[position], self.img_size)) for position in chosen])
+        images = np.stack([
+            self.transformed(load_pixels(self.paths[position], self.img_size, self.frames[position])) for position in chosen
+        ])
         return images if self.labels is None else (images, self.labels[chosen])
 
     def transformed(self, image):
@@ -364,10 +396,191 @@ def prediction_flow(paths, img_size, batch_size):
     return ImageFlow(paths, None, img_size, batch_size)
 
 
-def evaluation_flow(images, img_size, batch_size, perturbation=None):
-    """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation of each image."""
+def evaluation_flow(images, img_size, batch_size, perturbation=None, frames=None):
+    """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation of each image.
+
+    With `frames`, one FaceFrame per image, each image's face is cut out and scored instead.
+    """
     generator = None if perturbation is None else ImageDataGenerator(preprocessing_function=perturbation)
-    return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0)
+    labels = [CLASSES.index(class_name) for _, class_name in images]
+    return ImageFlow([path for path, _ in images], labels, img_size, batch_size, generator, frames=frames)
+
+
+# ---------------------------------------------------------------------------
+# Faces in photos and videos (--predict, and --evaluate --faces auto)
+# ---------------------------------------------------------------------------
+# The models learn from the dataset's faces: 256x256 crops, aligned as FFHQ aligns its
+# photos. A face in a group photo or a video frame is scored only once it is cut out the
+# same way: found by MTCNN, levelled by its eyes, and framed as the dataset frames faces.
+
+DATASET_FRAME_SIDE = 256
+
+# Where the dataset's faces sit in their 256x256 frame, as MTCNN's landmarks place them,
+# measured on the 1,000 images of faces-140k-sample (medians; measure them again with
+# `python tests/measure_face_framing.py`):
+# - the eyes are level (mean angle -0.02 degrees, sd 1.6), their midpoint at x 127.5;
+# - the frame's side is 2.00 times FFHQ's face scale, max(2 x eye distance, 1.8 x
+#   eye-to-mouth distance): the steadiest of the scales tried (relative sd 3.3%; the eye
+#   distance alone, 6.9%; the box width, 5.1%), and the factor FFHQ's own alignment uses;
+# - the frame's centre lies 0.12 of the eye-to-mouth distance from the eyes toward the
+#   mouth (FFHQ's alignment: 0.1).
+# So a face elsewhere is framed by the same rules, from its own landmarks.
+FRAME_SIDE_PER_FACE_SCALE = 2.00
+FRAME_CENTRE_TOWARD_MOUTH = 0.12
+
+
+@dataclass(frozen=True)
+class FaceFrame:
+    """The square a face is cut out in: its centre and side in pixels, turned by `angle` degrees to level the eyes."""
+
+    centre_x: float
+    centre_y: float
+    side: float
+    angle: float = 0.0
+
+    @property
+    def square(self):
+        """(x, y, size): the frame's square before it is turned, in whole pixels of the image, as the CSV gives it."""
+        # Pixel i covers i - 0.5 to i + 0.5, so the first pixel inside starts half a pixel in.
+        return round(self.centre_x - self.side / 2 + 0.5), round(self.centre_y - self.side / 2 + 0.5), round(self.side)
+
+    def corners(self):
+        """The four corners of the turned square, in pixels of the image, clockwise from the top left."""
+        turn = math.radians(self.angle)
+        along, down = np.array([math.cos(turn), math.sin(turn)]), np.array([-math.sin(turn), math.cos(turn)])
+        half = self.side / 2
+        centre = np.array([self.centre_x, self.centre_y])
+        return [centre + half * (x * along + y * down) for x, y in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+
+    def scaled(self, factor):
+        """The same frame in an image resized by `factor`."""
+        return FaceFrame(self.centre_x * factor, self.centre_y * factor, self.side * factor, self.angle)
+
+    def crop(self, image, side=DATASET_FRAME_SIDE):
+        """Cut the frame out of an RGB image, levelled, at the dataset's 256x256; outside the image, mirror it."""
+        centre, scale = np.array([self.centre_x, self.centre_y]), self.side / side
+        if scale > 1:
+            # A large face: average its pixels down first, as a warp that shrinks would skip some.
+            image = cv2.resize(image, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA)
+            centre, scale = centre / scale, 1.0
+        turn = math.radians(self.angle)
+        rotation = scale * np.array([[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]])
+        # Maps each output pixel to the point of the image it is read from.
+        offset = centre - rotation @ np.full(2, (side - 1) / 2)
+        matrix = np.hstack([rotation, offset[:, None]])
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        return cv2.warpAffine(image, matrix, (side, side), flags=flags, borderMode=cv2.BORDER_REFLECT)
+
+
+def square_iou(first, second):
+    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
+    (x1, y1, size1), (x2, y2, size2) = first, second
+    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
+    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
+    overlap = overlap_x * overlap_y
+    return overlap / (size1**2 + size2**2 - overlap)
+
+
+@dataclass(frozen=True)
+class Face:
+    """A face MTCNN found, in pixels of the upright image: its box (x, y, width, height), its confidence and five landmarks."""
+
+    box: tuple
+    confidence: float
+    landmarks: dict  # left_eye, right_eye, nose, mouth_left, mouth_right: (x, y), left and right as seen.
+
+    @property
+    def width(self):
+        return self.box[2]
+
+    def frame(self):
+        """The square the dataset would frame this face in (see FRAME_SIDE_PER_FACE_SCALE)."""
+        left_eye, right_eye = np.array(self.landmarks["left_eye"]), np.array(self.landmarks["right_eye"])
+        eyes = (left_eye + right_eye) / 2
+        mouth = (np.array(self.landmarks["mouth_left"]) + np.array(self.landmarks["mouth_right"])) / 2
+        eye_distance, eye_to_mouth = np.linalg.norm(right_eye - left_eye), np.linalg.norm(mouth - eyes)
+        face_scale = max(2 * eye_distance, 1.8 * eye_to_mouth)
+        centre = eyes + FRAME_CENTRE_TOWARD_MOUTH * (mouth - eyes)
+        angle = math.degrees(math.atan2(*(right_eye - left_eye)[::-1]))
+        return FaceFrame(float(centre[0]), float(centre[1]), FRAME_SIDE_PER_FACE_SCALE * face_scale, angle)
+
+
+# MTCNN's own smallest face: its image pyramid starts at faces of 20 pixels.
+MTCNN_SMALLEST_FACE = 20
+# Faces are searched in a copy of the image no longer than this (a 1080p frame: 640x360,
+# about 0.2 s on a 2-core CPU), unless a face of --min-face pixels would then be smaller than
+# MTCNN's smallest. Every crop is still cut from the full image.
+SEARCH_SIDE = 640
+
+
+def search_scale(height, width, min_face):
+    """How much to shrink an image before searching it: as far as SEARCH_SIDE, keeping --min-face findable."""
+    return min(1.0, max(SEARCH_SIDE / max(height, width), MTCNN_SMALLEST_FACE / min_face))
+
+
+class FaceFinder:
+    """MTCNN (Zhang et al., 2016), as the mtcnn package ships it with its weights: nothing is downloaded."""
+
+    def __init__(self):
+        import mtcnn  # Here, so that TensorFlow loads MTCNN's three small networks only when faces are searched.
+
+        self.detector = mtcnn.MTCNN()
+
+    def find(self, image, min_face):
+        """The faces in an upright RGB image, left to right, in its own pixels."""
+        scale = search_scale(*image.shape[:2], min_face)
+        searched = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        faces = [
+            Face(
+                box=tuple(float(value) / scale for value in found["box"]),
+                confidence=float(found["confidence"]),
+                landmarks={name: tuple(float(value) / scale for value in point) for name, point in found["keypoints"].items()},
+            )
+            for found in self.detector.detect_faces(searched)
+        ]
+        return sorted(faces, key=lambda face: face.box[0])
+
+
+# What --predict reads as a video; OpenCV's own FFmpeg decodes them.
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+
+
+def is_video(path):
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+class UnreadableVideo(Exception):
+    """A video that cannot be opened, or whose frames cannot be decoded."""
+
+
+def sampled_frame_indices(frame_count, frames):
+    """`frames` frame indices spread evenly over a video: the middle frame of each of as many equal parts."""
+    count = min(frames, frame_count)
+    return sorted({int((part + 0.5) * frame_count / count) for part in range(count)})
+
+
+def read_video_frames(path, frames):
+    """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video.
+
+    Only those frames are read: the video is seeked to each, and FFmpeg decodes from the
+    key frame before it, not the whole file. OpenCV turns a phone's video upright by its
+    rotation tag. A frame that cannot be decoded (in a file cut off) comes as None.
+    """
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise UnreadableVideo("not a video OpenCV's FFmpeg can open")
+        frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if frame_count <= 0:
+            raise UnreadableVideo("its container gives no frame count, so frames cannot be sampled")
+        for index in sampled_frame_indices(frame_count, frames):
+            # Reading on is faster than a seek when the next frame is the very next one.
+            if capture.get(cv2.CAP_PROP_POS_FRAMES) != index:
+                capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+            read, frame = capture.read()
+            yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if read else None
+    finally:
+        capture.release()
 
 
 # ---------------------------------------------------------------------------

@@ -213,15 +213,18 @@ def files_to_predict(paths):
 READABLE_FORMATS = ("JPEG", "PNG", "BMP", "WebP", "TIFF", "PPM")
 
 
-def readable_images(paths):
-    """The files among `paths` that decode as images; the others are reported by path and skipped."""
+def readable_images(paths, required=True):
+    """The files among `paths` that decode as images; the others are reported by path and skipped.
+
+    If none does and one is `required` (no video was given either), that is the user's mistake.
+    """
     problems = {path: image_problem(path) for path in paths}
     report_bad_files({path: problem for path, problem in problems.items() if problem is not None})
     good = [path for path in paths if problems[path] is None]
-    if not good:
+    if not good and required:
         raise UserError(
-            "none of the files given to --predict is a readable image; name "
-            f"{', '.join(READABLE_FORMATS[:-1])} or {READABLE_FORMATS[-1]} files, or folders holding them"
+            "none of the files given to --predict is a readable image or a video; name "
+            f"{', '.join(READABLE_FORMATS[:-1])} or {READABLE_FORMATS[-1]} images, videos, or folders holding them"
         )
     return good
 
@@ -563,6 +566,11 @@ jpeg_quality = checked_number(int, lambda value: 1 <= value <= 100, "between 1 a
 # --img-size is a flat colour (OpenCV also fails on kernels that wide).
 MAX_BLUR = 100
 blur_sigma = checked_number(float, lambda value: 0 <= value <= MAX_BLUR, f"between 0 and {MAX_BLUR}")
+# MTCNN, the face finder, finds no face narrower than 20 pixels.
+SMALLEST_FINDABLE_FACE = 20
+face_width = checked_number(
+    int, lambda value: value >= SMALLEST_FINDABLE_FACE, f"{SMALLEST_FINDABLE_FACE} or more: the face finder finds no smaller face"
+)
 
 
 def add_data_arguments(parser):
@@ -763,6 +771,12 @@ MAX_IMG_SIZE = 1024
 DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imagenet")
 # Small enough to train on a laptop CPU in a minute or two, with nothing to download.
 DEMO_DEFAULTS = dict(epochs=5, batch_size=16, img_size=64, weights="none")
+# A face narrower than this is too small to judge: cut out as the dataset frames faces, it
+# would fill a square of about 120 pixels, under half the dataset's 256, and the fine
+# texture the models rely on would be gone.
+DEFAULT_MIN_FACE = 64
+# Frames judged per video, as DeepfakeBench scores videos.
+DEFAULT_FRAMES = 32
 # The --model value that asks for the weighted average of every trained model.
 ENSEMBLE = "ensemble"
 
@@ -839,7 +853,8 @@ def add_prediction_arguments(parser):
     group = parser.add_argument_group("applying a trained model (no training)")
     group.add_argument(
         "--predict", nargs="+", type=Path, metavar="PATH",
-        help="print p(fake) and the verdict for these image files and every image in these folders",
+        help="print p(fake) and the verdict for these photos and videos, and every one in these folders: "
+        "for each face found in them, unless --faces off",
     )
     group.add_argument(
         "--evaluate", action="store_true",
@@ -851,8 +866,28 @@ def add_prediction_arguments(parser):
         f"with --predict, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
     )
     group.add_argument("--threshold", type=probability, default=0.5, help="p(fake) from which an image is called fake (default 0.5)")
-    group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write the lines to this CSV file")
-    group.add_argument("--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each image to DIR")
+    group.add_argument(
+        "--faces", choices=["auto", "off"],
+        help="auto: find the faces, cut each out as the dataset frames its faces, and score it (the whole image "
+        "where none is found); off: score the whole image, for images already cropped like the dataset's "
+        "(default: auto with --predict, off with --evaluate)",
+    )
+    group.add_argument(
+        "--min-face", type=face_width, metavar="PIXELS",
+        help=f"with --faces auto: list a face narrower than this as too small to judge, and do not score it (default {DEFAULT_MIN_FACE})",
+    )
+    group.add_argument(
+        "--frames", type=positive_int, metavar="N",
+        help=f"with --predict: how many frames, spread evenly over each video, to judge (default {DEFAULT_FRAMES})",
+    )
+    group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write one row per scored face to this CSV file")
+    group.add_argument(
+        "--annotate", type=Path, metavar="DIR",
+        help="with --predict: write each image with its faces marked and scored, and each video's sampled frames, to DIR",
+    )
+    group.add_argument(
+        "--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each face scored to DIR"
+    )
     group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
     group.add_argument("--blur", type=blur_sigma, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
 
@@ -864,6 +899,13 @@ def check_option_combinations(args):
         (args.predict and args.evaluate, "--predict and --evaluate are separate runs; give one of them"),
         (args.gradcam and not args.predict, "--gradcam draws heat maps of --predict's images; add --predict PATH"),
         (args.csv and not args.predict, "--csv writes --predict's lines; add --predict PATH"),
+        (args.annotate and not args.predict, "--annotate marks the faces of --predict's images and videos; add --predict PATH"),
+        (args.frames is not None and not args.predict, "--frames samples the videos given to --predict; add --predict PATH"),
+        (args.faces and not applying, "--faces says how --predict or --evaluate reads images; add one of them"),
+        (
+            args.min_face is not None and (not applying or args.faces == "off"),
+            "--min-face is the smallest face that --faces auto scores; use it with --predict, or with --evaluate --faces auto",
+        ),
         (
             (args.jpeg_quality is not None or args.blur is not None) and not args.evaluate,
             "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate",
@@ -910,6 +952,13 @@ def parse_arguments(recipe, argv=None):
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
     check_option_combinations(args)
+    if args.faces is None:
+        # Photos and videos are seldom cropped like the dataset; evaluation sets usually are.
+        args.faces = "auto" if args.predict else "off"
+    if args.min_face is None:
+        args.min_face = DEFAULT_MIN_FACE
+    if args.frames is None:
+        args.frames = DEFAULT_FRAMES
     # Without a warmup there is one phase, trained at --learning-rate, as in the original.
     if args.fine_tune_learning_rate is None:
         args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
@@ -933,7 +982,7 @@ def parse_arguments(recipe, argv=None):
 
 
 def check_prediction_outputs(args):
-    """Check --csv and --gradcam before any image is read: each must be writable and outside the images' folders.
+    """Check --csv, --annotate and --gradcam before any image is read: each must be writable and outside the images' folders.
 
     Where each goes is refused before anything is created there.
     """
@@ -947,10 +996,11 @@ def check_prediction_outputs(args):
             raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")
         refuse_output_inside(args.csv.parent, folders_given, "--csv")
         check_output_file(args.csv, "--csv")
-    if args.gradcam:
-        # The overlays are images: beside an image given as a file, they would be scored the next time.
-        refuse_output_inside(args.gradcam, folders_given + [path.parent for path in files_given], "--gradcam")
-        ensure_writable_folder(args.gradcam, "--gradcam")
+    for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
+        if folder:
+            # These are images: beside an image given as a file, they would be scored the next time.
+            refuse_output_inside(folder, folders_given + [path.parent for path in files_given], option)
+            ensure_writable_folder(folder, option)
 
 
 @exits_on_user_error

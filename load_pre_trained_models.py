@@ -24,6 +24,7 @@ trains; it builds the models without downloading any weights:
     python load_pre_trained_models.py
 """
 
+import contextlib
 import functools
 import importlib
 import json
@@ -34,6 +35,8 @@ import sys
 import time
 import warnings
 import zipfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -42,7 +45,19 @@ import pandas as pd
 import tensorflow as tf
 from sklearn import metrics as sklearn_metrics
 
-from data_augmentation import evaluation_flow, make_flows, perturb, prediction_flow
+from data_augmentation import (
+    FaceFinder,
+    FaceFrame,
+    UnreadableVideo,
+    evaluation_flow,
+    is_video,
+    make_flows,
+    model_input,
+    perturb,
+    read_upright,
+    read_video_frames,
+    square_iou,
+)
 from data_preprocessing import (
     DEMO_OUTPUT_DIR,
     ENSEMBLE,
@@ -68,6 +83,8 @@ from plot_loss_accuracy_graph import (
     plot_history,
     read_history,
     read_runs,
+    save_annotated_image,
+    save_contact_sheet,
     save_gradcam_overlay,
     true_labels,
     write_results_table,
@@ -488,10 +505,12 @@ def load_ensemble(output_dir):
     return models, ensemble_weights([metrics["valid_auc"] for metrics, _ in members])
 
 
-def predict_p_fake(model, paths, batch_size):
-    """p(fake) for each image file, read as in the model's training."""
-    flow = prediction_flow(paths, image_size(model), batch_size)
-    return model.predict(flow, verbose=0).ravel().astype(float)
+def p_fake_of_pictures(models, weights, pictures):
+    """The weighted p(fake) of uint8 RGB pictures of any size, each model reading them at its own size."""
+    return sum(
+        weight * model.predict_on_batch(np.stack([model_input(picture, image_size(model)) for picture in pictures])).ravel()
+        for (_, model), weight in zip(models, weights)
+    ).astype(float)
 
 
 # Grad-CAM lives here rather than with the figures in plot_loss_accuracy_graph.py because it
@@ -536,64 +555,279 @@ def grad_cam(model, batch):
     return heatmaps / np.where(peaks > 0, peaks, 1)
 
 
-def gradcam_file_names(paths):
-    """A distinct overlay name for each image: its name, with its folder's name in front where two share it."""
+def output_names(paths):
+    """A distinct name for each input's outputs: its name, with its folder's name in front where two share it."""
     stems = [path.stem for path in paths]
-    names = []
+    names = {}
     for path, stem in zip(paths, stems):
         name = stem if stems.count(stem) == 1 else f"{path.parent.name}-{stem}"
-        while f"{name}-gradcam.png" in names:
+        while name in names.values():
             name += "_"
-        names.append(f"{name}-gradcam.png")
+        names[path] = name
     return names
 
 
-def write_gradcam_overlays(model, lines, gradcam_dir, batch_size):
-    """Draw one heat-map overlay per predicted image into gradcam_dir, with its p(fake); return their paths."""
-    paths = [Path(path) for path in lines["path"]]
-    flow = prediction_flow(paths, image_size(model), batch_size)
-    heatmaps = np.concatenate([grad_cam(model, flow[index]) for index in range(len(flow))])
-    return [
-        save_gradcam_overlay(path, heatmap, gradcam_dir / name, p_fake, verdict)
-        for path, heatmap, name, p_fake, verdict in zip(
-            paths, heatmaps, gradcam_file_names(paths), lines["p_fake"], lines["verdict"]
-        )
-    ]
+# ---------------------------------------------------------------------------
+# --predict on photos and videos: find the faces, cut them out, score them
+# ---------------------------------------------------------------------------
 
 
-def prediction_lines(paths, p_fake, threshold):
-    """The table --predict prints: path, p(fake) and the verdict at the threshold."""
-    verdicts = np.where(p_fake >= threshold, "fake", "real")
-    return pd.DataFrame({"path": [str(path) for path in paths], "p_fake": p_fake, "verdict": verdicts})
+@dataclass
+class Line:
+    """One line of --predict: a face, or a whole image or frame where no face was found, and its score.
 
-
-def predict_images(recipe, args):
-    """--predict: print p(fake) and a verdict for each image; train nothing and write only where asked.
-
-    Where --csv and --gradcam write was checked with the options, before any image is read.
+    A face too small to judge has no p_fake. `picture` is what was scored: the face cut out
+    at the dataset's 256x256, or the whole image.
     """
+
+    path: Path
+    frame: int | None = None  # The frame's index in a video; None for a photo.
+    face: int | None = None  # 1, 2, ... within the image or frame; None for the whole image.
+    face_frame: FaceFrame | None = None
+    confidence: float | None = None
+    width: float | None = None  # The face's width, as MTCNN's box gives it.
+    picture: np.ndarray | None = None
+    p_fake: float | None = None
+
+    def where(self):
+        """Which part of the input the line is about, as --predict prints it."""
+        frame = [] if self.frame is None else [f"frame {self.frame}"]
+        if self.face is None:
+            return " ".join(frame)
+        x, y, size = self.face_frame.square
+        return " ".join([*frame, f"face {self.face} ({size} px at {x},{y})"])
+
+
+class Stopwatch:
+    """Seconds spent in each stage of the work, added up over every input."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def timing(self, stage):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+    def summary(self):
+        return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
+
+
+class MediaJudge:
+    """Scores photos and video frames with the chosen models: each face found, or each whole picture."""
+
+    def __init__(self, models, weights, args):
+        self.models, self.weights, self.args = models, weights, args
+        self.finder = FaceFinder() if args.faces == "auto" else None
+        self.stopwatch = Stopwatch()
+
+    def lines_of(self, picture, path, frame=None):
+        """The lines of one upright image or video frame: its faces, or the whole picture if there is none."""
+        if self.finder is None:
+            return [Line(path, frame, picture=picture)]
+        with self.stopwatch.timing("finding faces"):
+            faces = self.finder.find(picture, self.args.min_face)
+        if not faces:
+            return [Line(path, frame, picture=picture)]
+        lines = []
+        for number, face in enumerate(faces, start=1):
+            face_frame, judged = face.frame(), face.width >= self.args.min_face
+            with self.stopwatch.timing("cutting out faces"):
+                crop = face_frame.crop(picture) if judged else None
+            lines.append(Line(path, frame, number, face_frame, face.confidence, face.width, crop))
+        return lines
+
+    def score(self, lines):
+        """Fill in the p(fake) of every line that has a picture, a batch at a time."""
+        scorable = [line for line in lines if line.picture is not None]
+        with self.stopwatch.timing("scoring"):
+            for start in range(0, len(scorable), self.args.batch_size):
+                batch = scorable[start : start + self.args.batch_size]
+                for line, p_fake in zip(batch, p_fake_of_pictures(self.models, self.weights, [line.picture for line in batch])):
+                    line.p_fake = float(p_fake)
+        return lines
+
+    def images(self, paths):
+        """Yield (path, upright image, its lines, scored), a batch of images at a time."""
+        for start in range(0, len(paths), self.args.batch_size):
+            batch = []
+            for path in paths[start : start + self.args.batch_size]:
+                with self.stopwatch.timing("reading"):
+                    image = read_upright(path)
+                batch.append((path, image, self.lines_of(image, path)))
+            self.score([line for _, _, lines in batch for line in lines])
+            yield from batch
+
+    def video(self, path):
+        """The lines of a video's sampled frames, scored, and the frames themselves, as (index, frame) pairs."""
+        lines, frames, wanted = [], [], 0
+        reading = read_video_frames(path, self.args.frames)
+        while True:
+            with self.stopwatch.timing("seeking and decoding"):
+                index, frame = next(reading, (None, None))
+            if index is None:
+                break
+            wanted += 1
+            if frame is not None:
+                frames.append((index, frame))
+                lines += self.lines_of(frame, path, index)
+        return self.score(lines), frames, wanted
+
+
+def verdict(p_fake, threshold):
+    return "fake" if p_fake >= threshold else "real"
+
+
+def printed_line(line, args):
+    """A line as --predict prints it: path, what part, p_fake=..., verdict; or why a face was not scored."""
+    where = line.where() or ("whole image, no face found" if args.faces == "auto" else "")
+    if line.face is None and line.frame is not None and args.faces == "auto":
+        where += ", whole frame, no face found"
+    if line.p_fake is None:
+        judgement = f"too small to judge: {line.width:.0f} px wide, under --min-face {args.min_face}"
+    else:
+        judgement = f"p_fake={line.p_fake:.4f}  {verdict(line.p_fake, args.threshold)}"
+    return "  ".join(part for part in (str(line.path), where, judgement) if part)
+
+
+# The CSV that --csv writes, one row per scored face, in this order.
+CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict")
+
+
+def csv_row(line, threshold):
+    square = (None, None, None) if line.face_frame is None else line.face_frame.square
+    return dict(
+        zip(CSV_COLUMNS, (str(line.path), line.frame, line.face, *square, line.confidence, line.p_fake, verdict(line.p_fake, threshold)))
+    )
+
+
+# Two squares in consecutive sampled frames show the same face if they overlap at least this much.
+SAME_FACE_IOU = 0.3
+
+
+def main_face(lines):
+    """The scored lines of the face seen most often in a video, its faces linked from frame to frame by overlap."""
+    tracks = []
+    for line in [line for line in lines if line.face is not None and line.p_fake is not None]:
+        candidates = [track for track in tracks if track[-1].frame != line.frame]
+        overlaps = [square_iou(track[-1].face_frame.square, line.face_frame.square) for track in candidates]
+        if overlaps and max(overlaps) >= SAME_FACE_IOU:
+            candidates[int(np.argmax(overlaps))].append(line)
+        else:
+            tracks.append([line])
+    return max(tracks, key=len, default=[])
+
+
+def video_summary(path, lines, frames_read, frames_wanted, args):
+    """A video's own line: the mean p(fake) of its main face over the frames, or of the whole frames if none had a face."""
+    followed = main_face(lines)
+    scored = [line for line in lines if line.p_fake is not None]
+    if followed:
+        p_fake = float(np.mean([line.p_fake for line in followed]))
+        basis = f"the face seen most, in {len(followed)} frames"
+    elif scored:
+        p_fake = float(np.mean([line.p_fake for line in scored]))
+        basis = "no face found: the whole frames" if args.faces == "auto" else "the whole frames"
+    else:
+        return f"{path}  video  no frame could be judged ({frames_read} of {frames_wanted} frames read)", None
+    counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
+    return f"{path}  video  p_fake={p_fake:.4f}  {verdict(p_fake, args.threshold)}  ({counts})", p_fake
+
+
+def media_to_predict(paths):
+    """The readable images and the videos among --predict's paths; unreadable images are reported and skipped."""
+    files = files_to_predict(paths)
+    videos = [path for path in files if is_video(path)]
+    images = [path for path in files if not is_video(path)]
+    return readable_images(images, required=not videos), videos
+
+
+def prediction_models(recipe, args):
+    """The (title, model) pairs to score with, their weights, and how to name them."""
     if args.model == ENSEMBLE:
         models, weights = load_ensemble(args.output_dir)
         members = [f"{title} (weight {weight:.2f})" for (title, _), weight in zip(models, weights)]
-        source = "the ensemble of " + ", ".join(members)
-    else:
-        model_file = saved_model_file(recipe, args)
-        models, weights = [(recipe.title, load_saved_model(model_file, recipe))], [1.0]
-        source = f"{recipe.title} ({model_file})"
-    paths = readable_images(files_to_predict(args.predict))
-    # Each model reads the images at its own size.
-    p_fake = sum(weight * predict_p_fake(model, paths, args.batch_size) for (_, model), weight in zip(models, weights))
-    lines = prediction_lines(paths, p_fake, args.threshold)
-    print(f"p(fake) from {source}; an image is called fake from p(fake) {args.threshold}")
-    for line in lines.itertuples():
-        print(f"{line.path}  p_fake={line.p_fake:.4f}  {line.verdict}")
+        return models, weights, "the ensemble of " + ", ".join(members)
+    model_file = saved_model_file(recipe, args)
+    return [(recipe.title, load_saved_model(model_file, recipe))], [1.0], f"{recipe.title} ({model_file})"
+
+
+def predict_media(recipe, args):
+    """--predict: print p(fake) and a verdict for each face in each photo and video; train nothing.
+
+    Writes only where asked (--csv, --annotate, --gradcam); where they write was checked
+    with the options, before any image was read.
+    """
+    models, weights, source = prediction_models(recipe, args)
+    images, videos = media_to_predict(args.predict)
+    if not images and not videos:
+        raise UserError("none of the paths given to --predict holds an image or a video")
+    judge, names, rows, written = MediaJudge(models, weights, args), output_names(images + videos), [], Counter()
+    faces = "each face found" if args.faces == "auto" else "each whole image"
+    print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
+    for path, image, lines in judge.images(images):
+        report(lines, args, rows)
+        written += write_pictures(models, lines, names[path], args, image=image)
+    for path in videos:
+        try:
+            lines, frames, wanted = judge.video(path)
+        except UnreadableVideo as problem:
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+            continue
+        report(lines, args, rows)
+        summary, p_fake = video_summary(path, lines, len(frames), wanted, args)
+        print(summary)
+        written += write_pictures(models, lines, names[path], args, frames=frames, p_fake=p_fake)
     if args.csv:
-        write_text_atomically(args.csv, lines.to_csv(index=False))
+        write_text_atomically(args.csv, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(index=False))
         print(f"Wrote {args.csv}")
+    if args.annotate:
+        print(f"Wrote {written['annotated']} annotated pictures to {args.annotate}")
     if args.gradcam:
-        overlays = write_gradcam_overlays(models[0][1], lines, args.gradcam, args.batch_size)
-        print(f"Wrote {len(overlays)} Grad-CAM overlays to {args.gradcam}")
+        print(f"Wrote {written['gradcam']} Grad-CAM overlays to {args.gradcam}")
+    print(f"Time: {judge.stopwatch.summary()}")
     return 0
+
+
+def report(lines, args, rows):
+    """Print each line, and add the scored ones to the CSV's rows."""
+    for line in lines:
+        print(printed_line(line, args))
+        if line.p_fake is not None:
+            rows.append(csv_row(line, args.threshold))
+
+
+def write_pictures(models, lines, name, args, image=None, frames=None, p_fake=None):
+    """--annotate's picture of an image or a video, and --gradcam's heat map of each scored face; return how many of each."""
+    written = Counter()
+    if args.annotate:
+        written["annotated"] += 1
+        marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
+        if image is not None:
+            save_annotated_image(image, marks, args.annotate / f"{name}-faces.jpg", args.threshold)
+        else:
+            save_contact_sheet(frames, marks, args.annotate / f"{name}-frames.png", args.threshold, p_fake)
+    if args.gradcam:
+        scored = [line for line in lines if line.p_fake is not None]
+        model = models[0][1]
+        for start in range(0, len(scored), args.batch_size):
+            batch = scored[start : start + args.batch_size]
+            heatmaps = grad_cam(model, np.stack([model_input(line.picture, image_size(model)) for line in batch]))
+            for line, heatmap in zip(batch, heatmaps):
+                overlay_name = f"{name}{gradcam_part(line)}-gradcam.png"
+                save_gradcam_overlay(line.picture, heatmap, args.gradcam / overlay_name, line.p_fake, verdict(line.p_fake, args.threshold))
+                written["gradcam"] += 1
+    return written
+
+
+def gradcam_part(line):
+    """What tells a heat map's file from the others of the same input: -frame12-face1, -face2, or nothing."""
+    frame = "" if line.frame is None else f"-frame{line.frame}"
+    face = "" if line.face is None else f"-face{line.face}"
+    return frame + face
 
 
 # --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
@@ -665,7 +899,7 @@ def run(recipe, args):
     story, `fine_tune`, or finish an interrupted run's evaluation.
     """
     if args.predict:
-        return predict_images(recipe, args)
+        return predict_media(recipe, args)
     if args.evaluate:
         return evaluate_saved_model(recipe, args)
     if args.distribute == "multiworker":

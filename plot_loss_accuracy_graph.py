@@ -20,6 +20,7 @@ average of their p(fake), computed from their predictions.csv, with nothing re-r
 """
 
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -301,13 +302,15 @@ def overlay_figure_size(height, width, scale):
     return max(image_width + 1.3, 3.0), image_height + 0.6
 
 
-def save_gradcam_overlay(image_path, heatmap, path, p_fake, verdict, opacity=0.4):
+def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
     """Draw a Grad-CAM heat map (values 0 to 1, any size) over its image, in the jet colours.
 
-    Red marks the regions that raised p(fake) the most; blue, those that did not. The title
+    The image is an RGB array (a face as it was cut out), or an image file's path. Red
+    marks the regions that raised p(fake) the most; blue, those that did not. The title
     gives the model's p(fake) and verdict for the image. Writes a PNG; returns its path.
     """
-    image = read_rgb_image(image_path)
+    if not isinstance(image, np.ndarray):
+        image = read_rgb_image(image)
     height, width = image.shape[:2]
     # Bilinear resizing keeps the few cells of a small conv map from showing as blocks.
     heatmap = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
@@ -325,6 +328,102 @@ def save_gradcam_overlay(image_path, heatmap, path, p_fake, verdict, opacity=0.4
     figure.colorbar(colours, cax=bar_axis, label="Grad-CAM: share of the\nevidence for fake")
     axis.set_title(f"p_fake={p_fake:.4f}: {verdict}")
     axis.set_axis_off()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------------
+# Faces marked on photos and video frames (--annotate)
+# ---------------------------------------------------------------------------
+
+# RGB: green for a face called real, red for fake, grey for one too small to judge.
+VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), None: (160, 160, 160)}
+# An annotated photo is shrunk to this longer side at most, to keep its file small.
+LARGEST_ANNOTATED_SIDE = 1600
+
+
+def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE):
+    """A copy of an RGB image with each face's square drawn and labelled with its p(fake).
+
+    `marks` holds (face frame, p_fake) pairs; a face frame of None means the whole image was
+    scored, and a p_fake of None, a face too small to judge.
+    """
+    height, width = image.shape[:2]
+    scale = min(1.0, largest_side / max(height, width))
+    marked = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
+    # Lines and letters grow with the picture, so that they read the same at any size.
+    thickness = max(1, round(max(marked.shape[:2]) / 450))
+    for face_frame, p_fake in marks:
+        verdict = None if p_fake is None else ("fake" if p_fake >= threshold else "real")
+        label = "too small" if p_fake is None else f"p_fake {p_fake:.2f}"
+        if face_frame is None:
+            label, corner = f"whole image: {label}", np.array([thickness, thickness])
+        else:
+            corners = np.array(face_frame.scaled(scale).corners())
+            cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, VERDICT_COLOURS[verdict], thickness, cv2.LINE_AA)
+            corner = corners.min(axis=0)
+        draw_label(marked, label, corner, VERDICT_COLOURS[verdict], thickness)
+    return marked
+
+
+def draw_label(image, text, corner, colour, thickness):
+    """Write white text on a box of the face's colour, just above `corner` (x, y), kept inside the image."""
+    font_scale = 0.4 * thickness
+    (text_width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+    box_height = text_height + baseline + 2 * thickness
+    x = int(np.clip(corner[0], 0, max(0, image.shape[1] - text_width - 2 * thickness)))
+    y = int(np.clip(corner[1] - box_height, 0, max(0, image.shape[0] - box_height)))
+    cv2.rectangle(image, (x, y), (x + text_width + 2 * thickness, y + box_height), colour, cv2.FILLED)
+    origin = (x + thickness, y + thickness + text_height)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
+
+
+def save_annotated_image(image, marks, path, threshold):
+    """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], threshold)
+    cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return path
+
+
+THUMBNAIL_WIDTH = 320
+CONTACT_SHEET_COLUMNS = 8
+
+
+def save_contact_sheet(frames, marks, path, threshold, p_fake):
+    """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
+
+    `frames` holds (index, RGB frame) pairs, `marks` (frame index, face frame, p_fake)
+    triples; p_fake is the video's own, drawn as a dashed line. Writes a PNG; returns its path.
+    """
+    columns = min(CONTACT_SHEET_COLUMNS, max(1, len(frames)))
+    rows = max(1, math.ceil(len(frames) / columns))
+    height, width = frames[0][1].shape[:2] if frames else (9, 16)
+    cell_height = 2.0 * height / width
+    figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
+    grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
+    for position, (index, frame) in enumerate(frames):
+        scale = THUMBNAIL_WIDTH / frame.shape[1]
+        thumbnail = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        frame_marks = [(None if face_frame is None else face_frame.scaled(scale), score) for at, face_frame, score in marks if at == index]
+        axis = figure.add_subplot(grid[position // columns, position % columns])
+        axis.imshow(marked_image(thumbnail, frame_marks, threshold))
+        axis.set_title(f"frame {index}", fontsize=8)
+        axis.set_axis_off()
+    strip = figure.add_subplot(grid[rows, :])
+    scored = [(at, score) for at, _, score in marks if score is not None]
+    for verdict, colour in (("real", VERDICT_COLOURS["real"]), ("fake", VERDICT_COLOURS["fake"])):
+        points = [(at, score) for at, score in scored if (score >= threshold) == (verdict == "fake")]
+        if points:
+            strip.scatter(*zip(*points), color=np.array(colour) / 255, s=14, label=verdict)
+    strip.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {threshold}")
+    if p_fake is not None:
+        strip.axhline(p_fake, color="black", linestyle="--", linewidth=1, label=f"video p_fake {p_fake:.2f}")
+    strip.set_ylim(-0.05, 1.05)
+    strip.set_xlabel("frame")
+    strip.set_ylabel("p_fake")
+    strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(figure, path)
 
