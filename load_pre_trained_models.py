@@ -59,6 +59,7 @@ from data_augmentation import (
     square_iou,
 )
 from data_preprocessing import (
+    CLASSES,
     DEMO_OUTPUT_DIR,
     ENSEMBLE,
     OneLineArgumentParser,
@@ -835,7 +836,7 @@ EVALUATION_PREFIX = "eval-"
 
 
 def evaluation_labels(recipe, args, folder):
-    """An evaluation's folder name, eval-<data>[-jpeg<Q>][-blur<SIGMA>], and its figures' title."""
+    """An evaluation's folder name, eval-<data>[-jpeg<Q>][-blur<SIGMA>][-faces], and its figures' title."""
     # The --data-dir folder's name, or the name of the dataset around the test/ it holds.
     data = (Path(args.data_dir) if args.data_dir is not None else folder.parent).resolve().name
     perturbations = []
@@ -843,6 +844,8 @@ def evaluation_labels(recipe, args, folder):
         perturbations.append((f"jpeg{args.jpeg_quality}", f"JPEG quality {args.jpeg_quality}"))
     if args.blur is not None:
         perturbations.append((f"blur{args.blur}", f"blur {args.blur}"))
+    if args.faces == "auto":
+        perturbations.append(("faces", "faces cut out"))
     name = "-".join([f"{EVALUATION_PREFIX}{data}", *(short for short, _ in perturbations)])
     title = ", ".join([f"{recipe.title} on {data}", *(spelled_out for _, spelled_out in perturbations)])
     return name, title
@@ -854,19 +857,54 @@ def evaluate_saved_model(recipe, args):
     folder = args.evaluation_folder  # Found, and checked, with the options.
     images = load_evaluation_images(folder, args.output_dir / ".cache", args.subset, args.seed)
     model = load_saved_model(model_file, recipe)
+    faces = find_evaluation_faces(images, args.min_face) if args.faces == "auto" else None
     eval_name, eval_title = evaluation_labels(recipe, args, folder)
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
     with one_run_at_a_time(run_dir):
-        return write_evaluation(recipe, args, model, model_file, images, run_dir / eval_name, eval_title)
+        return write_evaluation(recipe, args, model, model_file, images, run_dir / eval_name, eval_title, faces)
 
 
-def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_title):
-    """Score the images, perhaps perturbed, and write the evaluation's outputs into eval_dir."""
+@dataclass
+class EvaluationFaces:
+    """With --evaluate --faces auto: the images where a face was found, its frame in each, and the images without one."""
+
+    images: list
+    frames: list
+    no_face: list
+
+
+def find_evaluation_faces(images, min_face):
+    """Find each labelled image's face, the widest where there are several; count the images with none to judge."""
+    finder, found, frames, no_face = FaceFinder(), [], [], []
+    print(f"Finding the faces in {len(images)} images")
+    progress = keras.utils.Progbar(len(images), unit_name="image")
+    for done, (path, class_name) in enumerate(images, start=1):
+        faces = [face for face in finder.find(read_upright(path), min_face) if face.width >= min_face]
+        if faces:
+            found.append((path, class_name))
+            frames.append(max(faces, key=lambda face: face.width).frame())
+        else:
+            no_face.append(str(path))
+        progress.update(done)
+    if no_face:
+        print(f"warning: {len(no_face)} of {len(images)} images have no face of --min-face {min_face} px or more; "
+              "they are left out, and listed in metrics.json", file=sys.stderr)
+    for class_name in CLASSES:
+        if not any(name == class_name for _, name in found):
+            raise UserError(f"no face of --min-face {min_face} px or more was found in any {class_name}/ image; "
+                            "lower --min-face, or evaluate whole images with --faces off")
+    return EvaluationFaces(found, frames, no_face)
+
+
+def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_title, faces=None):
+    """Score the images (or their faces), perhaps perturbed, and write the evaluation's outputs into eval_dir."""
     folder = args.evaluation_folder
     perturbation = None
     if args.jpeg_quality is not None or args.blur:
         perturbation = functools.partial(perturb, jpeg_quality=args.jpeg_quality, blur_sigma=args.blur)
-    flow = evaluation_flow(images, image_size(model), args.batch_size, perturbation)
+    if faces is not None:
+        images = faces.images
+    flow = evaluation_flow(images, image_size(model), args.batch_size, perturbation, None if faces is None else faces.frames)
     predictions = predict_split(model, flow, images)
     metrics = {
         "model": recipe.title,
@@ -874,12 +912,16 @@ def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_tit
         "data_dir": str(folder),
         "jpeg_quality": args.jpeg_quality,
         "blur_sigma": args.blur,
+        "faces": args.faces,
         **classification_metrics(predictions, args.threshold),
     }
+    if faces is not None:
+        metrics.update(min_face=args.min_face, n_no_face=len(faces.no_face), no_face=faces.no_face)
     eval_dir.mkdir(exist_ok=True)
     figures = write_test_outputs(eval_dir, eval_title, predictions, metrics)
+    counted = f"{metrics['n_test']} images" if faces is None else f"the faces of {metrics['n_test']} images"
     print(
-        f"\n{recipe.title} on {folder} ({metrics['n_test']} images): accuracy {metrics['test_accuracy']:.4f}, "
+        f"\n{recipe.title} on {folder} ({counted}): accuracy {metrics['test_accuracy']:.4f}, "
         f"AUC {metrics['test_auc']:.4f}, AP {metrics['test_ap']:.4f}, EER {metrics['test_eer']:.4f}"
     )
     print(f"Wrote {eval_dir}/: metrics.json, predictions.csv, {', '.join(path.name for path in figures)}")

@@ -43,9 +43,9 @@ def read_metrics(folder):
 
 
 def printed_lines(output):
-    """{path: (p_fake, verdict)} from --predict's printed lines."""
+    """{path: (p_fake, verdict)} from --predict's printed lines (the tiny faces here are whole images)."""
     lines = [line.split("  ") for line in output.splitlines() if "  p_fake=" in line]
-    return {path: (float(p_fake.removeprefix("p_fake=")), verdict) for path, p_fake, verdict in lines}
+    return {fields[0]: (float(fields[-2].removeprefix("p_fake=")), fields[-1]) for fields in lines}
 
 
 def test_plot_command_redraws_histories_and_prints_the_table(trained, capsys):
@@ -141,11 +141,9 @@ def test_gradcam_reads_the_last_conv_feature_map(title, layer):
     assert heatmaps.min() >= 0 and heatmaps.max() <= 1
 
 
-def test_gradcam_names_images_that_share_a_name_by_their_folder(tmp_path):
+def test_outputs_of_images_that_share_a_name_are_named_by_their_folder(tmp_path):
     paths = [tmp_path / "real" / "0001.jpg", tmp_path / "fake" / "0001.jpg", tmp_path / "fake" / "0002.jpg"]
-    assert load_pre_trained_models.gradcam_file_names(paths) == [
-        "real-0001-gradcam.png", "fake-0001-gradcam.png", "0002-gradcam.png"
-    ]
+    assert list(load_pre_trained_models.output_names(paths).values()) == ["real-0001", "fake-0001", "0002"]
 
 
 # --- Evaluate -----------------------------------------------------------------
@@ -264,6 +262,12 @@ def test_predict_with_the_ensemble_averages_the_models(trained, capsys):
         (["--predict", "x.jpg", "--threshold", "2"], ["--threshold", "between 0 and 1"]),
         (["--predict", "x.jpg", "--evaluate"], ["separate runs"]),
         (["--predict", "x.jpg", "--model", "ensemble", "--gradcam", "maps"], ["Grad-CAM explains one model"]),
+        (["--annotate", "marked"], ["--annotate", "add --predict"]),
+        (["--frames", "8"], ["--frames", "add --predict"]),
+        (["--faces", "auto"], ["--faces", "add one of them"]),
+        (["--predict", "x.jpg", "--min-face", "10"], ["--min-face", "20 or more"]),
+        (["--predict", "x.jpg", "--faces", "off", "--min-face", "40"], ["--min-face", "--faces auto"]),
+        (["--predict", "x.jpg", "--frames", "0"], ["--frames", "1 or more"]),
     ],
 )
 def test_wrong_combinations_are_user_errors(capsys, tmp_path, options, fragments):
@@ -289,7 +293,7 @@ def test_predict_with_no_readable_image_is_a_user_error(trained, tmp_path, capsy
     assert apply("VGG16", output_dir, "--predict", str(junk)) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[0] == f"warning: skipping {junk}: not a decodable image"
-    assert error[-1].startswith("error: none of the files given to --predict is a readable image")
+    assert error[-1].startswith("error: none of the files given to --predict is a readable image or a video")
 
 
 def test_gradcam_folder_inside_the_image_folder_is_refused(trained, capsys):
