@@ -538,7 +538,7 @@ class Face:
         eyes = (left_eye + right_eye) / 2
         mouth = (np.array(self.landmarks["mouth_left"]) + np.array(self.landmarks["mouth_right"])) / 2
         eye_distance, eye_to_mouth = np.linalg.norm(right_eye - left_eye), np.linalg.norm(mouth - eyes)
-        face_scale = max(2 * eye_distance, 1.8 * eye_to_mouth)
+        face_scale = float(max(2 * eye_distance, 1.8 * eye_to_mouth))
         centre = eyes + FRAME_CENTRE_TOWARD_MOUTH * (mouth - eyes)
         angle = math.degrees(math.atan2(*(right_eye - left_eye)[::-1]))
         return FaceFrame(float(centre[0]), float(centre[1]), FRAME_SIDE_PER_FACE_SCALE * face_scale, angle)
