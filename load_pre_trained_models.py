@@ -733,7 +733,8 @@ def video_summary(path, lines, frames_read, frames_wanted, args):
         p_fake = float(np.mean([line.p_fake for line in scored]))
         basis = "no face found: the whole frames" if args.faces == "auto" else "the whole frames"
     else:
-        return f"{path}  video  no frame could be judged ({frames_read} of {frames_wanted} frames read)", None
+        too_small = f"every face was under --min-face {args.min_face}"
+        return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
     counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
     return f"{path}  video  p_fake={p_fake:.4f}  {verdict(p_fake, args.threshold)}  ({counts})", p_fake
 
@@ -778,6 +779,12 @@ def predict_media(recipe, args):
         except UnreadableVideo as problem:
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
             continue
+        if not frames:
+            print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
+            continue
+        if len(frames) < wanted:
+            print(f"warning: {path}: only {len(frames)} of {wanted} sampled frames could be decoded; "
+                  "the file may be cut off", file=sys.stderr)
         report(lines, args, rows)
         summary, p_fake = video_summary(path, lines, len(frames), wanted, args)
         print(summary)

@@ -1,5 +1,6 @@
 """Two scripts on real dataset files, ../shared/faces-140k-sample, when it is there: training,
-the Ensemble row, --predict with Grad-CAM, and --evaluate with JPEG compression."""
+the Ensemble row, --predict with Grad-CAM, whole and with the faces cut out, and --evaluate
+with JPEG compression."""
 
 import json
 
@@ -47,7 +48,8 @@ def test_predict_and_gradcam_on_two_real_test_images(output_dir, tmp_path, capsy
     predictions = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
     images = [predictions["path"][0], predictions["path"][19]]  # One real, one fake.
     options = ["--predict", *images, "--csv", str(tmp_path / "p.csv"), "--gradcam", str(tmp_path / "gradcam")]
-    assert run_script("VGG16", None, output_dir, *options) == 0
+    # Whole, the dataset's images get the p_fake of predictions.csv.
+    assert run_script("VGG16", None, output_dir, *options, "--faces", "off") == 0
 
     written = pd.read_csv(tmp_path / "p.csv")
     expected = predictions.set_index("path").loc[images, "p_fake"].to_numpy()
@@ -57,6 +59,12 @@ def test_predict_and_gradcam_on_two_real_test_images(output_dir, tmp_path, capsy
         assert f"{image}  p_fake=" in printed
         overlay = cv2.imread(str(tmp_path / "gradcam" / f"{image.rsplit('/', 1)[1][:-4]}-gradcam.png"))
         assert max(overlay.shape[:2]) >= 256  # Drawn at least at the dataset's own 256 pixels.
+
+    # Their faces, found and cut out again, give them back nearly whole: nearly the same p_fake.
+    assert run_script("VGG16", None, output_dir, "--predict", *images, "--csv", str(tmp_path / "faces.csv")) == 0
+    faces = pd.read_csv(tmp_path / "faces.csv")
+    assert faces["path"].tolist() == images and (faces["face"] == 1).all()
+    assert faces["p_fake"].to_numpy() == pytest.approx(expected, abs=0.05)
 
 
 def test_evaluate_the_saved_model_on_jpeg_compressed_test_images(output_dir):

@@ -195,9 +195,10 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
 
 
 def write_video(path, frames):
-    """An mp4 of 480x360 frames in which a dataset face, 170 px, moves left to right; return it and each frame's square."""
+    """A video (mp4, or avi) of 480x360 frames in which a dataset face, 170 px, moves left to right; return it and each frame's square."""
     face_file, squares = sample_faces(1)[0], {}
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (480, 360))
+    codec = "MJPG" if path.suffix == ".avi" else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 10, (480, 360))
     background = noisy_background(np.random.default_rng(1), 360, 480)
     for index in range(frames):
         frame = background.copy()
@@ -209,18 +210,25 @@ def write_video(path, frames):
 
 @needs_sample
 def test_a_cut_off_or_fake_video_is_reported_and_the_rest_still_scored(output_dir, tmp_path, capsys):
-    video, _ = write_video(tmp_path / "whole.mp4", frames=20)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    # An AVI cut off halfway still opens; the frames of its lost half cannot be decoded.
+    video, _ = write_video(tmp_path / "whole.avi", frames=20)
     data = video.read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
-    (tmp_path / "notes.mp4").write_text("not a video")
-    video.unlink()
-    Image.open(sample_faces(1)[0]).save(tmp_path / "face.jpg")
-    assert predict(output_dir, str(tmp_path)) == 0
+    (inputs / "cut.avi").write_bytes(data[: len(data) // 2])
+    # An mp4 keeps its index at the end, so one cut off does not open at all.
+    video, _ = write_video(tmp_path / "whole.mp4", frames=20)
+    (inputs / "cut.mp4").write_bytes(video.read_bytes()[:5000])
+    (inputs / "notes.mp4").write_text("not a video")
+    Image.open(sample_faces(1)[0]).save(inputs / "face.jpg")
+    assert predict(output_dir, str(inputs), "--frames", "4") == 0
 
     captured = capsys.readouterr()
-    assert f"warning: skipping {tmp_path / 'notes.mp4'}: not a video" in captured.err
-    assert f"{tmp_path / 'face.jpg'}  face 1" in captured.out
-    assert f"warning: skipping {tmp_path / 'cut.mp4'}" in captured.err
+    assert f"warning: skipping {inputs / 'notes.mp4'}: not a video" in captured.err
+    assert f"warning: skipping {inputs / 'cut.mp4'}: not a video" in captured.err
+    assert f"warning: {inputs / 'cut.avi'}: only 2 of 4 sampled frames could be decoded" in captured.err
+    assert "(2 of 4 frames read, 2 faces scored" in captured.out
+    assert f"{inputs / 'face.jpg'}  face 1" in captured.out
 
 
 def test_small_faces_are_listed_not_scored_and_a_faceless_image_is_scored_whole(output_dir, tmp_path, capsys):
