@@ -705,8 +705,16 @@ def csv_row(line, threshold):
     )
 
 
-# Two squares in consecutive sampled frames show the same face if they overlap at least this much.
+# Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
+# grown to twice their side about their centres: two faces in sampled frames are taken for
+# the same one if those overlap by at least this intersection over union.
 SAME_FACE_IOU = 0.3
+
+
+def grown(square, factor=2):
+    """A (x, y, size) square grown by `factor` about its centre."""
+    x, y, size = square
+    return (x - (factor - 1) * size / 2, y - (factor - 1) * size / 2, factor * size)
 
 
 def main_face(lines):
@@ -714,7 +722,7 @@ def main_face(lines):
     tracks = []
     for line in [line for line in lines if line.face is not None and line.p_fake is not None]:
         candidates = [track for track in tracks if track[-1].frame != line.frame]
-        overlaps = [square_iou(track[-1].face_frame.square, line.face_frame.square) for track in candidates]
+        overlaps = [square_iou(grown(track[-1].face_frame.square), grown(line.face_frame.square)) for track in candidates]
         if overlaps and max(overlaps) >= SAME_FACE_IOU:
             candidates[int(np.argmax(overlaps))].append(line)
         else:
@@ -728,7 +736,7 @@ def video_summary(path, lines, frames_read, frames_wanted, args):
     scored = [line for line in lines if line.p_fake is not None]
     if followed:
         p_fake = float(np.mean([line.p_fake for line in followed]))
-        basis = f"the face seen most, in {len(followed)} frames"
+        basis = f"the face seen most, in {counted(len(followed), 'frame')}"
     elif scored:
         p_fake = float(np.mean([line.p_fake for line in scored]))
         basis = "no face found: the whole frames" if args.faces == "auto" else "the whole frames"
@@ -737,6 +745,10 @@ def video_summary(path, lines, frames_read, frames_wanted, args):
         return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
     counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
     return f"{path}  video  p_fake={p_fake:.4f}  {verdict(p_fake, args.threshold)}  ({counts})", p_fake
+
+
+def counted(count, thing):
+    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
 
 
 def media_to_predict(paths):
@@ -793,9 +805,9 @@ def predict_media(recipe, args):
         write_text_atomically(args.csv, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(index=False))
         print(f"Wrote {args.csv}")
     if args.annotate:
-        print(f"Wrote {written['annotated']} annotated pictures to {args.annotate}")
+        print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {args.annotate}")
     if args.gradcam:
-        print(f"Wrote {written['gradcam']} Grad-CAM overlays to {args.gradcam}")
+        print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {args.gradcam}")
     print(f"Time: {judge.stopwatch.summary()}")
     return 0
 
