@@ -169,10 +169,10 @@ class ImageFlow(keras.utils.PyDataset):
             self.order = self.random.permutation(len(self.paths))
 
 
-def image_flow(images, generator, img_size, batch_size, shuffle, seed):
+def image_flow(images, generator, img_size, batch_size, shuffle, seed, frames=None):
     """An ImageFlow over (path, class name) pairs, with labels real = 0 and fake = 1."""
     labels = [CLASSES.index(class_name) for _, class_name in images]
-    return ImageFlow([path for path, _ in images], labels, img_size, batch_size, generator, shuffle, seed)
+    return ImageFlow([path for path, _ in images], labels, img_size, batch_size, generator, shuffle, seed, frames)
 
 
 def usable_cores():
@@ -208,14 +208,21 @@ EXIF_ORIENTATION = 0x0112
 
 
 def exif_orientation(path):
-    """An image file's EXIF orientation, 1 to 8; 1 (upright) when it has none. Reads the header only."""
-    with Image.open(path) as image:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    """An image file's EXIF orientation, 1 to 8; 1 (upright) when it has none, or a damaged one."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # Pillow raises many kinds for a damaged EXIF block; the image itself was checked.
+        return 1
     return orientation if orientation in range(1, 9) else 1
 
 
 def exif_orientations(paths):
-    """The EXIF orientation of each file, read by a thread per core: about 0.05 ms an image."""
+    """The EXIF orientation of each file, read by a thread per core.
+
+    A JPEG keeps it in its header (about 0.05 ms an image); a PNG may keep it after the
+    pixels, which Pillow then reads too (about 1 ms for a 256x256 image).
+    """
     with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
         return list(pool.map(exif_orientation, paths))
 
@@ -441,8 +448,7 @@ def evaluation_flow(images, img_size, batch_size, perturbation=None, frames=None
     With `frames`, one FaceFrame per image, each image's face is cut out and scored instead.
     """
     generator = None if perturbation is None else ImageDataGenerator(preprocessing_function=perturbation)
-    labels = [CLASSES.index(class_name) for _, class_name in images]
-    return ImageFlow([path for path, _ in images], labels, img_size, batch_size, generator, frames=frames)
+    return image_flow(images, generator, img_size, batch_size, shuffle=False, seed=0, frames=frames)
 
 
 # ---------------------------------------------------------------------------
@@ -499,9 +505,15 @@ class FaceFrame:
         """Cut the frame out of an RGB image, levelled, at the dataset's 256x256; outside the image, mirror it."""
         centre, scale = np.array([self.centre_x, self.centre_y]), self.side / side
         if scale > 1:
-            # A large face: average its pixels down first, as a warp that shrinks would skip some.
-            image = cv2.resize(image, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA)
-            centre, scale = centre / scale, 1.0
+            # A large face: average its pixels down first, as a warp that shrinks would skip
+            # some; only the region the turned square can reach is shrunk.
+            reach = math.ceil(self.side * 0.75)
+            left, top = (max(0, int(value) - reach) for value in centre)
+            region = image[top : int(centre[1]) + reach + 1, left : int(centre[0]) + reach + 1]
+            image = cv2.resize(region, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA)
+            # Pixel centres sit half a pixel in, before and after the resize.
+            centre = (centre - (left, top) + 0.5) / scale - 0.5
+            scale = 1.0
         turn = math.radians(self.angle)
         rotation = scale * np.array([[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]])
         # Maps each output pixel to the point of the image it is read from.
@@ -575,7 +587,8 @@ class FaceFinder:
                 confidence=float(found["confidence"]),
                 landmarks={name: tuple(float(value) / scale for value in point) for name, point in found["keypoints"].items()},
             )
-            for found in self.detector.detect_faces(searched)
+            # Boxes are not cut at the image's edge, so that a face partly outside keeps its width.
+            for found in self.detector.detect_faces(searched, fit_to_image=False)
         ]
         return sorted(faces, key=lambda face: face.box[0])
 

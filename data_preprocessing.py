@@ -903,7 +903,8 @@ def check_option_combinations(args):
         (args.frames is not None and not args.predict, "--frames samples the videos given to --predict; add --predict PATH"),
         (args.faces and not applying, "--faces says how --predict or --evaluate reads images; add one of them"),
         (
-            args.min_face is not None and (not applying or args.faces == "off"),
+            # --faces is off unless given with --evaluate, and auto unless given with --predict.
+            args.min_face is not None and (args.faces or ("auto" if args.predict else "off")) == "off",
             "--min-face is the smallest face that --faces auto scores; use it with --predict, or with --evaluate --faces auto",
         ),
         (

@@ -39,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import pandas as pd
@@ -84,6 +85,7 @@ from plot_loss_accuracy_graph import (
     plot_history,
     read_history,
     read_runs,
+    THUMBNAIL_WIDTH,
     save_annotated_image,
     save_contact_sheet,
     save_gradcam_overlay,
@@ -508,10 +510,11 @@ def load_ensemble(output_dir):
 
 def p_fake_of_pictures(models, weights, pictures):
     """The weighted p(fake) of uint8 RGB pictures of any size, each model reading them at its own size."""
-    return sum(
-        weight * model.predict_on_batch(np.stack([model_input(picture, image_size(model)) for picture in pictures])).ravel()
-        for (_, model), weight in zip(models, weights)
-    ).astype(float)
+    p_fake = np.zeros(len(pictures))
+    for (_, model), weight in zip(models, weights):
+        batch = np.stack([model_input(picture, image_size(model)) for picture in pictures])
+        p_fake += weight * model.predict_on_batch(batch).ravel()
+    return p_fake
 
 
 # Grad-CAM lives here rather than with the figures in plot_loss_accuracy_graph.py because it
@@ -589,14 +592,17 @@ class Line:
     width: float | None = None  # The face's width, as MTCNN's box gives it.
     picture: np.ndarray | None = None
     p_fake: float | None = None
+    searched: bool = True  # Whether faces were searched for (--faces auto).
 
     def where(self):
-        """Which part of the input the line is about, as --predict prints it."""
+        """Which part of the input the line is about, as --predict prints it; empty for a whole photo with --faces off."""
         frame = [] if self.frame is None else [f"frame {self.frame}"]
-        if self.face is None:
-            return " ".join(frame)
-        x, y, size = self.face_frame.square
-        return " ".join([*frame, f"face {self.face} ({size} px at {x},{y})"])
+        if self.face is not None:
+            x, y, size = self.face_frame.square
+            return " ".join([*frame, f"face {self.face} ({size} px at {x},{y})"])
+        if self.searched:
+            return ", ".join([*frame, f"whole {'image' if self.frame is None else 'frame'}, no face found"])
+        return " ".join(frame)
 
 
 class Stopwatch:
@@ -621,24 +627,30 @@ class MediaJudge:
     """Scores photos and video frames with the chosen models: each face found, or each whole picture."""
 
     def __init__(self, models, weights, args):
-        self.models, self.weights, self.args = models, weights, args
+        self.models = models
+        self.weights = weights
+        self.args = args
         self.finder = FaceFinder() if args.faces == "auto" else None
         self.stopwatch = Stopwatch()
 
     def lines_of(self, picture, path, frame=None):
         """The lines of one upright image or video frame: its faces, or the whole picture if there is none."""
         if self.finder is None:
-            return [Line(path, frame, picture=picture)]
+            return [Line(path, frame, picture=picture, searched=False)]
         with self.stopwatch.timing("finding faces"):
             faces = self.finder.find(picture, self.args.min_face)
         if not faces:
             return [Line(path, frame, picture=picture)]
         lines = []
         for number, face in enumerate(faces, start=1):
-            face_frame, judged = face.frame(), face.width >= self.args.min_face
-            with self.stopwatch.timing("cutting out faces"):
-                crop = face_frame.crop(picture) if judged else None
-            lines.append(Line(path, frame, number, face_frame, face.confidence, face.width, crop))
+            face_frame = face.frame()
+            crop = None  # A face too small to judge is listed, not scored.
+            if face.width >= self.args.min_face:
+                with self.stopwatch.timing("cutting out faces"):
+                    crop = face_frame.crop(picture)
+            lines.append(Line(
+                path, frame, face=number, face_frame=face_frame, confidence=face.confidence, width=face.width, picture=crop
+            ))
         return lines
 
     def score(self, lines):
@@ -647,8 +659,9 @@ class MediaJudge:
         with self.stopwatch.timing("scoring"):
             for start in range(0, len(scorable), self.args.batch_size):
                 batch = scorable[start : start + self.args.batch_size]
-                for line, p_fake in zip(batch, p_fake_of_pictures(self.models, self.weights, [line.picture for line in batch])):
-                    line.p_fake = float(p_fake)
+                p_fake = p_fake_of_pictures(self.models, self.weights, [line.picture for line in batch])
+                for line, value in zip(batch, p_fake):
+                    line.p_fake = float(value)
         return lines
 
     def images(self, paths):
@@ -663,8 +676,12 @@ class MediaJudge:
             yield from batch
 
     def video(self, path):
-        """The lines of a video's sampled frames, scored, and the frames themselves, as (index, frame) pairs."""
-        lines, frames, wanted = [], [], 0
+        """A video's sampled frames, judged: (lines, frames read, frames wanted, thumbnails).
+
+        Only with --annotate are the frames kept, as (index, thumbnail, scale) triples: a
+        frame of 4K video takes 25 MB, its thumbnail a fraction of one.
+        """
+        lines, thumbnails, read, wanted = [], [], 0, 0
         reading = read_video_frames(path, self.args.frames)
         while True:
             with self.stopwatch.timing("seeking and decoding"):
@@ -672,10 +689,14 @@ class MediaJudge:
             if index is None:
                 break
             wanted += 1
-            if frame is not None:
-                frames.append((index, frame))
-                lines += self.lines_of(frame, path, index)
-        return self.score(lines), frames, wanted
+            if frame is None:
+                continue
+            read += 1
+            lines += self.lines_of(frame, path, index)
+            if self.args.annotate:
+                scale = THUMBNAIL_WIDTH / frame.shape[1]
+                thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
+        return self.score(lines), read, wanted, thumbnails
 
 
 def verdict(p_fake, threshold):
@@ -684,25 +705,40 @@ def verdict(p_fake, threshold):
 
 def printed_line(line, args):
     """A line as --predict prints it: path, what part, p_fake=..., verdict; or why a face was not scored."""
-    where = line.where() or ("whole image, no face found" if args.faces == "auto" else "")
-    if line.face is None and line.frame is not None and args.faces == "auto":
-        where += ", whole frame, no face found"
     if line.p_fake is None:
         judgement = f"too small to judge: {line.width:.0f} px wide, under --min-face {args.min_face}"
     else:
         judgement = f"p_fake={line.p_fake:.4f}  {verdict(line.p_fake, args.threshold)}"
-    return "  ".join(part for part in (str(line.path), where, judgement) if part)
+    return "  ".join(part for part in (str(line.path), line.where(), judgement) if part)
 
 
 # The CSV that --csv writes, one row per scored face, in this order.
 CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict")
 
 
+# Whole numbers, or empty: without saying so, pandas would write 12.0 where a column has an empty cell.
+CSV_WHOLE_NUMBERS = ("frame", "face", "crop_x", "crop_y", "crop_size")
+
+
 def csv_row(line, threshold):
-    square = (None, None, None) if line.face_frame is None else line.face_frame.square
+    crop_x, crop_y, crop_size = (None, None, None) if line.face_frame is None else line.face_frame.square
     return dict(
-        zip(CSV_COLUMNS, (str(line.path), line.frame, line.face, *square, line.confidence, line.p_fake, verdict(line.p_fake, threshold)))
+        path=str(line.path),
+        frame=line.frame,
+        face=line.face,
+        crop_x=crop_x,
+        crop_y=crop_y,
+        crop_size=crop_size,
+        confidence=line.confidence,
+        p_fake=line.p_fake,
+        verdict=verdict(line.p_fake, threshold),
     )
+
+
+def csv_text(rows):
+    """The CSV of --csv: one row per scored face, the columns in the order of CSV_COLUMNS."""
+    table = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    return table.astype({column: "Int64" for column in CSV_WHOLE_NUMBERS}).to_csv(index=False)
 
 
 # Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
@@ -739,7 +775,10 @@ def video_summary(path, lines, frames_read, frames_wanted, args):
         basis = f"the face seen most, in {counted(len(followed), 'frame')}"
     elif scored:
         p_fake = float(np.mean([line.p_fake for line in scored]))
-        basis = "no face found: the whole frames" if args.faces == "auto" else "the whole frames"
+        basis = "the whole frames"
+        if args.faces == "auto":
+            too_small = any(line.face is not None for line in lines)
+            basis += ", as no face was found" + (f" of --min-face {args.min_face} px or more" if too_small else "")
     else:
         too_small = f"every face was under --min-face {args.min_face}"
         return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
@@ -777,32 +816,38 @@ def predict_media(recipe, args):
     """
     models, weights, source = prediction_models(recipe, args)
     images, videos = media_to_predict(args.predict)
-    if not images and not videos:
-        raise UserError("none of the paths given to --predict holds an image or a video")
-    judge, names, rows, written = MediaJudge(models, weights, args), output_names(images + videos), [], Counter()
+    judge = MediaJudge(models, weights, args)
+    names = output_names(images + videos)  # For the files of --annotate and --gradcam.
+    rows = []  # The CSV's.
+    written = Counter()
     faces = "each face found" if args.faces == "auto" else "each whole image"
     print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
     for path, image, lines in judge.images(images):
         report(lines, args, rows)
         written += write_pictures(models, lines, names[path], args, image=image)
+    videos_judged = 0
     for path in videos:
         try:
-            lines, frames, wanted = judge.video(path)
+            lines, read, wanted, thumbnails = judge.video(path)
         except UnreadableVideo as problem:
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
             continue
-        if not frames:
+        if not read:
             print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
             continue
-        if len(frames) < wanted:
-            print(f"warning: {path}: only {len(frames)} of {wanted} sampled frames could be decoded; "
-                  "the file may be cut off", file=sys.stderr)
+        if read < wanted:
+            # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
+            print(f"warning: {path}: only {read} of {wanted} sampled frames could be decoded; "
+                  "the file may be cut off, or its frame count an estimate", file=sys.stderr)
+        videos_judged += 1
         report(lines, args, rows)
-        summary, p_fake = video_summary(path, lines, len(frames), wanted, args)
+        summary, p_fake = video_summary(path, lines, read, wanted, args)
         print(summary)
-        written += write_pictures(models, lines, names[path], args, frames=frames, p_fake=p_fake)
+        written += write_pictures(models, lines, names[path], args, thumbnails=thumbnails, p_fake=p_fake)
+    if not images and not videos_judged:
+        raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
     if args.csv:
-        write_text_atomically(args.csv, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(index=False))
+        write_text_atomically(args.csv, csv_text(rows))
         print(f"Wrote {args.csv}")
     if args.annotate:
         print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {args.annotate}")
@@ -820,7 +865,7 @@ def report(lines, args, rows):
             rows.append(csv_row(line, args.threshold))
 
 
-def write_pictures(models, lines, name, args, image=None, frames=None, p_fake=None):
+def write_pictures(models, lines, name, args, image=None, thumbnails=None, p_fake=None):
     """--annotate's picture of an image or a video, and --gradcam's heat map of each scored face; return how many of each."""
     written = Counter()
     if args.annotate:
@@ -829,7 +874,7 @@ def write_pictures(models, lines, name, args, image=None, frames=None, p_fake=No
         if image is not None:
             save_annotated_image(image, marks, args.annotate / f"{name}-faces.jpg", args.threshold)
         else:
-            save_contact_sheet(frames, marks, args.annotate / f"{name}-frames.png", args.threshold, p_fake)
+            save_contact_sheet(thumbnails, marks, args.annotate / f"{name}-frames.png", args.threshold, p_fake)
     if args.gradcam:
         scored = [line for line in lines if line.p_fake is not None]
         model = models[0][1]
@@ -938,9 +983,9 @@ def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_tit
         metrics.update(min_face=args.min_face, n_no_face=len(faces.no_face), no_face=faces.no_face)
     eval_dir.mkdir(exist_ok=True)
     figures = write_test_outputs(eval_dir, eval_title, predictions, metrics)
-    counted = f"{metrics['n_test']} images" if faces is None else f"the faces of {metrics['n_test']} images"
+    how_many = f"{metrics['n_test']} images" if faces is None else f"the faces of {metrics['n_test']} images"
     print(
-        f"\n{recipe.title} on {folder} ({counted}): accuracy {metrics['test_accuracy']:.4f}, "
+        f"\n{recipe.title} on {folder} ({how_many}): accuracy {metrics['test_accuracy']:.4f}, "
         f"AUC {metrics['test_auc']:.4f}, AP {metrics['test_ap']:.4f}, EER {metrics['test_eer']:.4f}"
     )
     print(f"Wrote {eval_dir}/: metrics.json, predictions.csv, {', '.join(path.name for path in figures)}")

@@ -386,25 +386,29 @@ def save_annotated_image(image, marks, path, threshold):
     return path
 
 
+# A video's frames are kept this wide for its contact sheet, and at most this many are shown.
 THUMBNAIL_WIDTH = 320
+CONTACT_SHEET_FRAMES = 64
 CONTACT_SHEET_COLUMNS = 8
 
 
-def save_contact_sheet(frames, marks, path, threshold, p_fake):
+def save_contact_sheet(thumbnails, marks, path, threshold, p_fake):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
-    `frames` holds (index, RGB frame) pairs, `marks` (frame index, face frame, p_fake)
-    triples; p_fake is the video's own, drawn as a dashed line. Writes a PNG; returns its path.
+    `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
+    CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index, face
+    frame, p_fake) triples, in the frames' pixels; p_fake is the video's own, drawn as a
+    dashed line. Writes a PNG; returns its path.
     """
-    columns = min(CONTACT_SHEET_COLUMNS, max(1, len(frames)))
-    rows = max(1, math.ceil(len(frames) / columns))
-    height, width = frames[0][1].shape[:2] if frames else (9, 16)
+    shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
+    thumbnails = [thumbnails[position] for position in shown]
+    columns = min(CONTACT_SHEET_COLUMNS, max(1, len(thumbnails)))
+    rows = max(1, math.ceil(len(thumbnails) / columns))
+    height, width = thumbnails[0][1].shape[:2] if thumbnails else (9, 16)
     cell_height = 2.0 * height / width
     figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
-    for position, (index, frame) in enumerate(frames):
-        scale = THUMBNAIL_WIDTH / frame.shape[1]
-        thumbnail = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    for position, (index, thumbnail, scale) in enumerate(thumbnails):
         frame_marks = [(None if face_frame is None else face_frame.scaled(scale), score) for at, face_frame, score in marks if at == index]
         axis = figure.add_subplot(grid[position // columns, position % columns])
         axis.imshow(marked_image(thumbnail, frame_marks, threshold))

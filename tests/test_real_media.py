@@ -95,11 +95,20 @@ def predict(output_dir, *options):
 @needs_sample
 def test_each_pasted_face_is_found_framed_and_scored_as_its_own_image(output_dir, tmp_path, capsys):
     scenes, sources = build_scenes(tmp_path / "scenes", np.random.default_rng(3))
+    wall = tmp_path / "scenes" / "wall.jpg"  # No face: scored whole, with empty cells in its row.
+    Image.fromarray(noisy_background(np.random.default_rng(4), 300, 400)).save(wall)
     assert predict(output_dir, str(tmp_path / "scenes"), "--csv", str(tmp_path / "faces.csv")) == 0
 
     rows = pd.read_csv(tmp_path / "faces.csv")
     assert list(rows.columns) == list(load_pre_trained_models.CSV_COLUMNS)
+    whole = rows[rows["path"] == str(wall)]
+    assert len(whole) == 1 and whole[["frame", "face", "crop_size", "confidence"]].isna().all(axis=None)
+    rows = rows[rows["path"] != str(wall)]
     assert rows["frame"].isna().all() and (rows["confidence"] > 0.9).all()
+    # Whole numbers stay whole beside the empty cells: "2", not "2.0".
+    for line in (tmp_path / "faces.csv").read_text().splitlines()[1:]:
+        frame_face_and_square = line.split(",")[1:6]
+        assert all(cell == "" or cell.isdigit() for cell in frame_face_and_square), line
     originals = p_fake_of_files(output_dir, list(sources.values()), tmp_path, capsys)
     for scene, squares in scenes.items():
         found = rows[rows["path"] == str(scene)]
@@ -128,9 +137,10 @@ def test_a_pasted_face_is_cut_out_as_the_dataset_framed_it(finder):
     # 36 to 54 for a frame moved by a tenth of its side, 24 to 37 for one a tenth larger,
     # and 72 to 110 for another face.
     differences = []
-    for face_file in sample_faces(4):
+    # The last two are pasted larger than the dataset's 256 px, so that they are shrunk back.
+    for face_file, size in zip(sample_faces(4), (256, 256, 400, 520)):
         scene = noisy_background(np.random.default_rng(11), 700, 900)
-        paste(scene, face_file, 380, 150, 256)
+        paste(scene, face_file, 300, 100, size)
         (face,) = finder.find(scene, 64)
         original = np.asarray(Image.open(face_file).convert("RGB")).astype(int)
         differences.append(np.abs(face.frame().crop(scene).astype(int) - original).mean())
@@ -186,6 +196,10 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
     output = capsys.readouterr().out
     rows = pd.read_csv(tmp_path / "v.csv")
     assert rows["frame"].tolist() == sampled_frame_indices(40, 5) == [4, 12, 20, 28, 36]
+    # Whole numbers are written as such: the frame, the face, the square.
+    first_row = (tmp_path / "v.csv").read_text().splitlines()[1].split(",")
+    assert first_row[1:6] == [str(value) for value in rows.iloc[0][["frame", "face", "crop_x", "crop_y", "crop_size"]]]
+    assert first_row[1:3] == ["4", "1"]
     for row in rows.itertuples():
         assert square_iou((row.crop_x, row.crop_y, row.crop_size), squares[int(row.frame)]) >= 0.7
     summary = next(line for line in output.splitlines() if "  video  " in line)
@@ -232,10 +246,9 @@ def test_a_cut_off_or_fake_video_is_reported_and_the_rest_still_scored(output_di
 
 
 def test_small_faces_are_listed_not_scored_and_a_faceless_image_is_scored_whole(output_dir, tmp_path, capsys):
-    import skimage.data
-
+    skimage_data = pytest.importorskip("skimage.data")
     path = tmp_path / "astronaut.png"
-    Image.fromarray(skimage.data.astronaut()).save(path)
+    Image.fromarray(skimage_data.astronaut()).save(path)
     assert predict(output_dir, str(path), "--min-face", "400", "--csv", str(tmp_path / "small.csv")) == 0
     line = capsys.readouterr().out.splitlines()[1]
     assert line.startswith(f"{path}  face 1 (") and "too small to judge" in line and "--min-face 400" in line
@@ -263,11 +276,10 @@ def test_the_astronaut_is_found_and_framed_with_her_whole_head(finder):
 
 
 def test_annotations_and_heat_maps_go_to_their_folders_only(output_dir, tmp_path, capsys):
-    import skimage.data
-
+    skimage_data = pytest.importorskip("skimage.data")
     images = tmp_path / "photos"
     images.mkdir()
-    Image.fromarray(skimage.data.astronaut()).save(images / "astronaut.png")
+    Image.fromarray(skimage_data.astronaut()).save(images / "astronaut.png")
     annotate, gradcam = tmp_path / "annotated", tmp_path / "heat"
     assert predict(output_dir, str(images), "--annotate", str(annotate), "--gradcam", str(gradcam)) == 0
 
