@@ -623,6 +623,10 @@ class Stopwatch:
         return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
 
 
+# --predict holds at most about this many pixels of photos at once (600 MB in RGB).
+HELD_PIXELS = 200_000_000
+
+
 class MediaJudge:
     """Scores photos and video frames with the chosen models: each face found, or each whole picture."""
 
@@ -665,15 +669,23 @@ class MediaJudge:
         return lines
 
     def images(self, paths):
-        """Yield (path, upright image, its lines, scored), a batch of images at a time."""
-        for start in range(0, len(paths), self.args.batch_size):
-            batch = []
-            for path in paths[start : start + self.args.batch_size]:
-                with self.stopwatch.timing("reading"):
-                    image = read_upright(path)
-                batch.append((path, image, self.lines_of(image, path)))
-            self.score([line for _, _, lines in batch for line in lines])
-            yield from batch
+        """Yield (path, upright image, its lines, scored), scoring a batch of faces at a time.
+
+        Images are held until their faces are scored, so a batch also ends once it holds
+        HELD_PIXELS: a folder of phone photos would otherwise fill the memory.
+        """
+        batch = []
+        for position, path in enumerate(paths):
+            with self.stopwatch.timing("reading"):
+                image = read_upright(path)
+            batch.append((path, image, self.lines_of(image, path)))
+            lines = [line for _, _, lines in batch for line in lines]
+            held = sum(image.shape[0] * image.shape[1] for _, image, _ in batch)
+            faces_to_score = sum(line.picture is not None for line in lines)
+            if faces_to_score >= self.args.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
+                self.score(lines)
+                yield from batch
+                batch = []
 
     def video(self, path):
         """A video's sampled frames, judged: (lines, frames read, frames wanted, thumbnails).
@@ -683,6 +695,7 @@ class MediaJudge:
         """
         lines, thumbnails, read, wanted = [], [], 0, 0
         reading = read_video_frames(path, self.args.frames)
+        unscored = []
         while True:
             with self.stopwatch.timing("seeking and decoding"):
                 index, frame = next(reading, (None, None))
@@ -692,11 +705,22 @@ class MediaJudge:
             if frame is None:
                 continue
             read += 1
-            lines += self.lines_of(frame, path, index)
+            unscored += self.lines_of(frame, path, index)
             if self.args.annotate:
                 scale = THUMBNAIL_WIDTH / frame.shape[1]
                 thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
-        return self.score(lines), read, wanted, thumbnails
+            if sum(line.picture is not None for line in unscored) >= self.args.batch_size:
+                lines += self.score_and_let_go(unscored)
+                unscored = []
+        return lines + self.score_and_let_go(unscored), read, wanted, thumbnails
+
+    def score_and_let_go(self, lines):
+        """Score the lines, then drop the whole frames they hold, unless Grad-CAM still needs them."""
+        self.score(lines)
+        for line in lines:
+            if line.face is None and not self.args.gradcam:
+                line.picture = None
+        return lines
 
 
 def verdict(p_fake, threshold):
@@ -1070,7 +1094,8 @@ def print_next_demo_step(recipe, args, run_dir):
     command = ["python", os.path.relpath(Path(__file__).with_name(f"{script}.py")), "--demo"]
     if args.output_dir != DEMO_OUTPUT_DIR:
         command += ["--output-dir", str(args.output_dir)]
-    command += ["--predict", os.path.relpath(face), "--gradcam", str(args.output_dir / "gradcam")]
+    # The demo's faces are drawn, and cropped as the dataset's: no face finder would find them.
+    command += ["--predict", os.path.relpath(face), "--gradcam", str(args.output_dir / "gradcam"), "--faces", "off"]
     print(f"Next, score a demo face and see which regions drove the score (Grad-CAM):\n  {shlex.join(command)}")
 
 

@@ -208,6 +208,22 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
     assert (annotate / "clip-frames.png").is_file()
 
 
+def test_a_video_with_faces_off_is_judged_on_its_whole_frames(output_dir, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    video = tmp_path / "videos" / "wall.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    for index in range(12):
+        writer.write(np.full((64, 96, 3), 20 * index, np.uint8))
+    writer.release()
+    assert predict(output_dir, str(video), "--faces", "off", "--frames", "3", "--csv", str(tmp_path / "w.csv")) == 0
+
+    rows = pd.read_csv(tmp_path / "w.csv")
+    assert rows["frame"].tolist() == [2, 6, 10] and rows["face"].isna().all()
+    summary = capsys.readouterr().out.splitlines()[-3]
+    assert summary.startswith(f"{video}  video  p_fake={rows['p_fake'].mean():.4f}")
+    assert summary.endswith("(3 of 3 frames read, 0 faces scored; the whole frames)")
+
+
 def write_video(path, frames):
     """A video (mp4, or avi) of 480x360 frames in which a dataset face, 170 px, moves left to right; return it and each frame's square."""
     face_file, squares = sample_faces(1)[0], {}
