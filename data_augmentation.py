@@ -13,8 +13,10 @@ the same files and labels:
   augmentations as one projective warp per image, several times faster on a CPU.
 
 Images to predict are read the same way as test images, and an evaluation may blur or
-JPEG-compress them first to measure robustness. Run this file to look at what the model
-will see:
+JPEG-compress them first to measure robustness. Every image is read upright, as its EXIF
+orientation says. In photos and video frames, the faces are found with MTCNN and cut out
+as the dataset frames its faces (the framing was measured on the dataset; see
+FRAME_SIDE_PER_FACE_SCALE). Run this file to look at what the model will see:
 
     python data_augmentation.py                      # a grid of augmented training samples
     python data_augmentation.py --demo               # the same on the synthetic demo dataset
@@ -569,13 +571,35 @@ def search_scale(height, width, min_face):
     return min(1.0, max(SEARCH_SIDE / max(height, width), MTCNN_SMALLEST_FACE / min_face))
 
 
+class StageWithCandidates:
+    """One of MTCNN's three stages, skipped when the stage before it left no candidate face.
+
+    mtcnn 1.0.0 runs the next stage on an empty batch anyway: TensorFlow then prints a
+    warning that reads like an error ("Local rendezvous is aborting ..."), before mtcnn
+    catches the failure and reports no face.
+    """
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+    def __call__(self, bboxes_batch=None, **inputs):
+        if bboxes_batch is not None and len(bboxes_batch) == 0:
+            return np.empty((0, 16))  # What mtcnn itself gives for no face: 16 numbers a face.
+        return self.stage(bboxes_batch=bboxes_batch, **inputs)
+
+
 class FaceFinder:
     """MTCNN (Zhang et al., 2016), as the mtcnn package ships it with its weights: nothing is downloaded."""
 
     def __init__(self):
-        import mtcnn  # Here, so that TensorFlow loads MTCNN's three small networks only when faces are searched.
+        # Imported here, so that TensorFlow loads MTCNN's three small networks only when faces are searched.
+        import mtcnn
+        from mtcnn.stages import StageONet, StagePNet, StageRNet
 
-        self.detector = mtcnn.MTCNN()
+        self.detector = mtcnn.MTCNN(stages=[StageWithCandidates(stage()) for stage in (StagePNet, StageRNet, StageONet)])
 
     def find(self, image, min_face):
         """The faces in an upright RGB image, left to right, in its own pixels."""

@@ -12,8 +12,8 @@ learning and fine-tuning (https://keras.io/guides/transfer_learning/):
 
 With --warmup-epochs K, the head first trains alone for K epochs, as the guide teaches.
 The functions of the steps follow the story, in the order it calls them. Below them
-come the two ways of applying a trained model (--predict, with Grad-CAM, and
---evaluate), then the harness that runs it all: checking the run's folder, seeds, mixed
+come the two ways of applying a trained model (--predict, which finds and scores the
+faces of photos and videos, with Grad-CAM, and --evaluate), then the harness that runs it all: checking the run's folder, seeds, mixed
 precision, distribution, resuming an interrupted run, and Ctrl-C.
 
 Each per-model script (VGG16_finetuning.py and the three others) describes its base in a
@@ -730,7 +730,7 @@ def verdict(p_fake, threshold):
 def printed_line(line, args):
     """A line as --predict prints it: path, what part, p_fake=..., verdict; or why a face was not scored."""
     if line.p_fake is None:
-        judgement = f"too small to judge: {line.width:.0f} px wide, under --min-face {args.min_face}"
+        judgement = f"too small to judge: the face is {line.width:.0f} px wide, under --min-face {args.min_face}"
     else:
         judgement = f"p_fake={line.p_fake:.4f}  {verdict(line.p_fake, args.threshold)}"
     return "  ".join(part for part in (str(line.path), line.where(), judgement) if part)

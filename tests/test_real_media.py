@@ -21,6 +21,7 @@ from conftest import REPOSITORY_DIR, run_script
 from data_augmentation import (
     FaceFinder,
     FaceFrame,
+    StageWithCandidates,
     load_pixels,
     read_upright,
     resized_image,
@@ -278,6 +279,20 @@ def test_small_faces_are_listed_not_scored_and_a_faceless_image_is_scored_whole(
     auto, off = pd.read_csv(tmp_path / "auto.csv"), pd.read_csv(tmp_path / "off.csv")
     assert auto["face"].isna().all() and auto["crop_size"].isna().all()
     assert auto["p_fake"][0] == pytest.approx(off["p_fake"][0], abs=1e-6)
+
+
+def test_a_stage_of_mtcnn_is_skipped_when_the_one_before_left_no_candidate(finder, tmp_path):
+    calls = []
+    stage = StageWithCandidates(lambda bboxes_batch, **inputs: calls.append(bboxes_batch) or np.ones((1, 16)))
+    assert stage(bboxes_batch=None, images_normalized=None).shape == (1, 16)  # The first stage always runs.
+    assert stage(bboxes_batch=np.empty((0, 6)), images_normalized=None).shape == (0, 16)
+    assert len(calls) == 1
+    # Run on an empty batch, TensorFlow would print a warning that reads like an error
+    # (unless TF_CPP_MIN_LOG_LEVEL hides it, as these tests set it). Drawn demo faces lead
+    # MTCNN's first stage on, and its second rejects every candidate: no face, quietly.
+    split_root = make_demo_dataset(tmp_path / "faces", {"train": 0, "valid": 0, "test": 4}, size=64)
+    for path in sorted((split_root / "test").rglob("*.jpg")):
+        assert finder.find(read_upright(path), 64) == []
 
 
 def test_the_astronaut_is_found_and_framed_with_her_whole_head(finder):
