@@ -903,8 +903,7 @@ def check_option_combinations(args):
         (args.frames is not None and not args.predict, "--frames samples the videos given to --predict; add --predict PATH"),
         (args.faces and not applying, "--faces says how --predict or --evaluate reads images; add one of them"),
         (
-            # --faces is off unless given with --evaluate, and auto unless given with --predict.
-            args.min_face is not None and (args.faces or ("auto" if args.predict else "off")) == "off",
+            args.min_face is not None and (args.faces or default_faces(args)) == "off",
             "--min-face is the smallest face that --faces auto scores; use it with --predict, or with --evaluate --faces auto",
         ),
         (
@@ -936,6 +935,11 @@ def check_option_combinations(args):
             raise UserError(message)
 
 
+def default_faces(args):
+    """--faces when not given: photos and videos are seldom cropped like the dataset; evaluation sets usually are."""
+    return "auto" if args.predict else "off"
+
+
 def parse_arguments(recipe, argv=None):
     """Parse a script's options and check them all, so that a mistake stops the run before any long work."""
     args = build_parser(recipe).parse_args(argv)
@@ -954,8 +958,7 @@ def parse_arguments(recipe, argv=None):
         raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
     check_option_combinations(args)
     if args.faces is None:
-        # Photos and videos are seldom cropped like the dataset; evaluation sets usually are.
-        args.faces = "auto" if args.predict else "off"
+        args.faces = default_faces(args)
     if args.min_face is None:
         args.min_face = DEFAULT_MIN_FACE
     if args.frames is None:
