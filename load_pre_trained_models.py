@@ -851,23 +851,10 @@ def predict_media(recipe, args):
         written += write_pictures(models, lines, names[path], args, image=image)
     videos_judged = 0
     for path in videos:
-        try:
-            lines, read, wanted, thumbnails = judge.video(path)
-        except UnreadableVideo as problem:
-            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-            continue
-        if not read:
-            print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
-            continue
-        if read < wanted:
-            # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
-            print(f"warning: {path}: only {read} of {wanted} sampled frames could be decoded; "
-                  "the file may be cut off, or its frame count an estimate", file=sys.stderr)
-        videos_judged += 1
-        report(lines, args, rows)
-        summary, p_fake = video_summary(path, lines, read, wanted, args)
-        print(summary)
-        written += write_pictures(models, lines, names[path], args, thumbnails=thumbnails, p_fake=p_fake)
+        pictures = judge_video(judge, path, names[path], args, rows)
+        if pictures is not None:
+            videos_judged += 1
+            written += pictures
     if not images and not videos_judged:
         raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
     if args.csv:
@@ -879,6 +866,26 @@ def predict_media(recipe, args):
         print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {args.gradcam}")
     print(f"Time: {judge.stopwatch.summary()}")
     return 0
+
+
+def judge_video(judge, path, name, args, rows):
+    """Judge one video: print its lines and summary, and write its pictures; None if it cannot be read."""
+    try:
+        lines, read, wanted, thumbnails = judge.video(path)
+    except UnreadableVideo as problem:
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        return None
+    if not read:
+        print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
+        return None
+    if read < wanted:
+        # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
+        print(f"warning: {path}: only {read} of {wanted} sampled frames could be decoded; "
+              "the file may be cut off, or its frame count an estimate", file=sys.stderr)
+    report(lines, args, rows)
+    summary, p_fake = video_summary(path, lines, read, wanted, args)
+    print(summary)
+    return write_pictures(judge.models, lines, name, args, thumbnails=thumbnails, p_fake=p_fake)
 
 
 def report(lines, args, rows):
