@@ -48,6 +48,7 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 from data_preprocessing import (
     CLASSES,
+    SMALLEST_FINDABLE_FACE,
     SPLITS,
     OneLineArgumentParser,
     UserError,
@@ -546,29 +547,42 @@ class Face:
     def width(self):
         return self.box[2]
 
+    def geometry(self):
+        """What the framing is measured by: the eye and mouth midpoints, their distances, the eye line's angle.
+
+        The face scale is FFHQ's: max(2 x eye distance, 1.8 x eye-to-mouth distance).
+        """
+        point = {name: np.array(position) for name, position in self.landmarks.items()}
+        eyes = (point["left_eye"] + point["right_eye"]) / 2
+        mouth = (point["mouth_left"] + point["mouth_right"]) / 2
+        eye_line = point["right_eye"] - point["left_eye"]
+        eye_distance, eye_to_mouth = float(np.linalg.norm(eye_line)), float(np.linalg.norm(mouth - eyes))
+        return dict(
+            eyes=eyes,
+            mouth=mouth,
+            eye_distance=eye_distance,
+            eye_to_mouth=eye_to_mouth,
+            angle=math.degrees(math.atan2(eye_line[1], eye_line[0])),
+            face_scale=max(2 * eye_distance, 1.8 * eye_to_mouth),
+        )
+
     def frame(self):
         """The square the dataset would frame this face in (see FRAME_SIDE_PER_FACE_SCALE)."""
-        left_eye, right_eye = np.array(self.landmarks["left_eye"]), np.array(self.landmarks["right_eye"])
-        eyes = (left_eye + right_eye) / 2
-        mouth = (np.array(self.landmarks["mouth_left"]) + np.array(self.landmarks["mouth_right"])) / 2
-        eye_distance, eye_to_mouth = np.linalg.norm(right_eye - left_eye), np.linalg.norm(mouth - eyes)
-        face_scale = float(max(2 * eye_distance, 1.8 * eye_to_mouth))
-        centre = eyes + FRAME_CENTRE_TOWARD_MOUTH * (mouth - eyes)
-        angle = math.degrees(math.atan2(*(right_eye - left_eye)[::-1]))
-        return FaceFrame(float(centre[0]), float(centre[1]), FRAME_SIDE_PER_FACE_SCALE * face_scale, angle)
+        geometry = self.geometry()
+        centre = geometry["eyes"] + FRAME_CENTRE_TOWARD_MOUTH * (geometry["mouth"] - geometry["eyes"])
+        side = FRAME_SIDE_PER_FACE_SCALE * geometry["face_scale"]
+        return FaceFrame(float(centre[0]), float(centre[1]), side, geometry["angle"])
 
 
-# MTCNN's own smallest face: its image pyramid starts at faces of 20 pixels.
-MTCNN_SMALLEST_FACE = 20
 # Faces are searched in a copy of the image no longer than this (a 1080p frame: 640x360,
 # about 0.2 s on a 2-core CPU), unless a face of --min-face pixels would then be smaller than
-# MTCNN's smallest. Every crop is still cut from the full image.
+# MTCNN's smallest (SMALLEST_FINDABLE_FACE). Every crop is still cut from the full image.
 SEARCH_SIDE = 640
 
 
 def search_scale(height, width, min_face):
     """How much to shrink an image before searching it: as far as SEARCH_SIDE, keeping --min-face findable."""
-    return min(1.0, max(SEARCH_SIDE / max(height, width), MTCNN_SMALLEST_FACE / min_face))
+    return min(1.0, max(SEARCH_SIDE / max(height, width), SMALLEST_FINDABLE_FACE / min_face))
 
 
 class StageWithCandidates:

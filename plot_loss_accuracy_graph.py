@@ -279,16 +279,6 @@ LARGEST_SHOWN_SIDE = 768
 OVERLAY_DPI = 100  # The dpi save_figure writes.
 
 
-def read_rgb_image(image_path):
-    """The image's pixels as RGB, whether the file is colour, grey, or has an alpha channel."""
-    # IMREAD_COLOR turns a grey image into three channels and drops an alpha channel.
-    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"{image_path} is not an image that OpenCV can read")
-    # OpenCV keeps the channels as BGR; matplotlib expects RGB.
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def shown_scale(height, width):
     """How much to enlarge (above 1) or shrink (below 1) an image for its overlay."""
     longer_side = max(height, width)
@@ -305,12 +295,10 @@ def overlay_figure_size(height, width, scale):
 def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
     """Draw a Grad-CAM heat map (values 0 to 1, any size) over its image, in the jet colours.
 
-    The image is an RGB array (a face as it was cut out), or an image file's path. Red
+    The image is an RGB array: a face as it was cut out, or a whole image, as scored. Red
     marks the regions that raised p(fake) the most; blue, those that did not. The title
     gives the model's p(fake) and verdict for the image. Writes a PNG; returns its path.
     """
-    if not isinstance(image, np.ndarray):
-        image = read_rgb_image(image)
     height, width = image.shape[:2]
     # Bilinear resizing keeps the few cells of a small conv map from showing as blocks.
     heatmap = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)

@@ -39,23 +39,6 @@ sys.path.insert(0, str(REPOSITORY_DIR))
 from data_augmentation import DATASET_FRAME_SIDE, FaceFinder, read_upright, square_iou  # noqa: E402
 
 
-def landmark_measures(face):
-    """The eye midpoint, eye distance, eye-to-mouth distance, eye angle and FFHQ's face scale of a face."""
-    points = {name: np.array(point) for name, point in face.landmarks.items()}
-    eyes = (points["left_eye"] + points["right_eye"]) / 2
-    mouth = (points["mouth_left"] + points["mouth_right"]) / 2
-    eye_line = points["right_eye"] - points["left_eye"]
-    eye_distance, eye_to_mouth = np.linalg.norm(eye_line), np.linalg.norm(mouth - eyes)
-    return dict(
-        eyes=eyes,
-        mouth=mouth,
-        eye_distance=eye_distance,
-        eye_to_mouth=eye_to_mouth,
-        angle=np.degrees(np.arctan2(eye_line[1], eye_line[0])),
-        face_scale=max(2 * eye_distance, 1.8 * eye_to_mouth),
-    )
-
-
 def centre_toward_mouth(measures, side):
     """How far the frame's centre lies from the eyes toward the mouth, in eye-to-mouth distances."""
     centre = np.full(2, (side - 1) / 2)
@@ -87,7 +70,7 @@ def main(argv=None):
             continue
         face = max(faces, key=lambda found: found.width)
         side = image.shape[1]
-        rows.append((face, landmark_measures(face), side))
+        rows.append((face, face.geometry(), side))
     print(f"{len(paths)} images, a face in {len(rows)}, in {time.perf_counter() - started:.0f} s")
 
     describe("box width, px", [face.box[2] for face, _, _ in rows])

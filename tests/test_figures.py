@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 import plot_loss_accuracy_graph as figures
+from data_augmentation import read_upright
 
 
 def make_history(val_losses, phases=None):
@@ -134,12 +135,12 @@ def test_gradcam_overlay_enlarges_small_images_and_draws_the_heat_map(tmp_path, 
     # A hot spot in one corner, on a small map, as a conv layer gives it.
     heatmap = np.zeros((7, 7))
     heatmap[:3, :3] = 1.0
-    path = figures.save_gradcam_overlay(image_path, heatmap, tmp_path / "overlay.png", 0.81414, "fake")
+    path = figures.save_gradcam_overlay(read_upright(image_path), heatmap, tmp_path / "overlay.png", 0.81414, "fake")
     assert path == tmp_path / "overlay.png"
     overlay = read_png(path).astype(int)
     assert max(overlay.shape[:2]) >= figures.SMALLEST_SHOWN_SIDE
     # The plain enlargement, with the same title and colour bar, differs only where the heat map is drawn.
-    plain_path = figures.save_gradcam_overlay(image_path, heatmap, tmp_path / "plain.png", 0.81414, "fake", opacity=0)
+    plain_path = figures.save_gradcam_overlay(read_upright(image_path), heatmap, tmp_path / "plain.png", 0.81414, "fake", opacity=0)
     plain = read_png(plain_path).astype(int)
     assert overlay.shape == plain.shape
     changed = np.abs(overlay - plain).max(axis=-1) > 20
@@ -156,7 +157,7 @@ def test_gradcam_overlay_keeps_enlarged_pixels_sharp(tmp_path):
     checkerboard = np.indices((150, 200)).sum(axis=0) % 2 * 255
     image_path = tmp_path / "checkerboard.png"
     cv2.imwrite(str(image_path), checkerboard.astype(np.uint8))
-    plain_path = figures.save_gradcam_overlay(image_path, np.zeros((7, 7)), tmp_path / "plain.png", 0.5, "fake", opacity=0)
+    plain_path = figures.save_gradcam_overlay(read_upright(image_path), np.zeros((7, 7)), tmp_path / "plain.png", 0.5, "fake", opacity=0)
     plain = read_png(plain_path)
     grey = (plain.min(axis=-1) > 40) & (plain.max(axis=-1) < 215)
     # Only the antialiased edges of the text and colour bar may be grey, not the image's 49,000 pixels.
@@ -165,7 +166,7 @@ def test_gradcam_overlay_keeps_enlarged_pixels_sharp(tmp_path):
 
 def test_gradcam_overlay_caps_the_size_of_large_images(tmp_path):
     image_path = write_grey_image(tmp_path / "large.png", 800, 1000)
-    path = figures.save_gradcam_overlay(image_path, np.ones((7, 7)), tmp_path / "overlay.png", 0.2, "real")
+    path = figures.save_gradcam_overlay(read_upright(image_path), np.ones((7, 7)), tmp_path / "overlay.png", 0.2, "real")
     # The image at most LARGEST_SHOWN_SIDE, plus the colour bar and the margins.
     assert max(read_png(path).shape[:2]) < figures.LARGEST_SHOWN_SIDE + 200
 
