@@ -1,22 +1,24 @@
-"""Augment the training images and feed every split to Keras.
+"""From a file to the model's input: images read upright, the two training pipelines, faces cut out, video frames.
 
-The training images are randomly rotated, shifted, sheared, zoomed and flipped, so that
-the model sees a slightly different face every epoch; validation and test images are
-only resized. Every pipeline hands the model raw RGB pixels, 0 to 255: the model's own
-first layer scales them as its pre-trained base expects (see load_pre_trained_models.py),
-so a saved model needs no preprocessing code of ours. Two input pipelines do this, with
-the same files and labels:
+Every pipeline hands the model raw RGB pixels, 0 to 255: the model's own first layer
+scales them as its pre-trained base expects (see load_pre_trained_models.py), so a saved
+model needs no preprocessing code of ours. In order, this module holds:
 
-- "idg" (the default): the original project's Keras ImageDataGenerator augmentation, in
-  flows that decode and augment in Python, one worker thread per CPU core;
-- "tfdata": a tf.data pipeline that decodes in parallel and applies all five
-  augmentations as one projective warp per image, several times faster on a CPU.
+1. reading an image upright, as its EXIF orientation says, and resized as Keras resizes it;
+2. the training augmentation, and the two input pipelines that apply it to the same files:
+   - "idg" (the default): the original project's Keras ImageDataGenerator, in flows that
+     decode and augment in Python, one worker thread per CPU core;
+   - "tfdata": a tf.data pipeline that decodes in parallel and applies all five
+     augmentations (rotation, shift, shear, zoom, flip) as one projective warp per image;
+3. the images that --evaluate scores, perhaps blurred or JPEG-compressed first;
+4. faces: found with MTCNN and cut out as the dataset frames its faces (the framing was
+   measured on the dataset; see FRAME_SIDE_PER_FACE_SCALE), with all of the face
+   geometry: frames, their overlap, and a face followed across a video's frames;
+5. a video's frames, sampled evenly;
+6. the command below, which draws what the model trains on.
 
-Images to predict are read the same way as test images, and an evaluation may blur or
-JPEG-compress them first to measure robustness. Every image is read upright, as its EXIF
-orientation says. In photos and video frames, the faces are found with MTCNN and cut out
-as the dataset frames its faces (the framing was measured on the dataset; see
-FRAME_SIDE_PER_FACE_SCALE). Run this file to look at what the model will see:
+Only the training images are augmented, so that the model sees a slightly different
+face every epoch; validation and test images are only resized.
 
     python data_augmentation.py                      # a grid of augmented training samples
     python data_augmentation.py --demo               # the same on the synthetic demo dataset
@@ -30,7 +32,6 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import keras
@@ -51,8 +52,8 @@ from data_preprocessing import (
     SMALLEST_FINDABLE_FACE,
     SPLITS,
     OneLineArgumentParser,
-    UserError,
     add_data_arguments,
+    ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
     find_split_root,
@@ -60,24 +61,12 @@ from data_preprocessing import (
     positive_int,
     report_bad_files,
     resolve_data_options,
-)
-
-# The original project's augmentation. Its shear_range=0.2 dates from Keras 1, which read
-# shear in radians; Keras 2 and later read degrees, where 0.2 is no shear at all. We keep
-# the intended strength: 0.2 radians, about 11.5 degrees.
-TRAINING_AUGMENTATION = dict(
-    rotation_range=20,
-    width_shift_range=0.2,
-    height_shift_range=0.2,
-    shear_range=math.degrees(0.2),
-    zoom_range=0.2,
-    horizontal_flip=True,
-    fill_mode="nearest",
+    UserError,
 )
 
 
 # ---------------------------------------------------------------------------
-# The ImageDataGenerator flows (--pipeline idg, the default)
+# Reading an image upright, as the model reads it
 # ---------------------------------------------------------------------------
 
 
@@ -128,6 +117,25 @@ def load_pixels(path, img_size, frame=None):
         return model_input(frame.crop(read_upright(path)), img_size)
     with Image.open(path) as image:
         return model_input(upright_rgb(image), img_size)
+
+
+# ---------------------------------------------------------------------------
+# The ImageDataGenerator flows (--pipeline idg, the default)
+# ---------------------------------------------------------------------------
+
+
+# The original project's augmentation. Its shear_range=0.2 dates from Keras 1, which read
+# shear in radians; Keras 2 and later read degrees, where 0.2 is no shear at all. We keep
+# the intended strength: 0.2 radians, about 11.5 degrees.
+TRAINING_AUGMENTATION = dict(
+    rotation_range=20,
+    width_shift_range=0.2,
+    height_shift_range=0.2,
+    shear_range=math.degrees(0.2),
+    zoom_range=0.2,
+    horizontal_flip=True,
+    fill_mode="nearest",
+)
 
 
 class ImageFlow(keras.utils.PyDataset):
@@ -202,9 +210,9 @@ def image_generator_flows(dataset, img_size, batch_size, seed):
 # The tf.data pipeline (--pipeline tfdata)
 # ---------------------------------------------------------------------------
 
+
 # The formats tf.io.decode_image reads. The image check also accepts others (TIFF, for one).
 TFDATA_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-
 
 # Where EXIF keeps an image's orientation: 1 is upright, 2 to 8 say how to turn or mirror it.
 EXIF_ORIENTATION = 0x0112
@@ -223,8 +231,8 @@ def exif_orientation(path):
 def exif_orientations(paths):
     """The EXIF orientation of each file, read by a thread per core.
 
-    A JPEG keeps it in its header (about 0.05 ms an image); a PNG may keep it after the
-    pixels, which Pillow then reads too (about 1 ms for a 256x256 image).
+    A JPEG keeps it in its header, which is all Pillow reads here; a PNG may keep it after
+    the pixels, which Pillow then reads too.
     """
     with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
         return list(pool.map(exif_orientation, paths))
@@ -418,7 +426,7 @@ def make_flows(dataset, img_size, batch_size, seed, pipeline="idg"):
 
 
 # ---------------------------------------------------------------------------
-# Images to predict or evaluate (--predict, --evaluate)
+# Images to evaluate, perhaps perturbed (--evaluate)
 # ---------------------------------------------------------------------------
 
 
@@ -455,17 +463,15 @@ def evaluation_flow(images, img_size, batch_size, perturbation=None, frames=None
 
 
 # ---------------------------------------------------------------------------
-# Faces in photos and videos (--predict, and --evaluate --faces auto)
+# Faces: found, framed as the dataset frames them, and followed across frames
 # ---------------------------------------------------------------------------
-# The models learn from the dataset's faces: 256x256 crops, aligned as FFHQ aligns its
-# photos. A face in a group photo or a video frame is scored only once it is cut out the
-# same way: found by MTCNN, levelled by its eyes, and framed as the dataset frames faces.
+
 
 DATASET_FRAME_SIDE = 256
 
 # Where the dataset's faces sit in their 256x256 frame, as MTCNN's landmarks place them,
 # measured on the 1,000 images of faces-140k-sample (medians; measure them again with
-# `python tests/measure_face_framing.py`):
+# `python tests/benchmarks/measure_face_framing.py`):
 # - the eyes are level (mean angle -0.02 degrees, sd 1.6), their midpoint at x 127.5;
 # - the frame's side is 2.00 times FFHQ's face scale, max(2 x eye distance, 1.8 x
 #   eye-to-mouth distance): the steadiest of the scales tried (relative sd 3.3%; the eye
@@ -526,15 +532,6 @@ class FaceFrame:
         return cv2.warpAffine(image, matrix, (side, side), flags=flags, borderMode=cv2.BORDER_REFLECT)
 
 
-def square_iou(first, second):
-    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
-    (x1, y1, size1), (x2, y2, size2) = first, second
-    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
-    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
-    overlap = overlap_x * overlap_y
-    return overlap / (size1**2 + size2**2 - overlap)
-
-
 @dataclass(frozen=True)
 class Face:
     """A face MTCNN found, in pixels of the upright image: its box (x, y, width, height), its confidence and five landmarks."""
@@ -574,9 +571,50 @@ class Face:
         return FaceFrame(float(centre[0]), float(centre[1]), side, geometry["angle"])
 
 
-# Faces are searched in a copy of the image no longer than this (a 1080p frame: 640x360,
-# about 0.2 s on a 2-core CPU), unless a face of --min-face pixels would then be smaller than
-# MTCNN's smallest (SMALLEST_FINDABLE_FACE). Every crop is still cut from the full image.
+def square_iou(first, second):
+    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
+    (x1, y1, size1), (x2, y2, size2) = first, second
+    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
+    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
+    overlap = overlap_x * overlap_y
+    return overlap / (size1**2 + size2**2 - overlap)
+
+
+# Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
+# grown to twice their side about their centres: two faces in sampled frames are taken for
+# the same one if those overlap by at least this intersection over union.
+SAME_FACE_IOU = 0.3
+
+
+def grown(square, factor=2):
+    """A (x, y, size) square grown by `factor` about its centre."""
+    x, y, size = square
+    return (x - (factor - 1) * size / 2, y - (factor - 1) * size / 2, factor * size)
+
+
+def main_face(sightings):
+    """The sightings of the face seen in the most frames of a video, linked from frame to frame by overlap.
+
+    Each sighting is a scored face with its `frame` (the frame's index) and its
+    `face_frame` (a FaceFrame), in the order of the frames.
+    """
+    tracks = []
+    for sighting in sightings:
+        candidates = [track for track in tracks if track[-1].frame != sighting.frame]
+        overlaps = [
+            square_iou(grown(track[-1].face_frame.square), grown(sighting.face_frame.square)) for track in candidates
+        ]
+        if overlaps and max(overlaps) >= SAME_FACE_IOU:
+            candidates[int(np.argmax(overlaps))].append(sighting)
+        else:
+            tracks.append([sighting])
+    return max(tracks, key=len, default=[])
+
+
+# Faces are searched in a copy of the image no longer than this (a 1080p frame becomes
+# 640x360), as MTCNN's time grows with the pixels, unless a face of --min-face pixels would
+# then be smaller than MTCNN's smallest (SMALLEST_FINDABLE_FACE). Every crop is still cut
+# from the full image.
 SEARCH_SIDE = 640
 
 
@@ -631,12 +669,9 @@ class FaceFinder:
         return sorted(faces, key=lambda face: face.box[0])
 
 
-# What --predict reads as a video; OpenCV's own FFmpeg decodes them.
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
-
-
-def is_video(path):
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+# ---------------------------------------------------------------------------
+# A video's frames, sampled evenly
+# ---------------------------------------------------------------------------
 
 
 class UnreadableVideo(Exception):
@@ -723,6 +758,8 @@ def main(argv=None):
         "--pipeline", choices=list(PIPELINES), default="idg", help="whose augmentation to draw (default idg)"
     )
     args = resolve_data_options(parser.parse_args(argv))
+    if args.uses_demo_data:
+        ensure_demo_dataset(args.data_dir)
 
     ensure_writable_folder(args.output_dir)
     split_root = find_split_root(args.data_dir)

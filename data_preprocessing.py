@@ -1,8 +1,18 @@
-"""Find the "140k Real and Fake Faces" dataset, check every image, and list the files to train on.
+"""Before TensorFlow: the models' recipes, the dataset, the media to judge, and the scripts' command line.
 
-The four fine-tuning scripts call this module before they train; it also reads their
-command line (at the bottom), before TensorFlow loads. Run it on its own to see what
-they would use:
+Nothing here loads TensorFlow, so a script reads and checks its options, and finds its
+data, at once: --help and a mistyped option answer before TensorFlow starts. In order,
+this module holds:
+
+1. ModelRecipe, what differs between the four models, and the scripts that hold them;
+2. finding the "140k Real and Fake Faces" dataset;
+3. checking every image once (the verdicts are cached), and the dataset a run trains on;
+4. the small synthetic demo dataset;
+5. the photos and videos that --predict judges: the one place that tells images from videos;
+6. the scripts' command line and its checks;
+7. the shared ground: one-line errors, files written whole, one run per folder at a time.
+
+Run it on its own to see what the scripts would train on:
 
     python data_preprocessing.py                  # finds the dataset by itself
     python data_preprocessing.py --data-dir D     # a split root, or the Kaggle download's root
@@ -36,6 +46,7 @@ import math
 import os
 import random
 import re
+import runpy
 import socket
 import sys
 import time
@@ -48,10 +59,52 @@ import cv2
 import numpy as np
 from PIL import Image
 
+
+# ---------------------------------------------------------------------------
+# The four models
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What differs between the four models; everything else is shared."""
+
+    title: str  # As the results table shows it, e.g. "VGG16".
+    name: str  # The output folder, e.g. "vgg16".
+    keras_module: str  # The keras.applications module, e.g. "vgg16": its constructor and preprocess_input.
+    constructor: str  # The keras.applications constructor in that module, e.g. "VGG16".
+    trainable_conv_layers: int  # The documented recipe: train the last N Conv2D layers.
+    original_trainable_layers: int  # What the original code did: train the last K Keras layers.
+    imagenet_weights_file: str  # The file Keras downloads for include_top=False.
+    min_img_size: int = 32  # The smallest input the base accepts.
+
+
+# The per-model scripts, by their models' output folders, in the order of the results table.
+MODEL_SCRIPTS = {
+    "vgg16": "VGG16_finetuning.py",
+    "vgg19": "VGG19_finetuning.py",
+    "inceptionv3": "inceptionV3_finetuning.py",
+    "resnet50": "resnet50_finetuning.py",
+}
+
+
+def load_recipes():
+    """The four recipes, in the order of MODEL_SCRIPTS, each read from its script.
+
+    A script's file is run for its RECIPE rather than imported: its main imports the
+    trainer, which uses this module, and no module of ours imports one that imports it back.
+    """
+    return [runpy.run_path(str(REPOSITORY_DIR / script))["RECIPE"] for script in MODEL_SCRIPTS.values()]
+
+
+# ---------------------------------------------------------------------------
+# Finding the dataset
+# ---------------------------------------------------------------------------
+
+
 SPLITS = ("train", "valid", "test")
 # The position of a class in this tuple is its label: real = 0, fake = 1.
 CLASSES = ("real", "fake")
-
 REPOSITORY_DIR = Path(__file__).resolve().parent
 DATASETS_DIR = REPOSITORY_DIR / "datasets"
 DEMO_DATA_DIR = DATASETS_DIR / "demo"
@@ -62,10 +115,6 @@ DEMO_OUTPUT_DIR = OUTPUT_DIR / "demo"
 SPLIT_ROOT_IN_ARCHIVE = Path("real_vs_fake") / "real-vs-fake"
 KAGGLE_PAGE = "https://www.kaggle.com/datasets/xhlulu/140k-real-and-fake-faces"
 KAGGLE_COMMAND = "kaggle datasets download -d xhlulu/140k-real-and-fake-faces"
-
-# ---------------------------------------------------------------------------
-# Finding the dataset
-# ---------------------------------------------------------------------------
 
 
 def split_root_inside(folder):
@@ -184,53 +233,10 @@ def list_evaluation_images(folder):
     return {name: class_files(folder / name, name, needed, passed_over) for name in CLASSES}, passed_over
 
 
-def files_to_predict(paths):
-    """The files named by `paths`, and every file inside the folders among them, in order.
-
-    A path that does not exist, or a broken link, is reported and passed over, like an unreadable image.
-    """
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            # Folders are searched to any depth, so that a split root's test/ can be scored at once.
-            inside = sorted(
-                entry for entry in path.rglob("*")
-                if not any(part.startswith(".") for part in entry.relative_to(path).parts)
-            )
-            files += [entry for entry in inside if entry.is_file()]
-            for broken_link in [entry for entry in inside if entry.is_symlink() and not entry.exists()]:
-                print(f"warning: skipping {broken_link}: a broken link; it points to nothing", file=sys.stderr)
-        elif path.is_file():
-            files.append(path)
-        else:
-            problem = "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder"
-            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-    return files
-
-
-# What the image check decodes (OpenCV and Pillow both read these), as the error messages name
-# them. GIF is not among them: OpenCV reads it only from version 5.
-READABLE_FORMATS = ("JPEG", "PNG", "BMP", "WebP", "TIFF", "PPM")
-
-
-def readable_images(paths, required=True):
-    """The files among `paths` that decode as images; the others are reported by path and skipped.
-
-    If none does and one is `required` (no video was given either), that is the user's mistake.
-    """
-    problems = {path: image_problem(path) for path in paths}
-    report_bad_files({path: problem for path, problem in problems.items() if problem is not None})
-    good = [path for path in paths if problems[path] is None]
-    if not good and required:
-        raise UserError(
-            "none of the files given to --predict is a readable image or a video; name "
-            f"{', '.join(READABLE_FORMATS[:-1])} or {READABLE_FORMATS[-1]} images, videos, or folders holding them"
-        )
-    return good
-
 # ---------------------------------------------------------------------------
 # Checking every image once
 # ---------------------------------------------------------------------------
+
 
 def image_problem(path):
     """Return why `path` cannot be used as an image, or None if it decodes."""
@@ -300,6 +306,7 @@ def load_cache(cache_file):
     except (OSError, ValueError):
         return {}
 
+
 def check_images(paths, split_root, cache_dir):
     """Decode every image once with OpenCV and Pillow, in parallel; return {path: problem} for the bad ones.
 
@@ -320,10 +327,8 @@ def check_images(paths, split_root, cache_dir):
             unchecked.append((path, key, stat))
 
     if unchecked:
-        import keras  # Only for its progress bar; imported here so that TensorFlow loads only if needed.
-
         print(f"Checking {len(unchecked)} images (once; the result is cached in {cache_file})")
-        progress = keras.utils.Progbar(len(unchecked), unit_name="image")
+        progress = ProgressBar(len(unchecked), unit="image")
         # OpenCV and Pillow release the GIL while they decode, so threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             found = pool.map(image_problem, [path for path, _, _ in unchecked])
@@ -339,8 +344,9 @@ def check_images(paths, split_root, cache_dir):
             print(f"warning: could not cache the image check in {cache_file}: {error.strerror}")
     return problems
 
+
 # ---------------------------------------------------------------------------
-# The dataset the scripts train on
+# The dataset a run trains on
 # ---------------------------------------------------------------------------
 
 
@@ -410,9 +416,11 @@ def report_bad_files(bad_files):
     for path, problem in sorted(bad_files.items()):
         print(f"warning: skipping {path}: {problem}", file=sys.stderr)
 
+
 # ---------------------------------------------------------------------------
 # The synthetic demo dataset
 # ---------------------------------------------------------------------------
+
 
 DEMO_IMAGES_PER_CLASS = {"train": 100, "valid": 30, "test": 30}
 DEMO_IMAGE_SIZE = 64
@@ -484,9 +492,11 @@ def make_demo_dataset(folder, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=
     return Path(folder)
 
 
-def ensure_demo_dataset():
-    """Build the demo dataset in datasets/demo unless it is already complete."""
-    folder = DEMO_DATA_DIR
+def ensure_demo_dataset(folder):
+    """Build the demo dataset in `folder` unless it is already complete.
+
+    The options only choose the folder (resolve_data_options); a run builds it when it starts.
+    """
     complete = all(
         len(list((folder / split / class_name).glob("*.jpg"))) >= count
         for split, count in DEMO_IMAGES_PER_CLASS.items()
@@ -497,12 +507,80 @@ def ensure_demo_dataset():
         make_demo_dataset(folder)
     return folder
 
+
 # ---------------------------------------------------------------------------
-# The command line, and files written whole
+# The photos and videos to judge (--predict)
 # ---------------------------------------------------------------------------
 
-class UserError(Exception):
-    """A mistake the user can fix. Scripts print it on one line and exit with status 2."""
+
+# What --predict reads as a video; OpenCV's own FFmpeg decodes them.
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+
+
+def is_video(path):
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def files_to_predict(paths):
+    """The files named by `paths`, and every file inside the folders among them, in order.
+
+    A path that does not exist, or a broken link, is reported and passed over, like an unreadable image.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            # Folders are searched to any depth, so that a split root's test/ can be scored at once.
+            inside = sorted(
+                entry for entry in path.rglob("*")
+                if not any(part.startswith(".") for part in entry.relative_to(path).parts)
+            )
+            files += [entry for entry in inside if entry.is_file()]
+            for broken_link in [entry for entry in inside if entry.is_symlink() and not entry.exists()]:
+                print(f"warning: skipping {broken_link}: a broken link; it points to nothing", file=sys.stderr)
+        elif path.is_file():
+            files.append(path)
+        else:
+            problem = "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder"
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    return files
+
+
+# What the image check decodes (OpenCV and Pillow both read these), as the error messages name
+# them. GIF is not among them: OpenCV reads it only from version 5.
+READABLE_FORMATS = ("JPEG", "PNG", "BMP", "WebP", "TIFF", "PPM")
+
+
+def readable_images(paths, required=True):
+    """The files among `paths` that decode as images; the others are reported by path and skipped.
+
+    If none does and one is `required` (no video was given either), that is the user's mistake.
+    """
+    problems = {path: image_problem(path) for path in paths}
+    report_bad_files({path: problem for path, problem in problems.items() if problem is not None})
+    good = [path for path in paths if problems[path] is None]
+    if not good and required:
+        raise UserError(
+            "none of the files given to --predict is a readable image or a video; name "
+            f"{', '.join(READABLE_FORMATS[:-1])} or {READABLE_FORMATS[-1]} images, videos, or folders holding them"
+        )
+    return good
+
+
+def media_to_predict(paths):
+    """The readable images and the videos among --predict's paths; unreadable images are reported and skipped."""
+    files = files_to_predict(paths)
+    videos = [path for path in files if is_video(path)]
+    images = [path for path in files if not is_video(path)]
+    return readable_images(images, required=not videos), videos
+
+
+# ---------------------------------------------------------------------------
+# The scripts' command line
+# ---------------------------------------------------------------------------
+
+
+# It lives here, away from TensorFlow, so that a script reads and checks its options
+# before TensorFlow loads: --help and a mistyped option answer at once.
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -556,21 +634,43 @@ def checked_number(convert, is_allowed, allowed):
 
 # Counts such as --epochs and --batch-size.
 positive_int = checked_number(int, lambda value: value >= 1, "1 or more")
+
+
 # Keras seeds its generators with 0 to 2**32 - 1.
 seed_value = checked_number(int, lambda value: 0 <= value < 2**32, f"between 0 and {2**32 - 1}")
+
+
 # The prediction threshold, a probability.
 probability = checked_number(float, lambda value: 0 <= value <= 1, "between 0 and 1")
+
+
 # OpenCV's JPEG quality scale.
 jpeg_quality = checked_number(int, lambda value: 1 <= value <= 100, "between 1 and 100")
+
+
 # A Gaussian blur's sigma, in pixels; 0 is no blur, and beyond 100 an image at the largest
 # --img-size is a flat colour (OpenCV also fails on kernels that wide).
 MAX_BLUR = 100
+
+
 blur_sigma = checked_number(float, lambda value: 0 <= value <= MAX_BLUR, f"between 0 and {MAX_BLUR}")
+
+
 # MTCNN, the face finder, finds no face narrower than 20 pixels.
 SMALLEST_FINDABLE_FACE = 20
+
+
 face_width = checked_number(
     int, lambda value: value >= SMALLEST_FINDABLE_FACE, f"{SMALLEST_FINDABLE_FACE} or more: the face finder finds no smaller face"
 )
+
+
+# Rates such as --learning-rate.
+positive_float = checked_number(float, lambda value: value > 0, "more than 0")
+
+
+# Counts that may be zero, such as --warmup-epochs.
+non_negative_int = checked_number(int, lambda value: value >= 0, "0 or more")
 
 
 def add_data_arguments(parser):
@@ -599,191 +699,38 @@ def add_data_arguments(parser):
         help="where results and the image-check cache go (default outputs, or outputs/demo with --demo)",
     )
 
+
 def resolve_data_options(args):
-    """Fill in where the data comes from and where outputs go, from --demo and --data-dir."""
-    if args.demo and args.data_dir is None:
-        args.data_dir = ensure_demo_dataset()
+    """Fill in where the data comes from and where outputs go, from --demo and --data-dir.
+
+    This only decides: with --demo, `args.uses_demo_data` says that the run builds the demo
+    dataset (ensure_demo_dataset) when it starts.
+    """
+    args.uses_demo_data = args.demo and args.data_dir is None
+    if args.uses_demo_data:
+        args.data_dir = DEMO_DATA_DIR
     if args.output_dir is None:
         args.output_dir = DEMO_OUTPUT_DIR if args.demo else OUTPUT_DIR
     return args
-
-def write_text_atomically(path, text):
-    """Write through a temporary file, so that a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_json_atomically(path, content):
-    write_text_atomically(path, json.dumps(content, indent=2))
-
-
-def ensure_writable_folder(folder, option="--output-dir"):
-    """Create `folder` and check that files can be written there, before any long work; `option` names it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        # mkdir says "File exists" or "Not a directory" when a plain file stands where a folder should be.
-        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
-        raise UserError(f"cannot write to {folder} ({reason}); choose another {option}") from None
-    return folder
-
-
-def check_output_file(path, option):
-    """Check, before any long work, that the file `option` names can be written."""
-    try:
-        is_folder = path.is_dir()
-    except OSError as error:  # A folder on the way that this user may not enter.
-        raise UserError(f"cannot reach {path} ({error.strerror}); choose another {option}") from None
-    if is_folder:
-        raise UserError(f"{option} {path} is a folder; name a file")
-    ensure_writable_folder(path.parent, option)
-
-
-def refuse_output_inside(output, image_folders, option):
-    """Refuse an output folder that is, or is inside, one of the image folders: its files would be read as images."""
-    output = Path(output).resolve()
-    for folder in map(Path, image_folders):
-        if output == folder.resolve() or folder.resolve() in output.parents:
-            raise UserError(f"{option} {output} is inside the image folder {folder}; choose a folder outside it")
-
-
-# ---------------------------------------------------------------------------
-# One run at a time
-# ---------------------------------------------------------------------------
-
-# Locked beyond anything written, as Windows' locks keep other processes from reading the locked bytes.
-WINDOWS_LOCK_OFFSET = 2**20
-
-
-def lock(handle, wait):
-    """Lock an open file for this process; return False if another process holds it and `wait` is False.
-
-    The operating system releases the lock when the process ends, however it ends.
-    """
-    while not lock_at_once(handle):
-        if not wait:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def lock_at_once(handle):
-    """Try once to lock an open file: flock on Linux and macOS, msvcrt's byte lock on Windows."""
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            handle.seek(WINDOWS_LOCK_OFFSET)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # Another process holds it (Linux and macOS).
-        return False
-    except OSError as error:
-        if os.name == "nt":  # Another process holds it (Windows says so with a PermissionError).
-            return False
-        # Some network file systems cannot lock at all: go on without the lock, and say so.
-        print(f"warning: cannot lock {handle.name} ({error.strerror}); make sure no other run writes there", file=sys.stderr)
-    return True
-
-
-@contextlib.contextmanager
-def locked(lock_file):
-    """Hold lock_file's lock while the block runs, waiting for it if another process holds it."""
-    with open(lock_file, "a") as handle:
-        lock(handle, wait=True)
-        yield
-
-
-# A run's lock file, in OUTPUT_DIR/<model>/; it holds who runs there.
-RUN_LOCK = ".lock"
-
-
-@contextlib.contextmanager
-def one_run_at_a_time(folder):
-    """Let one run at a time write into `folder`: a second one stops at once, and names the first.
-
-    The lock file holds who runs there while they do, and is emptied when they end. A run
-    killed before it could empty it leaves its name behind, but not its lock, which the
-    operating system releases: the next run takes the folder over, and says so.
-    """
-    lock_file = folder / RUN_LOCK
-    lock_file.touch()
-    with open(lock_file, "r+") as handle:
-        if not lock(handle, wait=False):
-            handle.seek(0)
-            holder = handle.read().strip() or "another run"
-            raise UserError(
-                f"{folder} is in use by {holder}; wait for that run to end, or give this one another --output-dir"
-            )
-        handle.seek(0)
-        left_behind = handle.read().strip()
-        if left_behind:
-            print(f"Taking over {folder} from a run that ended without releasing it ({left_behind})")
-        command = " ".join([Path(sys.executable).name, *sys.argv])
-        write_lock_holder(handle, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}: {command}")
-        try:
-            yield
-        finally:
-            # Emptied, not deleted: a run that has just opened the file must lock this same file.
-            write_lock_holder(handle, "")
-
-
-def write_lock_holder(handle, holder):
-    """Replace what the lock file says about who holds it."""
-    handle.seek(0)
-    handle.truncate()
-    handle.write(holder)
-    handle.flush()
-
-
-# ---------------------------------------------------------------------------
-# The four fine-tuning scripts' command line
-# ---------------------------------------------------------------------------
-# It lives here, away from TensorFlow, so that a script reads and checks its options
-# before TensorFlow loads: --help and a mistyped option answer at once, not in seconds.
-
-
-@dataclass(frozen=True)
-class ModelRecipe:
-    """What differs between the four models; everything else is shared."""
-
-    title: str  # As the results table shows it, e.g. "VGG16".
-    name: str  # The output folder, e.g. "vgg16".
-    keras_module: str  # The keras.applications module, e.g. "vgg16": its constructor and preprocess_input.
-    constructor: str  # The keras.applications constructor in that module, e.g. "VGG16".
-    trainable_conv_layers: int  # The documented recipe: train the last N Conv2D layers.
-    original_trainable_layers: int  # What the original code did: train the last K Keras layers.
-    imagenet_weights_file: str  # The file Keras downloads for include_top=False.
-    min_img_size: int = 32  # The smallest input the base accepts.
 
 
 # The dataset's faces are 256 pixels, and a model's memory grows with the square of the side.
 MAX_IMG_SIZE = 1024
 DOCUMENTED_DEFAULTS = dict(epochs=10, batch_size=32, img_size=224, weights="imagenet")
-# Small enough to train on a laptop CPU in a minute or two, with nothing to download.
+
+# Small enough to train on a laptop CPU, with nothing to download.
 DEMO_DEFAULTS = dict(epochs=5, batch_size=16, img_size=64, weights="none")
+
 # A face narrower than this is too small to judge: cut out as the dataset frames faces, it
 # would fill a square of about 120 pixels, under half the dataset's 256, and the fine
 # texture the models rely on would be gone.
 DEFAULT_MIN_FACE = 64
+
 # Frames judged per video, as DeepfakeBench scores videos.
 DEFAULT_FRAMES = 32
+
 # The --model value that asks for the weighted average of every trained model.
 ENSEMBLE = "ensemble"
-
-# Rates such as --learning-rate.
-positive_float = checked_number(float, lambda value: value > 0, "more than 0")
-# Counts that may be zero, such as --warmup-epochs.
-non_negative_int = checked_number(int, lambda value: value >= 0, "0 or more")
 
 
 def build_parser(recipe):
@@ -970,12 +917,12 @@ def parse_arguments(recipe, argv=None):
     if args.predict:
         check_prediction_outputs(args)
     elif args.evaluate:
-        args.evaluation_folder = evaluation_folder(args.data_dir)
+        args.evaluation_folder = args.data_dir / "test" if args.uses_demo_data else evaluation_folder(args.data_dir)
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
     else:
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
-        # resumed run uses the same data.
-        args.data_dir = find_split_root(args.data_dir).resolve()
+        # resumed run uses the same data. The demo's is built when the run starts.
+        args.data_dir = (args.data_dir if args.uses_demo_data else find_split_root(args.data_dir)).resolve()
         refuse_output_inside(args.output_dir, [args.data_dir], "--output-dir")
         if args.output_dir.resolve() in args.data_dir.parents:
             raise UserError(
@@ -1007,13 +954,170 @@ def check_prediction_outputs(args):
             ensure_writable_folder(folder, option)
 
 
-@exits_on_user_error
-def fine_tuning_command(recipe, argv=None):
-    """What `python VGG16_finetuning.py ...` runs: check the options, then load TensorFlow and run."""
-    args = parse_arguments(recipe, argv)
-    import load_pre_trained_models  # TensorFlow loads here, once the options are known to be right.
+# ---------------------------------------------------------------------------
+# The shared ground: errors, progress, files written whole, one run at a time
+# ---------------------------------------------------------------------------
 
-    return load_pre_trained_models.run(recipe, args)
+
+class UserError(Exception):
+    """A mistake the user can fix. Scripts print it on one line and exit with status 2."""
+
+
+class ProgressBar:
+    """A progress bar on one line, as Keras draws its own, without loading TensorFlow.
+
+    On a terminal it is redrawn in place; into a file or a pipe, only the finished bar is written.
+    """
+
+    WIDTH = 30
+
+    def __init__(self, total, unit):
+        self.total, self.unit, self.started = total, unit, time.perf_counter()
+        self.redrawn = sys.stdout.isatty()
+
+    def update(self, done):
+        finished = done == self.total
+        if not (self.redrawn or finished):
+            return
+        filled = self.WIDTH * done // self.total
+        bar = "=" * filled + "." * (self.WIDTH - filled)
+        seconds = time.perf_counter() - self.started
+        start = "\r" if self.redrawn else ""
+        print(f"{start}{done}/{self.total} {self.unit}s [{bar}] {seconds:.0f} s", end="\n" if finished else "", flush=True)
+
+
+def write_text_atomically(path, text):
+    """Write through a temporary file, so that a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_json_atomically(path, content):
+    write_text_atomically(path, json.dumps(content, indent=2))
+
+
+def ensure_writable_folder(folder, option="--output-dir"):
+    """Create `folder` and check that files can be written there, before any long work; `option` names it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        # mkdir says "File exists" or "Not a directory" when a plain file stands where a folder should be.
+        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise UserError(f"cannot write to {folder} ({reason}); choose another {option}") from None
+    return folder
+
+
+def check_output_file(path, option):
+    """Check, before any long work, that the file `option` names can be written."""
+    try:
+        is_folder = path.is_dir()
+    except OSError as error:  # A folder on the way that this user may not enter.
+        raise UserError(f"cannot reach {path} ({error.strerror}); choose another {option}") from None
+    if is_folder:
+        raise UserError(f"{option} {path} is a folder; name a file")
+    ensure_writable_folder(path.parent, option)
+
+
+def refuse_output_inside(output, image_folders, option):
+    """Refuse an output folder that is, or is inside, one of the image folders: its files would be read as images."""
+    output = Path(output).resolve()
+    for folder in map(Path, image_folders):
+        if output == folder.resolve() or folder.resolve() in output.parents:
+            raise UserError(f"{option} {output} is inside the image folder {folder}; choose a folder outside it")
+
+
+# Locked beyond anything written, as Windows' locks keep other processes from reading the locked bytes.
+WINDOWS_LOCK_OFFSET = 2**20
+
+
+def lock(handle, wait):
+    """Lock an open file for this process; return False if another process holds it and `wait` is False.
+
+    The operating system releases the lock when the process ends, however it ends.
+    """
+    while not lock_at_once(handle):
+        if not wait:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def lock_at_once(handle):
+    """Try once to lock an open file: flock on Linux and macOS, msvcrt's byte lock on Windows."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(WINDOWS_LOCK_OFFSET)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # Another process holds it (Linux and macOS).
+        return False
+    except OSError as error:
+        if os.name == "nt":  # Another process holds it (Windows says so with a PermissionError).
+            return False
+        # Some network file systems cannot lock at all: go on without the lock, and say so.
+        print(f"warning: cannot lock {handle.name} ({error.strerror}); make sure no other run writes there", file=sys.stderr)
+    return True
+
+
+@contextlib.contextmanager
+def locked(lock_file):
+    """Hold lock_file's lock while the block runs, waiting for it if another process holds it."""
+    with open(lock_file, "a") as handle:
+        lock(handle, wait=True)
+        yield
+
+
+# A run's lock file, in OUTPUT_DIR/<model>/; it holds who runs there.
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(folder):
+    """Let one run at a time write into `folder`: a second one stops at once, and names the first.
+
+    The lock file holds who runs there while they do, and is emptied when they end. A run
+    killed before it could empty it leaves its name behind, but not its lock, which the
+    operating system releases: the next run takes the folder over, and says so.
+    """
+    lock_file = folder / RUN_LOCK
+    lock_file.touch()
+    with open(lock_file, "r+") as handle:
+        if not lock(handle, wait=False):
+            handle.seek(0)
+            holder = handle.read().strip() or "another run"
+            raise UserError(
+                f"{folder} is in use by {holder}; wait for that run to end, or give this one another --output-dir"
+            )
+        handle.seek(0)
+        left_behind = handle.read().strip()
+        if left_behind:
+            print(f"Taking over {folder} from a run that ended without releasing it ({left_behind})")
+        command = " ".join([Path(sys.executable).name, *sys.argv])
+        write_lock_holder(handle, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}: {command}")
+        try:
+            yield
+        finally:
+            # Emptied, not deleted: a run that has just opened the file must lock this same file.
+            write_lock_holder(handle, "")
+
+
+def write_lock_holder(handle, holder):
+    """Replace what the lock file says about who holds it."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(holder)
+    handle.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -1030,6 +1134,8 @@ def main(argv=None):
     )
     add_data_arguments(parser)
     args = resolve_data_options(parser.parse_args(argv))
+    if args.uses_demo_data:
+        ensure_demo_dataset(args.data_dir)
 
     split_root = find_split_root(args.data_dir)
     # Count even a class with no readable image, so that every bad file gets listed.

@@ -1,6 +1,6 @@
-"""Fine-tune an ImageNet CNN to tell real faces from StyleGAN fakes: the story, then its harness.
+"""Fine-tune an ImageNet CNN to tell real faces from StyleGAN fakes: the lesson, applying a model, and the harness.
 
-`fine_tune`, first below, tells the story in the steps of the Keras guide to transfer
+`fine_tune`, first below, tells the lesson in the steps of the Keras guide to transfer
 learning and fine-tuning (https://keras.io/guides/transfer_learning/):
 
 1. load the pre-trained base;
@@ -11,15 +11,21 @@ learning and fine-tuning (https://keras.io/guides/transfer_learning/):
 6. evaluate the best model on the test split and write the outputs.
 
 With --warmup-epochs K, the head first trains alone for K epochs, as the guide teaches.
-The functions of the steps follow the story, in the order it calls them. Below them
-come the two ways of applying a trained model (--predict, which finds and scores the
-faces of photos and videos, with Grad-CAM, and --evaluate), then the harness that runs it all: checking the run's folder, seeds, mixed
-precision, distribution, resuming an interrupted run, and Ctrl-C.
+In order, this module then holds:
+
+- the functions of the steps, in the order the lesson calls them, and what a detector is
+  made of;
+- `run`, what a per-model script runs once its options are read: train, or apply a model;
+- applying a trained model: loading it (or the ensemble), Grad-CAM, --predict (which
+  finds, cuts out and scores the faces of photos and videos) and --evaluate;
+- the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
+  an interrupted run, and Ctrl-C, with the callbacks that lose nothing;
+- the command below.
 
 Each per-model script (VGG16_finetuning.py and the three others) describes its base in a
-ModelRecipe; data_preprocessing.fine_tuning_command reads the options and calls `run`
-here. Run this file on its own to see, for each model, which layers each freezing rule
-trains; it builds the models without downloading any weights:
+ModelRecipe, reads its options with data_preprocessing.parse_arguments, then calls `run`.
+Run this file on its own to see, for each model, which layers each freezing rule trains;
+it builds the models without downloading any weights:
 
     python load_pre_trained_models.py
 """
@@ -35,7 +41,6 @@ import sys
 import time
 import warnings
 import zipfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,63 +49,58 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from sklearn import metrics as sklearn_metrics
 
 from data_augmentation import (
     FaceFinder,
     FaceFrame,
     UnreadableVideo,
     evaluation_flow,
-    is_video,
+    main_face,
     make_flows,
     model_input,
     perturb,
     read_upright,
     read_video_frames,
-    square_iou,
 )
 from data_preprocessing import (
     CLASSES,
     DEMO_OUTPUT_DIR,
     ENSEMBLE,
+    MODEL_SCRIPTS,
     OneLineArgumentParser,
     UserError,
+    ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
-    files_to_predict,
     load_dataset,
     load_evaluation_images,
+    load_recipes,
+    media_to_predict,
     one_run_at_a_time,
-    readable_images,
     report_bad_files,
     write_json_atomically,
     write_text_atomically,
 )
 from plot_loss_accuracy_graph import (
-    EVALUATION_PLOTS,
-    classification_metrics,
-    ensemble_members,
-    ensemble_weights,
-    plot_evaluation,
-    plot_history,
-    read_history,
-    read_runs,
+    EVALUATION_PREFIX,
+    RUN_OUTPUTS,
     THUMBNAIL_WIDTH,
-    save_annotated_image,
-    save_contact_sheet,
-    save_gradcam_overlay,
-    true_labels,
+    PredictionReport,
+    classification_metrics,
+    read_ensemble,
+    read_history,
     write_results_table,
+    write_run_outputs,
+    write_test_outputs,
 )
 
-# The per-model scripts, in the order of the results table.
-MODEL_SCRIPTS = ("VGG16_finetuning", "VGG19_finetuning", "inceptionV3_finetuning", "resnet50_finetuning")
+
 # The name of the model's first layer, which scales raw pixels as the base expects.
 PIXEL_SCALING = "pixel_scaling"
 
 
 # ---------------------------------------------------------------------------
-# The story: fine-tuning in six steps
+# The lesson: fine-tuning in six steps
 # ---------------------------------------------------------------------------
 
 
@@ -351,7 +351,8 @@ def load_best_model(run_dir, last_model=None):
             raise UserError(f"{model_file} is missing; delete {run_dir / 'backup'} to train again")
         print("warning: model.keras is missing or damaged; it now holds the last epoch's model", file=sys.stderr)
         save_whole(last_model, model_file)
-    return keras.models.load_model(model_file)
+    # Only to predict: uncompiled, it comes without the optimizer's state.
+    return keras.models.load_model(model_file, compile=False)
 
 
 def save_whole(model, model_file):
@@ -375,42 +376,6 @@ def predict_split(model, flow, images):
             "p_fake": p_fake,
         }
     )
-
-
-RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
-
-
-def write_test_outputs(folder, title, predictions, metrics):
-    """predictions.csv, metrics.json and the ROC, precision-recall and confusion-matrix figures."""
-    predictions.to_csv(folder / "predictions.csv", index=False)
-    write_json_atomically(folder / "metrics.json", metrics)
-    return plot_evaluation(predictions, metrics, folder, title)
-
-
-def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
-    """metrics.json, predictions.csv, history.png and the test figures for one run; return the metrics."""
-    history = read_history(run_dir / "history.csv")
-    metrics = {
-        "model": recipe.title,
-        **classification_metrics(predictions),
-        "valid_auc": float(sklearn_metrics.roc_auc_score(true_labels(valid_predictions), valid_predictions["p_fake"])),
-        "epochs_run": int(len(history)),
-        "img_size": args.img_size,
-        "weights": args.weights,
-        "preprocessing": args.preprocessing,
-        "unfreeze_rule": args.unfreeze_rule,
-        "learning_rate": args.learning_rate,
-        "warmup_epochs": args.warmup_epochs,
-        "fine_tune_learning_rate": args.fine_tune_learning_rate,
-        "pipeline": args.pipeline,
-        "mixed_precision": args.mixed_precision,
-        "distribute": args.distribute,
-        # Summed over the epochs in history.csv, so a resumed run counts every session.
-        "train_seconds": round(float(history["seconds"].sum()), 1),
-    }
-    write_test_outputs(run_dir, recipe.title, predictions, metrics)
-    plot_history(history, run_dir / "history.png", recipe.title)
-    return metrics
 
 
 # ---------------------------------------------------------------------------
@@ -441,7 +406,43 @@ def count_trainable_parameters(model):
 
 
 # ---------------------------------------------------------------------------
-# Applying a trained model: --predict (with Grad-CAM) and --evaluate
+# What a per-model script runs
+# ---------------------------------------------------------------------------
+
+
+def run(recipe, args):
+    """Run a per-model script with its checked options; return the process exit status.
+
+    With --predict or --evaluate, apply the saved model and train nothing. Otherwise
+    prepare the run (its data, folder, seeds, precision and strategy), then tell the
+    lesson, `fine_tune`, or finish an interrupted run's evaluation.
+    """
+    if args.uses_demo_data and not args.predict:
+        ensure_demo_dataset(args.data_dir)
+    if args.predict:
+        return predict_media(recipe, args)
+    if args.evaluate:
+        return evaluate_saved_model(recipe, args)
+    if args.distribute == "multiworker":
+        check_multiworker_cluster()
+    # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
+    strategy = distribution_strategy(args.distribute)
+    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
+    # A second run into the same folder would mix its epochs, history and model with this one's.
+    with one_run_at_a_time(run_dir):
+        metrics = train_and_test(recipe, args, run_dir, strategy)
+    if metrics is None:  # Interrupted: the same command resumes it.
+        return 130
+    print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
+    print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
+    print(f"Results so far ({args.output_dir / 'results.md'}):\n{(args.output_dir / 'results.md').read_text()}")
+    if args.demo:
+        print_next_demo_step(recipe, args, run_dir)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Applying a trained model: loading it, and Grad-CAM
 # ---------------------------------------------------------------------------
 
 
@@ -450,20 +451,21 @@ def image_size(model):
     return model.input_shape[1]
 
 
-def load_saved_model(model_file, recipe):
-    """Load a detector that this recipe's script saved; refuse anything else with one line."""
+def load_saved_model(model_file, name, title):
+    """Load a detector that the script of the model `name` (its title, for messages) saved; refuse anything else with one line."""
     if Path(model_file).suffix == ".keras" and not is_complete_model_file(model_file):
         raise UserError(
             f"{model_file} is not a complete .keras file (it was cut off, perhaps while it was copied or saved); "
             "copy it again, or train the model again"
         )
     try:
-        model = keras.models.load_model(model_file)
+        # Only to predict: uncompiled, it comes without the optimizer's state.
+        model = keras.models.load_model(model_file, compile=False)
     except Exception as error:  # Keras raises several kinds for a file that is not a model.
         raise UserError(f"could not load the model {model_file} ({error}); pass a .keras file that a run saved") from None
-    if model.name != f"{recipe.name}_deepfake_detector":
+    if model.name != f"{name}_deepfake_detector":
         raise UserError(
-            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
+            f"{model_file} holds the model {model.name!r}, not {title}'s; "
             "pass it to its own script, or a model that this script trained"
         )
     # A model saved before the scaling moved into the model expects scaled pixels; fed raw
@@ -471,7 +473,7 @@ def load_saved_model(model_file, recipe):
     if PIXEL_SCALING not in [layer.name for layer in model.layers]:
         raise UserError(
             f"{model_file} was saved by an earlier version of these scripts, whose models took scaled pixels; "
-            f"train {recipe.title} again to get a model that takes raw pixels"
+            f"train {title} again to get a model that takes raw pixels"
         )
     return model
 
@@ -494,18 +496,28 @@ def saved_model_file(recipe, args):
 
 def load_ensemble(output_dir):
     """The (title, model) pairs of the results table's Ensemble row, and their weights."""
-    members = ensemble_members(read_runs(output_dir))
+    members, weights = read_ensemble(output_dir)
     if len(members) < 2:
         raise UserError(
             f"the ensemble needs two or more models trained into {output_dir} on the same test images; "
             "train another model with the same --data-dir, --subset and --output-dir"
         )
-    recipes = {member.title: member for member in load_recipes()}
     models = []
-    for metrics, _ in members:
-        member = recipes[metrics["model"]]
-        models.append((member.title, load_saved_model(output_dir / member.name / "model.keras", member)))
-    return models, ensemble_weights([metrics["valid_auc"] for metrics, _ in members])
+    for metrics in members:
+        # A model's run folder is named after it, as its script names it (recipe.name).
+        name, title = metrics["run_dir"].name, metrics["model"]
+        models.append((title, load_saved_model(metrics["run_dir"] / "model.keras", name, title)))
+    return models, weights
+
+
+def prediction_models(recipe, args):
+    """The (title, model) pairs to score with, their weights, and how to name them."""
+    if args.model == ENSEMBLE:
+        models, weights = load_ensemble(args.output_dir)
+        members = [f"{title} (weight {weight:.2f})" for (title, _), weight in zip(models, weights)]
+        return models, weights, "the ensemble of " + ", ".join(members)
+    model_file = saved_model_file(recipe, args)
+    return [(recipe.title, load_saved_model(model_file, recipe.name, recipe.title))], [1.0], f"{recipe.title} ({model_file})"
 
 
 def p_fake_of_pictures(models, weights, pictures):
@@ -559,21 +571,69 @@ def grad_cam(model, batch):
     return heatmaps / np.where(peaks > 0, peaks, 1)
 
 
-def output_names(paths):
-    """A distinct name for each input's outputs: its name, with its folder's name in front where two share it."""
-    stems = [path.stem for path in paths]
-    names = {}
-    for path, stem in zip(paths, stems):
-        name = stem if stems.count(stem) == 1 else f"{path.parent.name}-{stem}"
-        while name in names.values():
-            name += "_"
-        names[path] = name
-    return names
-
-
 # ---------------------------------------------------------------------------
 # --predict on photos and videos: find the faces, cut them out, score them
 # ---------------------------------------------------------------------------
+
+
+def predict_media(recipe, args):
+    """--predict: print p(fake) and a verdict for each face in each photo and video; train nothing.
+
+    The order of work: list the photos and videos, load the model (or the ensemble), then
+    judge each (find its faces, cut them out, score them) and report it as it is judged.
+    """
+    images, videos = media_to_predict(args.predict)
+    models, weights, source = prediction_models(recipe, args)
+    judge = MediaJudge(models, weights, args)
+    report = PredictionReport(args, images + videos)
+    faces = "each face found" if args.faces == "auto" else "each whole image"
+    print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
+    for path, image, lines in judge.images(images):
+        report.photo(path, image, lines, gradcam_heatmaps(models, lines, args))
+    videos_judged = 0
+    for path in videos:
+        judged = judge_video(judge, path)
+        if judged is None:
+            continue
+        lines, frames, thumbnails = judged
+        followed = main_face([line for line in lines if line.face is not None and line.p_fake is not None])
+        report.video(path, lines, followed, frames, thumbnails, gradcam_heatmaps(models, lines, args))
+        videos_judged += 1
+    if not images and not videos_judged:
+        raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
+    report.finish()
+    print(f"Time: {judge.stopwatch.summary()}")
+    return 0
+
+
+def judge_video(judge, path):
+    """A video's lines, (frames read, frames wanted) and thumbnails; None, with a warning, if it cannot be read."""
+    try:
+        lines, read, wanted, thumbnails = judge.video(path)
+    except UnreadableVideo as problem:
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        return None
+    if not read:
+        print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
+        return None
+    if read < wanted:
+        # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
+        print(f"warning: {path}: only {read} of {wanted} sampled frames could be decoded; "
+              "the file may be cut off, or its frame count an estimate", file=sys.stderr)
+    return lines, (read, wanted), thumbnails
+
+
+def gradcam_heatmaps(models, lines, args):
+    """With --gradcam, the first model's Grad-CAM heat map of each scored line's picture, a batch at a time."""
+    if not args.gradcam:
+        return []
+    model = models[0][1]
+    pictures = [line.picture for line in lines if line.p_fake is not None]
+    heatmaps = []
+    for start in range(0, len(pictures), args.batch_size):
+        batch = pictures[start : start + args.batch_size]
+        heatmaps += list(grad_cam(model, np.stack([model_input(picture, image_size(model)) for picture in batch])))
+    return heatmaps
 
 
 @dataclass
@@ -593,16 +653,6 @@ class Line:
     picture: np.ndarray | None = None
     p_fake: float | None = None
     searched: bool = True  # Whether faces were searched for (--faces auto).
-
-    def where(self):
-        """Which part of the input the line is about, as --predict prints it; empty for a whole photo with --faces off."""
-        frame = [] if self.frame is None else [f"frame {self.frame}"]
-        if self.face is not None:
-            x, y, size = self.face_frame.square
-            return " ".join([*frame, f"face {self.face} ({size} px at {x},{y})"])
-        if self.searched:
-            return ", ".join([*frame, f"whole {'image' if self.frame is None else 'frame'}, no face found"])
-        return " ".join(frame)
 
 
 class Stopwatch:
@@ -723,211 +773,9 @@ class MediaJudge:
         return lines
 
 
-def verdict(p_fake, threshold):
-    return "fake" if p_fake >= threshold else "real"
-
-
-def printed_line(line, args):
-    """A line as --predict prints it: path, what part, p_fake=..., verdict; or why a face was not scored."""
-    if line.p_fake is None:
-        judgement = f"too small to judge: the face is {line.width:.0f} px wide, under --min-face {args.min_face}"
-    else:
-        judgement = f"p_fake={line.p_fake:.4f}  {verdict(line.p_fake, args.threshold)}"
-    return "  ".join(part for part in (str(line.path), line.where(), judgement) if part)
-
-
-# The CSV that --csv writes, one row per scored face, in this order.
-CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict")
-
-
-# Whole numbers, or empty: without saying so, pandas would write 12.0 where a column has an empty cell.
-CSV_WHOLE_NUMBERS = ("frame", "face", "crop_x", "crop_y", "crop_size")
-
-
-def csv_row(line, threshold):
-    crop_x, crop_y, crop_size = (None, None, None) if line.face_frame is None else line.face_frame.square
-    return dict(
-        path=str(line.path),
-        frame=line.frame,
-        face=line.face,
-        crop_x=crop_x,
-        crop_y=crop_y,
-        crop_size=crop_size,
-        confidence=line.confidence,
-        p_fake=line.p_fake,
-        verdict=verdict(line.p_fake, threshold),
-    )
-
-
-def csv_text(rows):
-    """The CSV of --csv: one row per scored face, the columns in the order of CSV_COLUMNS."""
-    table = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    return table.astype({column: "Int64" for column in CSV_WHOLE_NUMBERS}).to_csv(index=False)
-
-
-# Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
-# grown to twice their side about their centres: two faces in sampled frames are taken for
-# the same one if those overlap by at least this intersection over union.
-SAME_FACE_IOU = 0.3
-
-
-def grown(square, factor=2):
-    """A (x, y, size) square grown by `factor` about its centre."""
-    x, y, size = square
-    return (x - (factor - 1) * size / 2, y - (factor - 1) * size / 2, factor * size)
-
-
-def main_face(lines):
-    """The scored lines of the face seen most often in a video, its faces linked from frame to frame by overlap."""
-    tracks = []
-    for line in [line for line in lines if line.face is not None and line.p_fake is not None]:
-        candidates = [track for track in tracks if track[-1].frame != line.frame]
-        overlaps = [square_iou(grown(track[-1].face_frame.square), grown(line.face_frame.square)) for track in candidates]
-        if overlaps and max(overlaps) >= SAME_FACE_IOU:
-            candidates[int(np.argmax(overlaps))].append(line)
-        else:
-            tracks.append([line])
-    return max(tracks, key=len, default=[])
-
-
-def video_summary(path, lines, frames_read, frames_wanted, args):
-    """A video's own line: the mean p(fake) of its main face over the frames, or of the whole frames if none had a face."""
-    followed = main_face(lines)
-    scored = [line for line in lines if line.p_fake is not None]
-    if followed:
-        p_fake = float(np.mean([line.p_fake for line in followed]))
-        basis = f"the face seen most, in {counted(len(followed), 'frame')}"
-    elif scored:
-        p_fake = float(np.mean([line.p_fake for line in scored]))
-        basis = "the whole frames"
-        if args.faces == "auto":
-            too_small = any(line.face is not None for line in lines)
-            basis += ", as no face was found" + (f" of --min-face {args.min_face} px or more" if too_small else "")
-    else:
-        too_small = f"every face was under --min-face {args.min_face}"
-        return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
-    counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
-    return f"{path}  video  p_fake={p_fake:.4f}  {verdict(p_fake, args.threshold)}  ({counts})", p_fake
-
-
-def counted(count, thing):
-    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
-
-
-def media_to_predict(paths):
-    """The readable images and the videos among --predict's paths; unreadable images are reported and skipped."""
-    files = files_to_predict(paths)
-    videos = [path for path in files if is_video(path)]
-    images = [path for path in files if not is_video(path)]
-    return readable_images(images, required=not videos), videos
-
-
-def prediction_models(recipe, args):
-    """The (title, model) pairs to score with, their weights, and how to name them."""
-    if args.model == ENSEMBLE:
-        models, weights = load_ensemble(args.output_dir)
-        members = [f"{title} (weight {weight:.2f})" for (title, _), weight in zip(models, weights)]
-        return models, weights, "the ensemble of " + ", ".join(members)
-    model_file = saved_model_file(recipe, args)
-    return [(recipe.title, load_saved_model(model_file, recipe))], [1.0], f"{recipe.title} ({model_file})"
-
-
-def predict_media(recipe, args):
-    """--predict: print p(fake) and a verdict for each face in each photo and video; train nothing.
-
-    Writes only where asked (--csv, --annotate, --gradcam); where they write was checked
-    with the options, before any image was read.
-    """
-    models, weights, source = prediction_models(recipe, args)
-    images, videos = media_to_predict(args.predict)
-    judge = MediaJudge(models, weights, args)
-    names = output_names(images + videos)  # For the files of --annotate and --gradcam.
-    rows = []  # The CSV's.
-    written = Counter()
-    faces = "each face found" if args.faces == "auto" else "each whole image"
-    print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
-    for path, image, lines in judge.images(images):
-        report(lines, args, rows)
-        written += write_pictures(models, lines, names[path], args, image=image)
-    videos_judged = 0
-    for path in videos:
-        pictures = judge_video(judge, path, names[path], args, rows)
-        if pictures is not None:
-            videos_judged += 1
-            written += pictures
-    if not images and not videos_judged:
-        raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
-    if args.csv:
-        write_text_atomically(args.csv, csv_text(rows))
-        print(f"Wrote {args.csv}")
-    if args.annotate:
-        print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {args.annotate}")
-    if args.gradcam:
-        print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {args.gradcam}")
-    print(f"Time: {judge.stopwatch.summary()}")
-    return 0
-
-
-def judge_video(judge, path, name, args, rows):
-    """Judge one video: print its lines and summary, and write its pictures; None if it cannot be read."""
-    try:
-        lines, read, wanted, thumbnails = judge.video(path)
-    except UnreadableVideo as problem:
-        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-        return None
-    if not read:
-        print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
-        return None
-    if read < wanted:
-        # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
-        print(f"warning: {path}: only {read} of {wanted} sampled frames could be decoded; "
-              "the file may be cut off, or its frame count an estimate", file=sys.stderr)
-    report(lines, args, rows)
-    summary, p_fake = video_summary(path, lines, read, wanted, args)
-    print(summary)
-    return write_pictures(judge.models, lines, name, args, thumbnails=thumbnails, p_fake=p_fake)
-
-
-def report(lines, args, rows):
-    """Print each line, and add the scored ones to the CSV's rows."""
-    for line in lines:
-        print(printed_line(line, args))
-        if line.p_fake is not None:
-            rows.append(csv_row(line, args.threshold))
-
-
-def write_pictures(models, lines, name, args, image=None, thumbnails=None, p_fake=None):
-    """--annotate's picture of an image or a video, and --gradcam's heat map of each scored face; return how many of each."""
-    written = Counter()
-    if args.annotate:
-        written["annotated"] += 1
-        marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
-        if image is not None:
-            save_annotated_image(image, marks, args.annotate / f"{name}-faces.jpg", args.threshold)
-        else:
-            save_contact_sheet(thumbnails, marks, args.annotate / f"{name}-frames.png", args.threshold, p_fake)
-    if args.gradcam:
-        scored = [line for line in lines if line.p_fake is not None]
-        model = models[0][1]
-        for start in range(0, len(scored), args.batch_size):
-            batch = scored[start : start + args.batch_size]
-            heatmaps = grad_cam(model, np.stack([model_input(line.picture, image_size(model)) for line in batch]))
-            for line, heatmap in zip(batch, heatmaps):
-                overlay_name = f"{name}{gradcam_part(line)}-gradcam.png"
-                save_gradcam_overlay(line.picture, heatmap, args.gradcam / overlay_name, line.p_fake, verdict(line.p_fake, args.threshold))
-                written["gradcam"] += 1
-    return written
-
-
-def gradcam_part(line):
-    """What tells a heat map's file from the others of the same input: -frame12-face1, -face2, or nothing."""
-    frame = "" if line.frame is None else f"-frame{line.frame}"
-    face = "" if line.face is None else f"-face{line.face}"
-    return frame + face
-
-
-# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
-EVALUATION_PREFIX = "eval-"
+# ---------------------------------------------------------------------------
+# --evaluate: a saved model on another folder of faces
+# ---------------------------------------------------------------------------
 
 
 def evaluation_labels(recipe, args, folder):
@@ -951,7 +799,7 @@ def evaluate_saved_model(recipe, args):
     model_file = saved_model_file(recipe, args)
     folder = args.evaluation_folder  # Found, and checked, with the options.
     images = load_evaluation_images(folder, args.output_dir / ".cache", args.subset, args.seed)
-    model = load_saved_model(model_file, recipe)
+    model = load_saved_model(model_file, recipe.name, recipe.title)
     faces = find_evaluation_faces(images, args.min_face) if args.faces == "auto" else None
     eval_name, eval_title = evaluation_labels(recipe, args, folder)
     run_dir = ensure_writable_folder(args.output_dir / recipe.name)
@@ -1024,37 +872,8 @@ def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_tit
 
 
 # ---------------------------------------------------------------------------
-# The harness: what runs the story safely
+# The harness: what runs the lesson safely
 # ---------------------------------------------------------------------------
-
-
-def run(recipe, args):
-    """Run a per-model script with its checked options; return the process exit status.
-
-    With --predict or --evaluate, apply the saved model and train nothing. Otherwise
-    prepare the run (its data, folder, seeds, precision and strategy), then tell the
-    story, `fine_tune`, or finish an interrupted run's evaluation.
-    """
-    if args.predict:
-        return predict_media(recipe, args)
-    if args.evaluate:
-        return evaluate_saved_model(recipe, args)
-    if args.distribute == "multiworker":
-        check_multiworker_cluster()
-    # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
-    strategy = distribution_strategy(args.distribute)
-    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
-    # A second run into the same folder would mix its epochs, history and model with this one's.
-    with one_run_at_a_time(run_dir):
-        metrics = train_and_test(recipe, args, run_dir, strategy)
-    if metrics is None:  # Interrupted: the same command resumes it.
-        return 130
-    print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
-    print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
-    print(f"Results so far ({args.output_dir / 'results.md'}):\n{(args.output_dir / 'results.md').read_text()}")
-    if args.demo:
-        print_next_demo_step(recipe, args, run_dir)
-    return 0
 
 
 def train_and_test(recipe, args, run_dir, strategy):
@@ -1097,8 +916,7 @@ def train_and_test(recipe, args, run_dir, strategy):
 def print_next_demo_step(recipe, args, run_dir):
     """After the demo, the command that applies its model to a face, with Grad-CAM."""
     face = pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0]
-    script = MODEL_SCRIPTS[load_recipes().index(recipe)]
-    command = ["python", os.path.relpath(Path(__file__).with_name(f"{script}.py")), "--demo"]
+    command = ["python", os.path.relpath(Path(__file__).with_name(MODEL_SCRIPTS[recipe.name])), "--demo"]
     if args.output_dir != DEMO_OUTPUT_DIR:
         command += ["--output-dir", str(args.output_dir)]
     # The demo's faces are drawn, and cropped as the dataset's: no face finder would find them.
@@ -1129,8 +947,8 @@ def distribution_strategy(distribute):
 def check_multiworker_cluster():
     """Stop before any work where --distribute multiworker cannot train, and say what to do instead.
 
-    Keras 3 (up to 3.15 at least) cannot fit a model under MultiWorkerMirroredStrategy
-    across machines: its first step reduces the input batch in a way that only a
+    Keras 3 cannot yet fit a model under MultiWorkerMirroredStrategy across machines
+    (keras-team/keras#20585): its first step reduces the input batch in a way that only a
     single-machine strategy supports. When Keras fixes that, this check goes, and every
     worker but the chief needs an output folder of its own, so that no two write one file.
     """
@@ -1152,6 +970,7 @@ RESUMABLE_SETTINGS = (
     "data_dir", "subset", "seed", "img_size", "batch_size", "learning_rate", "warmup_epochs",
     "fine_tune_learning_rate", "weights", "preprocessing", "unfreeze_rule", "pipeline", "mixed_precision",
 )
+
 # Raised when a backup made by earlier code cannot be resumed: version 2 models take raw pixels.
 BACKUP_FORMAT = 2
 
@@ -1447,11 +1266,6 @@ def training_callbacks(run_dir, args, phase):
 # ---------------------------------------------------------------------------
 # python load_pre_trained_models.py
 # ---------------------------------------------------------------------------
-
-
-def load_recipes():
-    """The four recipes, read from the per-model scripts (which load nothing heavy)."""
-    return [importlib.import_module(script).RECIPE for script in MODEL_SCRIPTS]
 
 
 def describe_freezing(recipe):

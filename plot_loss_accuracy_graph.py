@@ -1,10 +1,18 @@
-"""Draw the curves of each model, compute its metrics, and write the results table.
+"""What a run writes for people: its curves, metrics and figures, --predict's lines and pictures, and the results table.
 
-Every fine-tuning script calls this module when it finishes: it draws the training
-curves (history.png, with the kept epoch marked and any warmup epochs shaded), the ROC
-curve with its AUC and equal error rate (roc.png), the precision-recall curve with its
-average precision (precision_recall.png) and the confusion matrix
-(confusion_matrix.png), and it draws the Grad-CAM overlays of --predict --gradcam.
+Every fine-tuning script calls this module as it finishes, and as it judges photos and
+videos. In order, it holds:
+
+1. the training curves, history.png, with the kept epoch marked and any warmup shaded;
+2. the test metrics (accuracy, loss, AUC, AP, EER) and their figures: roc.png,
+   precision_recall.png and confusion_matrix.png;
+3. the run's output files: metrics.json, predictions.csv and those figures;
+4. what --predict prints and writes (PredictionReport): its lines, its CSV, and the
+   names of its pictures;
+5. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
+6. the faces marked on photos, and the contact sheets of videos, of --annotate;
+7. the ensemble's weights, and the results table;
+8. the command below.
 
 Run on its own, it redraws OUTPUT_DIR/<model>/history.png for every trained model (every
 folder with a history.csv), then rewrites OUTPUT_DIR/results.csv and
@@ -23,6 +31,7 @@ import json
 import math
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -45,21 +54,9 @@ from data_preprocessing import (
     ensure_writable_folder,
     exits_on_user_error,
     locked,
+    write_json_atomically,
     write_text_atomically,
 )
-
-# The order of the rows, as in the original README.
-MODEL_ORDER = ("VGG16", "VGG19", "InceptionV3", "ResNet50")
-TABLE_COLUMNS = {
-    "model": "Model",
-    "test_accuracy": "Test Accuracy",
-    "test_loss": "Test Loss",
-    "test_auc": "Test AUC",
-    "test_ap": "Test AP",
-    "test_eer": "Test EER",
-}
-# The figures drawn from a model's predictions, beside its history.png.
-EVALUATION_PLOTS = ("roc.png", "precision_recall.png", "confusion_matrix.png")
 
 
 def save_figure(figure, path):
@@ -257,6 +254,10 @@ def plot_confusion_matrix(metrics, path, title):
     return save_figure(figure, path)
 
 
+# The figures drawn from a model's predictions, beside its history.png.
+EVALUATION_PLOTS = ("roc.png", "precision_recall.png", "confusion_matrix.png")
+
+
 def plot_evaluation(predictions, metrics, folder, title):
     """Draw EVALUATION_PLOTS into `folder`; return their paths."""
     folder = Path(folder)
@@ -269,8 +270,213 @@ def plot_evaluation(predictions, metrics, folder, title):
 
 
 # ---------------------------------------------------------------------------
+# The run's output files
+# ---------------------------------------------------------------------------
+
+
+RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
+
+# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
+EVALUATION_PREFIX = "eval-"
+
+
+def write_test_outputs(folder, title, predictions, metrics):
+    """predictions.csv, metrics.json and the ROC, precision-recall and confusion-matrix figures."""
+    predictions.to_csv(folder / "predictions.csv", index=False)
+    write_json_atomically(folder / "metrics.json", metrics)
+    return plot_evaluation(predictions, metrics, folder, title)
+
+
+def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
+    """metrics.json, predictions.csv, history.png and the test figures for one run; return the metrics."""
+    history = read_history(run_dir / "history.csv")
+    metrics = {
+        "model": recipe.title,
+        **classification_metrics(predictions),
+        "valid_auc": float(sklearn_metrics.roc_auc_score(true_labels(valid_predictions), valid_predictions["p_fake"])),
+        "epochs_run": int(len(history)),
+        "img_size": args.img_size,
+        "weights": args.weights,
+        "preprocessing": args.preprocessing,
+        "unfreeze_rule": args.unfreeze_rule,
+        "learning_rate": args.learning_rate,
+        "warmup_epochs": args.warmup_epochs,
+        "fine_tune_learning_rate": args.fine_tune_learning_rate,
+        "pipeline": args.pipeline,
+        "mixed_precision": args.mixed_precision,
+        "distribute": args.distribute,
+        # Summed over the epochs in history.csv, so a resumed run counts every session.
+        "train_seconds": round(float(history["seconds"].sum()), 1),
+    }
+    write_test_outputs(run_dir, recipe.title, predictions, metrics)
+    plot_history(history, run_dir / "history.png", recipe.title)
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# What --predict prints and writes
+# ---------------------------------------------------------------------------
+
+
+class PredictionReport:
+    """What --predict prints and writes, input by input: a line per face, the CSV's rows, and the
+    pictures of --annotate and --gradcam; `finish` writes the CSV and says what was written.
+
+    Where each output goes was checked with the options, before any image was read.
+    """
+
+    def __init__(self, args, inputs):
+        self.args = args
+        self.names = output_names(inputs)  # What each input's pictures are called.
+        self.rows = []  # The CSV's.
+        self.written = Counter()
+
+    def photo(self, path, image, lines, heatmaps):
+        """Report a photo's lines; mark its faces (--annotate), and draw the heat maps of the scored ones (--gradcam)."""
+        self.print_lines(lines)
+        if self.args.annotate:
+            marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
+            save_annotated_image(image, marks, self.args.annotate / f"{self.names[path]}-faces.jpg", self.args.threshold)
+            self.written["annotated"] += 1
+        self.save_overlays(path, lines, heatmaps)
+
+    def video(self, path, lines, followed, frames, thumbnails, heatmaps):
+        """Report a video's lines and its own; `frames` is (frames read, frames wanted), `followed` its main face."""
+        self.print_lines(lines)
+        summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
+        print(summary)
+        if self.args.annotate:
+            marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
+            sheet = self.args.annotate / f"{self.names[path]}-frames.png"
+            save_contact_sheet(thumbnails, marks, sheet, self.args.threshold, p_fake)
+            self.written["annotated"] += 1
+        self.save_overlays(path, lines, heatmaps)
+
+    def print_lines(self, lines):
+        """Print each line, and keep the scored ones as the CSV's rows."""
+        for line in lines:
+            print(printed_line(line, self.args))
+            if line.p_fake is not None:
+                self.rows.append(csv_row(line, self.args.threshold))
+
+    def save_overlays(self, path, lines, heatmaps):
+        """--gradcam: a heat map over each scored face, in the order of `lines`."""
+        scored = [line for line in lines if line.p_fake is not None]
+        for line, heatmap in zip(scored, heatmaps):
+            overlay = self.args.gradcam / f"{self.names[path]}{gradcam_part(line)}-gradcam.png"
+            save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict(line.p_fake, self.args.threshold))
+            self.written["gradcam"] += 1
+
+    def finish(self):
+        """Write the CSV, and say what was written where."""
+        if self.args.csv:
+            write_text_atomically(self.args.csv, csv_text(self.rows))
+            print(f"Wrote {self.args.csv}")
+        if self.args.annotate:
+            print(f"Wrote {counted(self.written['annotated'], 'annotated picture')} to {self.args.annotate}")
+        if self.args.gradcam:
+            print(f"Wrote {counted(self.written['gradcam'], 'Grad-CAM overlay')} to {self.args.gradcam}")
+
+
+def verdict(p_fake, threshold):
+    return "fake" if p_fake >= threshold else "real"
+
+
+def where(line):
+    """Which part of the input a line is about, as --predict prints it; empty for a whole photo with --faces off."""
+    frame = [] if line.frame is None else [f"frame {line.frame}"]
+    if line.face is not None:
+        x, y, size = line.face_frame.square
+        return " ".join([*frame, f"face {line.face} ({size} px at {x},{y})"])
+    if line.searched:
+        return ", ".join([*frame, f"whole {'image' if line.frame is None else 'frame'}, no face found"])
+    return " ".join(frame)
+
+
+def printed_line(line, args):
+    """A line as --predict prints it: path, what part, p_fake=..., verdict; or why a face was not scored."""
+    if line.p_fake is None:
+        judgement = f"too small to judge: the face is {line.width:.0f} px wide, under --min-face {args.min_face}"
+    else:
+        judgement = f"p_fake={line.p_fake:.4f}  {verdict(line.p_fake, args.threshold)}"
+    return "  ".join(part for part in (str(line.path), where(line), judgement) if part)
+
+
+def video_summary(path, lines, followed, frames_read, frames_wanted, args):
+    """A video's own line, and its p(fake): the mean of its main face over the frames (`followed`), or of
+    the whole frames if none had a face; None when nothing could be judged."""
+    scored = [line for line in lines if line.p_fake is not None]
+    if followed:
+        p_fake = float(np.mean([line.p_fake for line in followed]))
+        basis = f"the face seen most, in {counted(len(followed), 'frame')}"
+    elif scored:
+        p_fake = float(np.mean([line.p_fake for line in scored]))
+        basis = "the whole frames"
+        if args.faces == "auto":
+            too_small = any(line.face is not None for line in lines)
+            basis += ", as no face was found" + (f" of --min-face {args.min_face} px or more" if too_small else "")
+    else:
+        too_small = f"every face was under --min-face {args.min_face}"
+        return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
+    counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
+    return f"{path}  video  p_fake={p_fake:.4f}  {verdict(p_fake, args.threshold)}  ({counts})", p_fake
+
+
+def counted(count, thing):
+    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
+
+
+# The CSV that --csv writes, one row per scored face, in this order.
+CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict")
+
+# Whole numbers, or empty: without saying so, pandas would write 12.0 where a column has an empty cell.
+CSV_WHOLE_NUMBERS = ("frame", "face", "crop_x", "crop_y", "crop_size")
+
+
+def csv_row(line, threshold):
+    crop_x, crop_y, crop_size = (None, None, None) if line.face_frame is None else line.face_frame.square
+    return dict(
+        path=str(line.path),
+        frame=line.frame,
+        face=line.face,
+        crop_x=crop_x,
+        crop_y=crop_y,
+        crop_size=crop_size,
+        confidence=line.confidence,
+        p_fake=line.p_fake,
+        verdict=verdict(line.p_fake, threshold),
+    )
+
+
+def csv_text(rows):
+    """The CSV of --csv: one row per scored face, the columns in the order of CSV_COLUMNS."""
+    table = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    return table.astype({column: "Int64" for column in CSV_WHOLE_NUMBERS}).to_csv(index=False)
+
+
+def output_names(paths):
+    """A distinct name for each input's outputs: its name, with its folder's name in front where two share it."""
+    stems = [path.stem for path in paths]
+    names = {}
+    for path, stem in zip(paths, stems):
+        name = stem if stems.count(stem) == 1 else f"{path.parent.name}-{stem}"
+        while name in names.values():
+            name += "_"
+        names[path] = name
+    return names
+
+
+def gradcam_part(line):
+    """What tells a heat map's file from the others of the same input: -frame12-face1, -face2, or nothing."""
+    frame = "" if line.frame is None else f"-frame{line.frame}"
+    face = "" if line.face is None else f"-face{line.face}"
+    return frame + face
+
+
+# ---------------------------------------------------------------------------
 # Grad-CAM overlays
 # ---------------------------------------------------------------------------
+
 
 # The longer side of an overlay's image on screen, in pixels at 100 dpi: small faces are
 # enlarged until the title and colour bar read well, and large ones shrunk to keep files small.
@@ -324,8 +530,10 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
 # Faces marked on photos and video frames (--annotate)
 # ---------------------------------------------------------------------------
 
+
 # RGB: green for a face called real, red for fake, grey for one too small to judge.
 VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), None: (160, 160, 160)}
+
 # An annotated photo is shrunk to this longer side at most, to keep its file small.
 LARGEST_ANNOTATED_SIDE = 1600
 
@@ -421,8 +629,9 @@ def save_contact_sheet(thumbnails, marks, path, threshold, p_fake):
 
 
 # ---------------------------------------------------------------------------
-# The ensemble
+# The ensemble and the results table
 # ---------------------------------------------------------------------------
+
 
 # The smallest weight a model gets, so that the weights never all vanish.
 MIN_ENSEMBLE_WEIGHT = 0.01
@@ -440,13 +649,20 @@ def ensemble_weights(valid_aucs):
     return [weight / sum(raw) for weight in raw]
 
 
+# The order of the rows, as in the original README.
+MODEL_ORDER = ("VGG16", "VGG19", "InceptionV3", "ResNet50")
+
+
 def read_runs(output_dir):
-    """(metrics, test predictions or None) for every model with a metrics.json, in MODEL_ORDER."""
+    """(metrics, test predictions or None) for every model with a metrics.json, in MODEL_ORDER.
+
+    Each metrics also gives its run's folder, as "run_dir".
+    """
     runs = []
     for metrics_file in Path(output_dir).glob("*/metrics.json"):
         predictions_file = metrics_file.with_name("predictions.csv")
         predictions = pd.read_csv(predictions_file) if predictions_file.exists() else None
-        runs.append((json.loads(metrics_file.read_text()), predictions))
+        runs.append(({**json.loads(metrics_file.read_text()), "run_dir": metrics_file.parent}, predictions))
     order = {title: position for position, title in enumerate(MODEL_ORDER)}
     return sorted(runs, key=lambda run: (order.get(run[0]["model"], len(order)), run[0]["model"]))
 
@@ -462,6 +678,12 @@ def ensemble_members(runs):
             test_images = frozenset(zip(predictions["path"], predictions["label"]))
             groups.setdefault(test_images, []).append((metrics, predictions))
     return max(groups.values(), key=len, default=[])
+
+
+def read_ensemble(output_dir):
+    """The metrics of each model in the Ensemble row of OUTPUT_DIR's results table, and their weights."""
+    members = ensemble_members(read_runs(output_dir))
+    return [metrics for metrics, _ in members], ensemble_weights([metrics["valid_auc"] for metrics, _ in members])
 
 
 def ensemble_predictions(members, weights):
@@ -480,6 +702,16 @@ def ensemble_result(runs):
     row = {"model": "Ensemble", **classification_metrics(ensemble_predictions(members, weights))}
     named = ", ".join(f"{metrics['model']} {weight:.2f}" for (metrics, _), weight in zip(members, weights))
     return row, f"Ensemble: the average of p(fake) weighted by validation AUC above chance ({named})."
+
+
+TABLE_COLUMNS = {
+    "model": "Model",
+    "test_accuracy": "Test Accuracy",
+    "test_loss": "Test Loss",
+    "test_auc": "Test AUC",
+    "test_ap": "Test AP",
+    "test_eer": "Test EER",
+}
 
 
 def read_results(output_dir):
@@ -516,6 +748,11 @@ def write_results_table(output_dir):
         markdown = results_markdown(rows, ensemble_note)
         write_text_atomically(output_dir / "results.md", markdown)
     return markdown
+
+
+# ---------------------------------------------------------------------------
+# python plot_loss_accuracy_graph.py
+# ---------------------------------------------------------------------------
 
 
 def build_parser():

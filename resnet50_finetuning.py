@@ -1,6 +1,6 @@
 """Fine-tune ResNet50 on its last 14 conv layers to tell real faces from StyleGAN fakes.
 
-    python resnet50_finetuning.py --demo                  # offline, on synthetic faces, in about a minute
+    python resnet50_finetuning.py --demo                  # offline, on synthetic faces
     python resnet50_finetuning.py                         # the full dataset, ImageNet weights
     python resnet50_finetuning.py --warmup-epochs 2       # train the head alone first, as the Keras guide does
     python resnet50_finetuning.py --predict face.jpg      # p(fake) of an image, with the trained model
@@ -17,7 +17,7 @@ same for the four models, is the function `fine_tune` in load_pre_trained_models
 
 import sys
 
-from data_preprocessing import ModelRecipe, fine_tuning_command
+from data_preprocessing import ModelRecipe, exits_on_user_error, parse_arguments
 
 RECIPE = ModelRecipe(
     title="ResNet50",
@@ -33,5 +33,15 @@ RECIPE = ModelRecipe(
     imagenet_weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
 )
 
+
+@exits_on_user_error
+def main(argv=None):
+    """Read and check the options before TensorFlow loads, then train, or apply the trained model."""
+    args = parse_arguments(RECIPE, argv)
+    import load_pre_trained_models  # TensorFlow loads here, once the options are known to be right.
+
+    return load_pre_trained_models.run(RECIPE, args)
+
+
 if __name__ == "__main__":
-    sys.exit(fine_tuning_command(RECIPE))
+    sys.exit(main())

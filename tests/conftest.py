@@ -1,5 +1,6 @@
 """Shared helpers: tiny synthetic datasets made inside each test, running a script in this
-process, callbacks that interrupt or count epochs, and a clean Keras state."""
+process, callbacks that interrupt or count epochs, a clean Keras state, and a working folder
+away from the checkout."""
 
 import gc
 import importlib
@@ -16,12 +17,21 @@ sys.path.insert(0, str(REPOSITORY_DIR))
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-from data_preprocessing import fine_tuning_command, make_demo_dataset  # noqa: E402
+import data_preprocessing  # noqa: E402
+from data_preprocessing import make_demo_dataset  # noqa: E402
 import load_pre_trained_models  # noqa: E402  (imported before the freeze below)
 
 # A full garbage collection walks the 400,000 objects that TensorFlow, Keras and the rest
-# make at import; frozen, they are passed over (see free_memory below).
+# make at import; frozen, they are passed over.
 gc.freeze()
+
+# The suite runs in child processes, one per test module (the quick modules share one), two
+# at a time, with pytest-isolated. TensorFlow keeps every model that model.fit has traced
+# until its process ends (keras-team/keras#21090), so a single process would hold all the
+# suite's models at once; and two children use both cores of a small machine. test_lesson.py,
+# which trains the most models, runs alone. `python -m pytest --no-isolation` runs in one process.
+QUICK_MODULES = ("test_commands.py", "test_data.py", "test_figures.py", "test_structure.py")
+CHILDREN_AT_ONCE = "2"
 
 # The per-model scripts, by model, with their output folders.
 SCRIPTS = {
@@ -54,7 +64,7 @@ def run_script(title, split_root, output_dir, *options):
     data_options = [] if split_root is None else ["--data-dir", str(split_root)]
     argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
             "--epochs", "1", "--batch-size", "4", "--img-size", img_size, *options]
-    return fine_tuning_command(script.RECIPE, argv)
+    return script.main(argv)
 
 
 def assert_one_line_error(capsys, *fragments):
@@ -97,6 +107,34 @@ def add_callback(monkeypatch, callback):
     )
 
 
+# What the README's commands fill in the checkout; the tests neither read nor write them.
+CHECKOUT_RUN_FOLDERS = (REPOSITORY_DIR / "outputs", REPOSITORY_DIR / "datasets" / "demo")
+
+
+def files_under(folders):
+    """Each file under the folders, with its size and modification time."""
+    return {
+        path: (path.stat().st_size, path.stat().st_mtime_ns)
+        for folder in folders if folder.is_dir() for path in folder.rglob("*") if path.is_file()
+    }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def checkout_left_as_it_was():
+    """The suite passes before the README's demo and after it, as it never touches what the demo made."""
+    before = files_under(CHECKOUT_RUN_FOLDERS)
+    yield
+    assert files_under(CHECKOUT_RUN_FOLDERS) == before, "a test wrote into the checkout's outputs/ or datasets/demo"
+
+
+@pytest.fixture(autouse=True)
+def away_from_the_checkout(tmp_path_factory, monkeypatch):
+    """Each test runs in a folder of its own, where outputs/ is empty, with a demo dataset of its own."""
+    working_dir = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(working_dir)
+    monkeypatch.setattr(data_preprocessing, "DEMO_DATA_DIR", working_dir / "datasets" / "demo")
+
+
 @pytest.fixture(autouse=True)
 def fresh_keras_session():
     """Each test starts with Keras' layer names and precision reset."""
@@ -105,17 +143,20 @@ def fresh_keras_session():
     yield
 
 
-@pytest.fixture(autouse=True, scope="module")
-def free_memory():
-    """The models of a test module are freed when it ends.
-
-    After each test instead, as clear_session does by default, the collection would also
-    walk everything the suite keeps alive: up to half a second a test, a third of the suite.
-    """
-    yield
-    gc.collect()
-
-
 def pytest_configure(config):
     # Keras' legacy ImageDataGenerator calls SciPy and NumPy APIs that now warn; not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:keras")
+    if config.getoption("isolated_numprocesses", None) is None:
+        config.option.isolated_numprocesses = CHILDREN_AT_ONCE
+
+
+def pytest_itemcollected(item):
+    """Put each test in its module's child process (a pytest-isolated group)."""
+    module = item.path.name
+    if module == "test_lesson.py":
+        group = pytest.mark.isolated(group="lesson", serial=True)
+    elif module in QUICK_MODULES:
+        group = pytest.mark.isolated(group="quick")
+    else:
+        group = pytest.mark.isolated(group=item.path.stem)
+    item.add_marker(group)

@@ -106,7 +106,7 @@ def test_data_preprocessing_lists_a_class_with_no_readable_image(capsys, tiny_sp
 def test_freezing_report_and_its_options(capsys):
     import load_pre_trained_models
 
-    report = load_pre_trained_models.describe_freezing(load_pre_trained_models.load_recipes()[0]).splitlines()
+    report = load_pre_trained_models.describe_freezing(data_preprocessing.load_recipes()[0]).splitlines()
     assert report[0] == "VGG16"
     assert "5 trainable conv layers" in report[1] and report[1].endswith("block5_conv3")
     assert "3 trainable conv layers" in report[2]

@@ -19,7 +19,8 @@ import pytest
 
 import load_pre_trained_models
 from conftest import REPOSITORY_DIR, CountEpochs, InterruptAfterEpoch, add_callback, assert_one_line_error, run_script
-from load_pre_trained_models import base_of, build_model, compile_model, load_recipes, pixel_scaling_layer
+from data_preprocessing import load_recipes
+from load_pre_trained_models import base_of, build_model, compile_model, pixel_scaling_layer
 
 RECIPES = {recipe.title: recipe for recipe in load_recipes()}
 
@@ -196,8 +197,7 @@ def test_warmup_mistakes_are_one_line_errors(capsys, tiny_split_root, tmp_path, 
 def test_help_and_option_mistakes_answer_without_loading_tensorflow():
     checks = (
         "import sys, VGG16_finetuning\n"
-        "from data_preprocessing import fine_tuning_command\n"
-        "status = fine_tuning_command(VGG16_finetuning.RECIPE, ['--epochs', '0'])\n"
+        "status = VGG16_finetuning.main(['--epochs', '0'])\n"
         "print(status, 'tensorflow' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", checks], cwd=REPOSITORY_DIR, capture_output=True, text=True, timeout=60)

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import REPOSITORY_DIR
-from data_preprocessing import UserError
+from data_preprocessing import UserError, load_recipes
 from load_pre_trained_models import (
     base_of,
     build_model,
     load_base,
-    load_recipes,
     trainable_conv_layer_names,
 )
 

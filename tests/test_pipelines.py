@@ -180,8 +180,7 @@ def test_mirrored_strategy_trains_and_saves_on_two_cpu_devices(tiny_split_root, 
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         sys.path.insert(0, {str(REPOSITORY_DIR)!r})
         import VGG16_finetuning as script
-        from data_preprocessing import fine_tuning_command
-        sys.exit(fine_tuning_command(script.RECIPE, sys.argv[1:]))
+        sys.exit(script.main(sys.argv[1:]))
     """)
     output_dir = tmp_path / "outputs"
     options = ["--data-dir", str(tiny_split_root), "--output-dir", str(output_dir), "--weights", "none",

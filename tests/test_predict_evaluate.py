@@ -19,7 +19,7 @@ import load_pre_trained_models
 import plot_loss_accuracy_graph
 from conftest import SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
 from data_augmentation import perturb
-from data_preprocessing import make_demo_dataset
+from data_preprocessing import load_recipes, make_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_gradcam_overlay_is_enlarged_and_written_outside_the_image_folder(traine
 
 @pytest.mark.parametrize("title, layer", [("VGG16", "block5_conv3"), ("ResNet50", "conv5_block3_out")])
 def test_gradcam_reads_the_last_conv_feature_map(title, layer):
-    recipe = next(recipe for recipe in load_pre_trained_models.load_recipes() if recipe.title == title)
+    recipe = next(recipe for recipe in load_recipes() if recipe.title == title)
     model = load_pre_trained_models.build_model(recipe, weights="none", img_size=64)
     feature_map = load_pre_trained_models.gradcam_layer(load_pre_trained_models.base_of(model))
     assert feature_map.name == layer
@@ -143,7 +143,7 @@ def test_gradcam_reads_the_last_conv_feature_map(title, layer):
 
 def test_outputs_of_images_that_share_a_name_are_named_by_their_folder(tmp_path):
     paths = [tmp_path / "real" / "0001.jpg", tmp_path / "fake" / "0001.jpg", tmp_path / "fake" / "0002.jpg"]
-    assert list(load_pre_trained_models.output_names(paths).values()) == ["real-0001", "fake-0001", "0002"]
+    assert list(plot_loss_accuracy_graph.output_names(paths).values()) == ["real-0001", "fake-0001", "0002"]
 
 
 # --- Evaluate -----------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_evaluate_judges_at_the_threshold_given(trained, tmp_path):
 
 
 def test_gradcam_still_shows_regions_when_p_fake_saturates():
-    recipe = next(recipe for recipe in load_pre_trained_models.load_recipes() if recipe.title == "VGG16")
+    recipe = next(recipe for recipe in load_recipes() if recipe.title == "VGG16")
     model = load_pre_trained_models.build_model(recipe, weights="none", img_size=32)
     output_layer = model.get_layer("p_fake")
     # A huge bias pins p(fake) at exactly 1.0 in float32, where the sigmoid's gradient is 0.

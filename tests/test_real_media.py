@@ -17,12 +17,14 @@ import tensorflow as tf
 from PIL import Image
 
 import load_pre_trained_models
+import plot_loss_accuracy_graph
 from conftest import REPOSITORY_DIR, run_script
 from data_augmentation import (
     FaceFinder,
     FaceFrame,
     StageWithCandidates,
     load_pixels,
+    main_face,
     read_upright,
     resized_image,
     sampled_frame_indices,
@@ -101,7 +103,7 @@ def test_each_pasted_face_is_found_framed_and_scored_as_its_own_image(output_dir
     assert predict(output_dir, str(tmp_path / "scenes"), "--csv", str(tmp_path / "faces.csv")) == 0
 
     rows = pd.read_csv(tmp_path / "faces.csv")
-    assert list(rows.columns) == list(load_pre_trained_models.CSV_COLUMNS)
+    assert list(rows.columns) == list(plot_loss_accuracy_graph.CSV_COLUMNS)
     whole = rows[rows["path"] == str(wall)]
     assert len(whole) == 1 and whole[["frame", "face", "crop_size", "confidence"]].isna().all(axis=None)
     rows = rows[rows["path"] != str(wall)]
@@ -354,5 +356,5 @@ def test_frames_are_spread_evenly_and_faces_linked_by_overlap():
     # One face moves right by most of its width between sampled frames; another passes by
     # once, far to the right.
     lines = [line(0, 0, 0.2), line(1, 80, 0.3), line(1, 400, 0.9), line(2, 160, 0.4)]
-    followed = load_pre_trained_models.main_face(lines)
+    followed = main_face(lines)
     assert [(item.frame, item.p_fake) for item in followed] == [(0, 0.2), (1, 0.3), (2, 0.4)]

@@ -22,6 +22,7 @@ from PIL import Image
 
 import data_preprocessing
 import load_pre_trained_models
+import VGG16_finetuning
 from conftest import REPOSITORY_DIR, assert_one_line_error, run_script
 from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, prediction_flow, resized_image
 from data_preprocessing import (
@@ -102,7 +103,7 @@ def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tm
     training.wait()
     assert len(pd.read_csv(history_file)) >= 1
 
-    assert data_preprocessing.fine_tuning_command(load_pre_trained_models.load_recipes()[0], options) == 0
+    assert VGG16_finetuning.main(options) == 0
     assert pd.read_csv(history_file)["epoch"].tolist() == [0, 1]
     assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 2
 

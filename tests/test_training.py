@@ -130,12 +130,12 @@ def test_results_table_keeps_its_rows_across_runs(tmp_path):
 def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monkeypatch, capsys):
     """The README's first command, on the fast pipeline: offline, seeded, and it learns."""
     import data_preprocessing
-    from VGG16_finetuning import RECIPE
+    from VGG16_finetuning import main
 
     monkeypatch.setattr(data_preprocessing, "DEMO_DATA_DIR", tmp_path / "datasets" / "demo")
     monkeypatch.chdir(tmp_path)
     # --demo means 64 px, random weights and outputs/demo; 2 of its 5 epochs keep the test short.
-    assert data_preprocessing.fine_tuning_command(RECIPE, ["--demo", "--pipeline", "tfdata", "--epochs", "2"]) == 0
+    assert main(["--demo", "--pipeline", "tfdata", "--epochs", "2"]) == 0
     assert len(list((tmp_path / "datasets" / "demo" / "train" / "fake").glob("*.jpg"))) == 100
     metrics = json.loads((tmp_path / "outputs" / "demo" / "vgg16" / "metrics.json").read_text())
     assert (metrics["img_size"], metrics["weights"], metrics["epochs_run"], metrics["n_test"]) == (64, "none", 2, 60)
@@ -147,12 +147,12 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     # The script, as a path from where the demo ran, and the face, from the demo dataset.
     assert next_command[0] == "python" and (tmp_path / next_command[1]).samefile(REPOSITORY_DIR / "VGG16_finetuning.py")
     assert next_command[2] == "--demo" and next_command[4].startswith("datasets/demo/test/fake/")
-    assert data_preprocessing.fine_tuning_command(RECIPE, next_command[2:]) == 0
+    assert main(next_command[2:]) == 0
     printed = capsys.readouterr().out
     assert "  p_fake=" in printed and "no face found" not in printed  # Scored whole, as a cropped face.
     assert len(list((tmp_path / "outputs" / "demo" / "gradcam").glob("*-gradcam.png"))) == 1
     # Without --demo the model is looked for in outputs/: the error says where the demo's is.
-    assert data_preprocessing.fine_tuning_command(RECIPE, next_command[3:]) == 2
+    assert main(next_command[3:]) == 2
     error = capsys.readouterr().err
     assert "no model at outputs/vgg16/model.keras" in error and "outputs/demo/vgg16/model.keras" in error
 
