@@ -13,8 +13,8 @@ none warms the caches of the next; the input pipelines alone are timed three tim
 and the median counts. It takes about 10 minutes on a 2-core CPU. Pytest does
 not collect it (its name does not start with test_); run it on demand:
 
-    python tests/benchmark_pipeline.py                    # 2,000 generated 256x256 JPEGs
-    python tests/benchmark_pipeline.py --data-dir datasets/real_vs_fake/real-vs-fake
+    python tests/benchmarks/benchmark_pipeline.py                    # 2,000 generated 256x256 JPEGs
+    python tests/benchmarks/benchmark_pipeline.py --data-dir datasets/real_vs_fake/real-vs-fake
 
 Its last line is machine-readable:
 
@@ -23,7 +23,7 @@ Its last line is machine-readable:
 What it measured
 ----------------
 On the project's 2-core CPU (AMD EPYC with AVX-512 BF16, no GPU; Python 3.11,
-TensorFlow 2.21), `python tests/benchmark_pipeline.py` gave, on 2026-11-26, with the
+TensorFlow 2.21), `python tests/benchmarks/benchmark_pipeline.py` gave, on 2026-11-26, with the
 pipelines feeding raw pixels and each model scaling them in its first layer:
 
     | Measurement                                        | Images/s | Peak MiB |
@@ -84,7 +84,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -98,8 +98,8 @@ from data_augmentation import (  # noqa: E402
     resized_image,
     usable_cores,
 )
-from data_preprocessing import find_split_root, load_dataset, make_demo_dataset  # noqa: E402
-from load_pre_trained_models import build_model, compile_model, load_recipes, precision_policy  # noqa: E402
+from data_preprocessing import find_split_root, load_dataset, load_recipes, make_demo_dataset  # noqa: E402
+from load_pre_trained_models import build_model, compile_model, precision_policy  # noqa: E402
 
 # What each measurement is, as the table shows it.
 MEASUREMENTS = {

@@ -12,15 +12,15 @@ command is installed, the same clip is also encoded as H.264 with x264's default
 interval of 250 frames, the hardest case for seeking, and timed too. Pytest does not
 collect it; run it on demand:
 
-    python tests/benchmark_video.py              # the clips and the model go to a temporary folder
-    python tests/benchmark_video.py --keep media/  # or into media/, and are kept
+    python tests/benchmarks/benchmark_video.py              # the clips and the model go to a temporary folder
+    python tests/benchmarks/benchmark_video.py --keep media/  # or into media/, and are kept
 
 With --keep, the folder also gets the portrait itself, astronaut.png: the README's photo.
 
 What it measured
 ----------------
 On the project's 2-core CPU (AMD EPYC, no GPU; Python 3.11, TensorFlow 2.21, OpenCV 5.0,
-mtcnn 1.0.0), on 2026-11-26, `python tests/benchmark_video.py` judged 32 frames of 1,800,
+mtcnn 1.0.0), on 2026-11-26, `python tests/benchmarks/benchmark_video.py` judged 32 frames of 1,800,
 with the face found in each, in:
 
     | clip                          | seeking and decoding | finding faces | scoring | judging | whole command |
@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-REPOSITORY_DIR = Path(__file__).resolve().parents[1]
+REPOSITORY_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY_DIR))
 
 SECONDS, FPS, WIDTH, HEIGHT = 60, 30, 1920, 1080

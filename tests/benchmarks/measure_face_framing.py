@@ -7,8 +7,8 @@ of a dataset folder, prints the medians and spreads of the box and the landmarks
 checks the rule: each image's face, framed by the recorded numbers, should give back the
 image's own square. Pytest does not collect it; run it on demand:
 
-    python tests/measure_face_framing.py                                      # ../shared/faces-140k-sample
-    python tests/measure_face_framing.py datasets/real_vs_fake/real-vs-fake/test   # any folder of faces
+    python tests/benchmarks/measure_face_framing.py                                      # ../shared/faces-140k-sample
+    python tests/benchmarks/measure_face_framing.py datasets/real_vs_fake/real-vs-fake/test   # any folder of faces
 
 What it measured
 ----------------
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPOSITORY_DIR = Path(__file__).resolve().parents[1]
+REPOSITORY_DIR = Path(__file__).resolve().parents[2]
 SAMPLE_DIR = REPOSITORY_DIR.parent / "shared" / "faces-140k-sample"
 sys.path.insert(0, str(REPOSITORY_DIR))
 
