@@ -11,9 +11,9 @@ model needs no preprocessing code of ours. In order, this module holds:
    - "tfdata": a tf.data pipeline that decodes in parallel and applies all five
      augmentations (rotation, shift, shear, zoom, flip) as one projective warp per image;
 3. the images that --evaluate scores, perhaps blurred or JPEG-compressed first;
-4. faces: found with MTCNN and cut out as the dataset frames its faces (the framing was
-   measured on the dataset; see FRAME_SIDE_PER_FACE_SCALE), with all of the face
-   geometry: frames, their overlap, and a face followed across a video's frames;
+4. faces: the frame the dataset cuts a face out in (measured on the dataset; see
+   FRAME_SIDE_PER_FACE_SCALE), MTCNN that finds them, and the overlap of their squares
+   that follows a face across a video's frames;
 5. a video's frames, sampled evenly;
 6. the command below, which draws what the model trains on.
 
@@ -52,6 +52,7 @@ from data_preprocessing import (
     SMALLEST_FINDABLE_FACE,
     SPLITS,
     OneLineArgumentParser,
+    UserError,
     add_data_arguments,
     ensure_demo_dataset,
     ensure_writable_folder,
@@ -61,7 +62,6 @@ from data_preprocessing import (
     positive_int,
     report_bad_files,
     resolve_data_options,
-    UserError,
 )
 
 
@@ -426,7 +426,7 @@ def make_flows(dataset, img_size, batch_size, seed, pipeline="idg"):
 
 
 # ---------------------------------------------------------------------------
-# Images to evaluate, perhaps perturbed (--evaluate)
+# Images to predict or evaluate, perhaps perturbed (--predict, --evaluate)
 # ---------------------------------------------------------------------------
 
 
@@ -463,8 +463,11 @@ def evaluation_flow(images, img_size, batch_size, perturbation=None, frames=None
 
 
 # ---------------------------------------------------------------------------
-# Faces: found, framed as the dataset frames them, and followed across frames
+# Faces: framed as the dataset frames them, found, and followed across frames
 # ---------------------------------------------------------------------------
+# The models learn from the dataset's faces: 256x256 crops, aligned as FFHQ aligns its
+# photos. A face in a group photo or a video frame is scored only once it is cut out the
+# same way: found by MTCNN, levelled by its eyes, and framed as the dataset frames faces.
 
 
 DATASET_FRAME_SIDE = 256
@@ -571,46 +574,6 @@ class Face:
         return FaceFrame(float(centre[0]), float(centre[1]), side, geometry["angle"])
 
 
-def square_iou(first, second):
-    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
-    (x1, y1, size1), (x2, y2, size2) = first, second
-    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
-    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
-    overlap = overlap_x * overlap_y
-    return overlap / (size1**2 + size2**2 - overlap)
-
-
-# Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
-# grown to twice their side about their centres: two faces in sampled frames are taken for
-# the same one if those overlap by at least this intersection over union.
-SAME_FACE_IOU = 0.3
-
-
-def grown(square, factor=2):
-    """A (x, y, size) square grown by `factor` about its centre."""
-    x, y, size = square
-    return (x - (factor - 1) * size / 2, y - (factor - 1) * size / 2, factor * size)
-
-
-def main_face(sightings):
-    """The sightings of the face seen in the most frames of a video, linked from frame to frame by overlap.
-
-    Each sighting is a scored face with its `frame` (the frame's index) and its
-    `face_frame` (a FaceFrame), in the order of the frames.
-    """
-    tracks = []
-    for sighting in sightings:
-        candidates = [track for track in tracks if track[-1].frame != sighting.frame]
-        overlaps = [
-            square_iou(grown(track[-1].face_frame.square), grown(sighting.face_frame.square)) for track in candidates
-        ]
-        if overlaps and max(overlaps) >= SAME_FACE_IOU:
-            candidates[int(np.argmax(overlaps))].append(sighting)
-        else:
-            tracks.append([sighting])
-    return max(tracks, key=len, default=[])
-
-
 # Faces are searched in a copy of the image no longer than this (a 1080p frame becomes
 # 640x360), as MTCNN's time grows with the pixels, unless a face of --min-face pixels would
 # then be smaller than MTCNN's smallest (SMALLEST_FINDABLE_FACE). Every crop is still cut
@@ -667,6 +630,46 @@ class FaceFinder:
             for found in self.detector.detect_faces(searched, fit_to_image=False)
         ]
         return sorted(faces, key=lambda face: face.box[0])
+
+
+def square_iou(first, second):
+    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
+    (x1, y1, size1), (x2, y2, size2) = first, second
+    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
+    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
+    overlap = overlap_x * overlap_y
+    return overlap / (size1**2 + size2**2 - overlap)
+
+
+# Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
+# grown to twice their side about their centres: two faces in sampled frames are taken for
+# the same one if those overlap by at least this intersection over union.
+SAME_FACE_IOU = 0.3
+
+
+def grown(square, factor=2):
+    """A (x, y, size) square grown by `factor` about its centre."""
+    x, y, size = square
+    return (x - (factor - 1) * size / 2, y - (factor - 1) * size / 2, factor * size)
+
+
+def main_face(sightings):
+    """The sightings of the face seen in the most frames of a video, linked from frame to frame by overlap.
+
+    Each sighting is a scored face with its `frame` (the frame's index) and its
+    `face_frame` (a FaceFrame), in the order of the frames.
+    """
+    tracks = []
+    for sighting in sightings:
+        candidates = [track for track in tracks if track[-1].frame != sighting.frame]
+        overlaps = [
+            square_iou(grown(track[-1].face_frame.square), grown(sighting.face_frame.square)) for track in candidates
+        ]
+        if overlaps and max(overlaps) >= SAME_FACE_IOU:
+            candidates[int(np.argmax(overlaps))].append(sighting)
+        else:
+            tracks.append([sighting])
+    return max(tracks, key=len, default=[])
 
 
 # ---------------------------------------------------------------------------

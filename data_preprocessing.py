@@ -10,7 +10,8 @@ this module holds:
 4. the small synthetic demo dataset;
 5. the photos and videos that --predict judges: the one place that tells images from videos;
 6. the scripts' command line and its checks;
-7. the shared ground: one-line errors, files written whole, one run per folder at a time.
+7. the shared ground: one-line errors, a progress bar, files written whole, and one run
+   per folder at a time.
 
 Run it on its own to see what the scripts would train on:
 
@@ -577,10 +578,6 @@ def media_to_predict(paths):
 # ---------------------------------------------------------------------------
 # The scripts' command line
 # ---------------------------------------------------------------------------
-
-
-# It lives here, away from TensorFlow, so that a script reads and checks its options
-# before TensorFlow loads: --help and a mistyped option answer at once.
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -68,6 +68,7 @@ from data_preprocessing import (
     ENSEMBLE,
     MODEL_SCRIPTS,
     OneLineArgumentParser,
+    ProgressBar,
     UserError,
     ensure_demo_dataset,
     ensure_writable_folder,
@@ -107,8 +108,8 @@ PIXEL_SCALING = "pixel_scaling"
 def fine_tune(recipe, args, run_dir):
     """Fine-tune `recipe`'s pre-trained base to tell real faces from fakes, then test it.
 
-    The harness (`run`, below) has already checked the options, seeded the random
-    generators, set the precision policy and the distribution strategy, and prepared
+    The script's main has checked the options, and the harness (`run`, below) has seeded
+    the random generators, set the precision policy and the distribution strategy, and prepared
     run_dir, which may hold an interrupted run to resume.
 
     Args:
@@ -441,6 +442,17 @@ def run(recipe, args):
     return 0
 
 
+def print_next_demo_step(recipe, args, run_dir):
+    """After the demo, the command that applies its model to a face, with Grad-CAM."""
+    face = pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0]
+    command = ["python", os.path.relpath(Path(__file__).with_name(MODEL_SCRIPTS[recipe.name])), "--demo"]
+    if args.output_dir != DEMO_OUTPUT_DIR:
+        command += ["--output-dir", str(args.output_dir)]
+    # The demo's faces are drawn, and cropped as the dataset's: no face finder would find them.
+    command += ["--predict", os.path.relpath(face), "--gradcam", str(args.output_dir / "gradcam"), "--faces", "off"]
+    print(f"Next, score a demo face and see which regions drove the score (Grad-CAM):\n  {shlex.join(command)}")
+
+
 # ---------------------------------------------------------------------------
 # Applying a trained model: loading it, and Grad-CAM
 # ---------------------------------------------------------------------------
@@ -504,9 +516,10 @@ def load_ensemble(output_dir):
         )
     models = []
     for metrics in members:
-        # A model's run folder is named after it, as its script names it (recipe.name).
-        name, title = metrics["run_dir"].name, metrics["model"]
-        models.append((title, load_saved_model(metrics["run_dir"] / "model.keras", name, title)))
+        # A run folder is named after its model (recipe.name), unless it was renamed since.
+        run_dir, title = Path(metrics["run_dir"]), metrics["model"]
+        name = metrics.get("name", run_dir.name)
+        models.append((title, load_saved_model(run_dir / "model.keras", name, title)))
     return models, weights
 
 
@@ -589,7 +602,8 @@ def predict_media(recipe, args):
     faces = "each face found" if args.faces == "auto" else "each whole image"
     print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
     for path, image, lines in judge.images(images):
-        report.photo(path, image, lines, gradcam_heatmaps(models, lines, args))
+        report.photo(path, image, lines)
+        report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
     videos_judged = 0
     for path in videos:
         judged = judge_video(judge, path)
@@ -597,7 +611,8 @@ def predict_media(recipe, args):
             continue
         lines, frames, thumbnails = judged
         followed = main_face([line for line in lines if line.face is not None and line.p_fake is not None])
-        report.video(path, lines, followed, frames, thumbnails, gradcam_heatmaps(models, lines, args))
+        report.video(path, lines, followed, frames, thumbnails)
+        report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
         videos_judged += 1
     if not images and not videos_judged:
         raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
@@ -820,7 +835,7 @@ def find_evaluation_faces(images, min_face):
     """Find each labelled image's face, the widest where there are several; count the images with none to judge."""
     finder, found, frames, no_face = FaceFinder(), [], [], []
     print(f"Finding the faces in {len(images)} images")
-    progress = keras.utils.Progbar(len(images), unit_name="image")
+    progress = ProgressBar(len(images), unit="image")
     for done, (path, class_name) in enumerate(images, start=1):
         faces = [face for face in finder.find(read_upright(path), min_face) if face.width >= min_face]
         if faces:
@@ -877,7 +892,7 @@ def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_tit
 
 
 def train_and_test(recipe, args, run_dir, strategy):
-    """Start, or resume, the run in run_dir, and tell the story; return its test metrics, or None if interrupted."""
+    """Start, or resume, the run in run_dir, and tell the lesson; return its test metrics, or None if interrupted."""
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(precision_policy(args.mixed_precision))
     # Each input pipeline shuffles its own training images; Keras need not say it leaves them be.
@@ -911,17 +926,6 @@ def train_and_test(recipe, args, run_dir, strategy):
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     saving_file(run_dir / "model.keras").unlink(missing_ok=True)
     return metrics
-
-
-def print_next_demo_step(recipe, args, run_dir):
-    """After the demo, the command that applies its model to a face, with Grad-CAM."""
-    face = pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0]
-    command = ["python", os.path.relpath(Path(__file__).with_name(MODEL_SCRIPTS[recipe.name])), "--demo"]
-    if args.output_dir != DEMO_OUTPUT_DIR:
-        command += ["--output-dir", str(args.output_dir)]
-    # The demo's faces are drawn, and cropped as the dataset's: no face finder would find them.
-    command += ["--predict", os.path.relpath(face), "--gradcam", str(args.output_dir / "gradcam"), "--faces", "off"]
-    print(f"Next, score a demo face and see which regions drove the score (Grad-CAM):\n  {shlex.join(command)}")
 
 
 def precision_policy(mixed_precision):
@@ -1257,7 +1261,7 @@ def training_callbacks(run_dir, args, phase):
     else:
         backup_dir = backup_dir / "warmup"
     # Last, so that an epoch counts as done only once its row and checkpoint are written.
-    # The backup is kept until every output is written (see run); a run stopped before
+    # The backup is kept until every output is written (see train_and_test); a run stopped before
     # then resumes from it when the same command is run again.
     callbacks.append(PhaseBackup(str(backup_dir), double_checkpoint=True, delete_checkpoint=False))
     return callbacks

@@ -292,6 +292,7 @@ def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
     history = read_history(run_dir / "history.csv")
     metrics = {
         "model": recipe.title,
+        "name": recipe.name,
         **classification_metrics(predictions),
         "valid_auc": float(sklearn_metrics.roc_auc_score(true_labels(valid_predictions), valid_predictions["p_fake"])),
         "epochs_run": int(len(history)),
@@ -331,16 +332,15 @@ class PredictionReport:
         self.rows = []  # The CSV's.
         self.written = Counter()
 
-    def photo(self, path, image, lines, heatmaps):
-        """Report a photo's lines; mark its faces (--annotate), and draw the heat maps of the scored ones (--gradcam)."""
+    def photo(self, path, image, lines):
+        """Report a photo's lines, and mark its faces (--annotate)."""
         self.print_lines(lines)
         if self.args.annotate:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
             save_annotated_image(image, marks, self.args.annotate / f"{self.names[path]}-faces.jpg", self.args.threshold)
             self.written["annotated"] += 1
-        self.save_overlays(path, lines, heatmaps)
 
-    def video(self, path, lines, followed, frames, thumbnails, heatmaps):
+    def video(self, path, lines, followed, frames, thumbnails):
         """Report a video's lines and its own; `frames` is (frames read, frames wanted), `followed` its main face."""
         self.print_lines(lines)
         summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
@@ -350,7 +350,6 @@ class PredictionReport:
             sheet = self.args.annotate / f"{self.names[path]}-frames.png"
             save_contact_sheet(thumbnails, marks, sheet, self.args.threshold, p_fake)
             self.written["annotated"] += 1
-        self.save_overlays(path, lines, heatmaps)
 
     def print_lines(self, lines):
         """Print each line, and keep the scored ones as the CSV's rows."""
@@ -359,12 +358,12 @@ class PredictionReport:
             if line.p_fake is not None:
                 self.rows.append(csv_row(line, self.args.threshold))
 
-    def save_overlays(self, path, lines, heatmaps):
-        """--gradcam: a heat map over each scored face, in the order of `lines`."""
+    def overlays(self, path, lines, heatmaps):
+        """--gradcam: draw each scored line's heat map over its picture; `heatmaps` are in the order of `lines`."""
         scored = [line for line in lines if line.p_fake is not None]
         for line, heatmap in zip(scored, heatmaps):
             overlay = self.args.gradcam / f"{self.names[path]}{gradcam_part(line)}-gradcam.png"
-            save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict(line.p_fake, self.args.threshold))
+            save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict_of(line.p_fake, self.args.threshold))
             self.written["gradcam"] += 1
 
     def finish(self):
@@ -378,11 +377,11 @@ class PredictionReport:
             print(f"Wrote {counted(self.written['gradcam'], 'Grad-CAM overlay')} to {self.args.gradcam}")
 
 
-def verdict(p_fake, threshold):
+def verdict_of(p_fake, threshold):
     return "fake" if p_fake >= threshold else "real"
 
 
-def where(line):
+def part_of_input(line):
     """Which part of the input a line is about, as --predict prints it; empty for a whole photo with --faces off."""
     frame = [] if line.frame is None else [f"frame {line.frame}"]
     if line.face is not None:
@@ -398,8 +397,8 @@ def printed_line(line, args):
     if line.p_fake is None:
         judgement = f"too small to judge: the face is {line.width:.0f} px wide, under --min-face {args.min_face}"
     else:
-        judgement = f"p_fake={line.p_fake:.4f}  {verdict(line.p_fake, args.threshold)}"
-    return "  ".join(part for part in (str(line.path), where(line), judgement) if part)
+        judgement = f"p_fake={line.p_fake:.4f}  {verdict_of(line.p_fake, args.threshold)}"
+    return "  ".join(part for part in (str(line.path), part_of_input(line), judgement) if part)
 
 
 def video_summary(path, lines, followed, frames_read, frames_wanted, args):
@@ -419,7 +418,7 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
         too_small = f"every face was under --min-face {args.min_face}"
         return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
     counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
-    return f"{path}  video  p_fake={p_fake:.4f}  {verdict(p_fake, args.threshold)}  ({counts})", p_fake
+    return f"{path}  video  p_fake={p_fake:.4f}  {verdict_of(p_fake, args.threshold)}  ({counts})", p_fake
 
 
 def counted(count, thing):
@@ -444,7 +443,7 @@ def csv_row(line, threshold):
         crop_size=crop_size,
         confidence=line.confidence,
         p_fake=line.p_fake,
-        verdict=verdict(line.p_fake, threshold),
+        verdict=verdict_of(line.p_fake, threshold),
     )
 
 
@@ -550,7 +549,7 @@ def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE):
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
     for face_frame, p_fake in marks:
-        verdict = None if p_fake is None else ("fake" if p_fake >= threshold else "real")
+        verdict = None if p_fake is None else verdict_of(p_fake, threshold)
         label = "too small" if p_fake is None else f"p_fake {p_fake:.2f}"
         if face_frame is None:
             label, corner = f"whole image: {label}", np.array([thickness, thickness])
@@ -662,7 +661,7 @@ def read_runs(output_dir):
     for metrics_file in Path(output_dir).glob("*/metrics.json"):
         predictions_file = metrics_file.with_name("predictions.csv")
         predictions = pd.read_csv(predictions_file) if predictions_file.exists() else None
-        runs.append(({**json.loads(metrics_file.read_text()), "run_dir": metrics_file.parent}, predictions))
+        runs.append(({**json.loads(metrics_file.read_text()), "run_dir": str(metrics_file.parent)}, predictions))
     order = {title: position for position, title in enumerate(MODEL_ORDER)}
     return sorted(runs, key=lambda run: (order.get(run[0]["model"], len(order)), run[0]["model"]))
 

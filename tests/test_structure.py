@@ -54,3 +54,17 @@ def test_checking_a_dataset_shows_progress_without_loading_tensorflow(tiny_split
     assert result.stdout.splitlines()[-1] == "0 False"
     assert "18/18 images [" in result.stdout  # The progress bar, finished.
     assert result.stderr == ""  # Not a line of TensorFlow's.
+
+
+def test_reading_the_options_decides_and_the_run_builds_the_demo_dataset(tmp_path):
+    import data_preprocessing
+    from VGG16_finetuning import RECIPE
+
+    demo_data = data_preprocessing.DEMO_DATA_DIR  # A folder of this test's own (see conftest).
+    training = data_preprocessing.parse_arguments(RECIPE, ["--demo"])
+    evaluating = data_preprocessing.parse_arguments(RECIPE, ["--demo", "--evaluate"])
+    assert training.data_dir == demo_data.resolve() and evaluating.evaluation_folder == demo_data / "test"
+    assert not demo_data.exists()
+
+    assert data_preprocessing.main(["--demo", "--output-dir", str(tmp_path / "out")]) == 0
+    assert len(list((demo_data / "train" / "fake").glob("*.jpg"))) == data_preprocessing.DEMO_IMAGES_PER_CLASS["train"]
