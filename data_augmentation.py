@@ -641,32 +641,53 @@ def square_iou(first, second):
     return overlap / (size1**2 + size2**2 - overlap)
 
 
-# Sampled frames can be seconds apart, so a face is followed by the overlap of its squares
-# grown to twice their side about their centres: two faces in sampled frames are taken for
-# the same one if those overlap by at least this intersection over union.
-SAME_FACE_IOU = 0.3
+# Sampled frames can be seconds apart, and a face may shrink, grow, or be missed for a
+# while, so two sightings are taken for the same face when the centre of either lies within
+# the other's square grown to this many times its side: about where it was, whatever its size.
+SAME_FACE_REACH = 2
 
 
-def grown(square, factor=2):
+def grown(square, factor=SAME_FACE_REACH):
     """A (x, y, size) square grown by `factor` about its centre."""
     x, y, size = square
     return (x - (factor - 1) * size / 2, y - (factor - 1) * size / 2, factor * size)
 
 
-def main_face(sightings):
-    """The sightings of the face seen in the most frames of a video, linked from frame to frame by overlap.
+def centre_inside(square, other):
+    """Whether the centre of the (x, y, size) square `other` lies inside `square`."""
+    x, y, size = square
+    other_x, other_y, other_size = other
+    centre_x, centre_y = other_x + other_size / 2, other_y + other_size / 2
+    return x <= centre_x <= x + size and y <= centre_y <= y + size
 
-    Each sighting is a scored face with its `frame` (the frame's index) and its
-    `face_frame` (a FaceFrame), in the order of the frames.
+
+def same_face(earlier, later):
+    """Whether two face squares of different frames can be one face that stayed about where it was."""
+    return centre_inside(grown(earlier), later) or centre_inside(grown(later), earlier)
+
+
+def centre_distance(first, second):
+    (x1, y1, size1), (x2, y2, size2) = first, second
+    return math.hypot(x1 + size1 / 2 - x2 - size2 / 2, y1 + size1 / 2 - y2 - size2 / 2)
+
+
+def main_face(sightings):
+    """The sightings of the face seen in the most frames of a video, followed from frame to frame.
+
+    Each sighting is a face with its `frame` (the frame's index) and its `face_frame` (a
+    FaceFrame), in the order of the frames. A sighting joins the face last seen nearest to
+    it, in an earlier frame, if they can be the same face (same_face); otherwise it starts a
+    face of its own. Frames in which a face was missed leave a gap, not a new face.
     """
     tracks = []
     for sighting in sightings:
-        candidates = [track for track in tracks if track[-1].frame != sighting.frame]
-        overlaps = [
-            square_iou(grown(track[-1].face_frame.square), grown(sighting.face_frame.square)) for track in candidates
+        square = sighting.face_frame.square
+        candidates = [
+            track for track in tracks
+            if track[-1].frame != sighting.frame and same_face(track[-1].face_frame.square, square)
         ]
-        if overlaps and max(overlaps) >= SAME_FACE_IOU:
-            candidates[int(np.argmax(overlaps))].append(sighting)
+        if candidates:
+            min(candidates, key=lambda track: centre_distance(track[-1].face_frame.square, square)).append(sighting)
         else:
             tracks.append([sighting])
     return max(tracks, key=len, default=[])

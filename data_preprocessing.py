@@ -568,11 +568,16 @@ def readable_images(paths, required=True):
 
 
 def media_to_predict(paths):
-    """The readable images and the videos among --predict's paths; unreadable images are reported and skipped."""
+    """The readable images, the videos, and {path: problem} for the unreadable images among --predict's paths.
+
+    Unreadable images are reported and skipped; their problems are kept, so that each
+    input still gets its row in --csv.
+    """
     files = files_to_predict(paths)
     videos = [path for path in files if is_video(path)]
     images = [path for path in files if not is_video(path)]
-    return readable_images(images, required=not videos), videos
+    readable = readable_images(images, required=not videos)
+    return readable, videos, {path: image_problem(path) for path in images if path not in readable}
 
 
 # ---------------------------------------------------------------------------

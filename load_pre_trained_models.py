@@ -84,6 +84,9 @@ from data_preprocessing import (
 )
 from plot_loss_accuracy_graph import (
     EVALUATION_PREFIX,
+    FACE_TOO_SMALL,
+    FRAME_NOT_DECODED,
+    NO_FACE,
     RUN_OUTPUTS,
     THUMBNAIL_WIDTH,
     PredictionReport,
@@ -595,10 +598,12 @@ def predict_media(recipe, args):
     The order of work: list the photos and videos, load the model (or the ensemble), then
     judge each (find its faces, cut them out, score them) and report it as it is judged.
     """
-    images, videos = media_to_predict(args.predict)
+    images, videos, unreadable = media_to_predict(args.predict)
     models, weights, source = prediction_models(recipe, args)
     judge = MediaJudge(models, weights, args)
     report = PredictionReport(args, images + videos)
+    for path in unreadable:
+        report.unreadable(path)
     faces = "each face found" if args.faces == "auto" else "each whole image"
     print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
     for path, image, lines in judge.images(images):
@@ -608,9 +613,11 @@ def predict_media(recipe, args):
     for path in videos:
         judged = judge_video(judge, path)
         if judged is None:
+            report.unreadable(path)
             continue
         lines, frames, thumbnails = judged
-        followed = main_face([line for line in lines if line.face is not None and line.p_fake is not None])
+        # Every sighting of a face, too small or not: a face that shrinks for a while is still followed.
+        followed = main_face([line for line in lines if line.face is not None])
         report.video(path, lines, followed, frames, thumbnails)
         report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
         videos_judged += 1
@@ -668,6 +675,7 @@ class Line:
     picture: np.ndarray | None = None
     p_fake: float | None = None
     searched: bool = True  # Whether faces were searched for (--faces auto).
+    note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL or FRAME_NOT_DECODED.
 
 
 class Stopwatch:
@@ -703,23 +711,27 @@ class MediaJudge:
         self.stopwatch = Stopwatch()
 
     def lines_of(self, picture, path, frame=None):
-        """The lines of one upright image or video frame: its faces, or the whole picture if there is none."""
+        """The lines of one upright image or video frame: its faces, or the whole picture with --faces off.
+
+        The models know faces framed as the dataset frames them, nothing else: a picture
+        without a face, or a face too small to judge, is listed with its note, not scored.
+        """
         if self.finder is None:
             return [Line(path, frame, picture=picture, searched=False)]
         with self.stopwatch.timing("finding faces"):
             faces = self.finder.find(picture, self.args.min_face)
         if not faces:
-            return [Line(path, frame, picture=picture)]
+            return [Line(path, frame, note=NO_FACE)]
         lines = []
         for number, face in enumerate(faces, start=1):
             face_frame = face.frame()
-            crop = None  # A face too small to judge is listed, not scored.
+            line = Line(path, frame, face=number, face_frame=face_frame, confidence=face.confidence, width=face.width)
             if face.width >= self.args.min_face:
                 with self.stopwatch.timing("cutting out faces"):
-                    crop = face_frame.crop(picture)
-            lines.append(Line(
-                path, frame, face=number, face_frame=face_frame, confidence=face.confidence, width=face.width, picture=crop
-            ))
+                    line.picture = face_frame.crop(picture)
+            else:
+                line.note = FACE_TOO_SMALL
+            lines.append(line)
         return lines
 
     def score(self, lines):
@@ -768,6 +780,7 @@ class MediaJudge:
                 break
             wanted += 1
             if frame is None:
+                lines.append(Line(path, index, note=FRAME_NOT_DECODED))
                 continue
             read += 1
             unscored += self.lines_of(frame, path, index)
@@ -777,7 +790,8 @@ class MediaJudge:
             if sum(line.picture is not None for line in unscored) >= self.args.batch_size:
                 lines += self.score_and_let_go(unscored)
                 unscored = []
-        return lines + self.score_and_let_go(unscored), read, wanted, thumbnails
+        lines = sorted(lines + self.score_and_let_go(unscored), key=lambda line: line.frame)
+        return lines, read, wanted, thumbnails
 
     def score_and_let_go(self, lines):
         """Score the lines, then drop the whole frames they hold, unless Grad-CAM still needs them."""

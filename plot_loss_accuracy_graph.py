@@ -352,11 +352,14 @@ class PredictionReport:
             self.written["annotated"] += 1
 
     def print_lines(self, lines):
-        """Print each line, and keep the scored ones as the CSV's rows."""
+        """Print each line, and keep it as a row of the CSV."""
         for line in lines:
             print(printed_line(line, self.args))
-            if line.p_fake is not None:
-                self.rows.append(csv_row(line, self.args.threshold))
+            self.rows.append(csv_row(line, self.args.threshold))
+
+    def unreadable(self, path):
+        """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
+        self.rows.append(dict(path=str(path), note=UNREADABLE))
 
     def overlays(self, path, lines, heatmaps):
         """--gradcam: draw each scored line's heat map over its picture; `heatmaps` are in the order of `lines`."""
@@ -382,42 +385,54 @@ def verdict_of(p_fake, threshold):
 
 
 def part_of_input(line):
-    """Which part of the input a line is about, as --predict prints it; empty for a whole photo with --faces off."""
+    """Which part of the input a line is about, as --predict prints it; empty for a whole photo with --faces off.
+
+    A scored face gives the side of the square it was cut out in; a face too small to
+    judge gives only where it is, as its line gives its width.
+    """
     frame = [] if line.frame is None else [f"frame {line.frame}"]
-    if line.face is not None:
-        x, y, size = line.face_frame.square
-        return " ".join([*frame, f"face {line.face} ({size} px at {x},{y})"])
-    if line.searched:
-        return ", ".join([*frame, f"whole {'image' if line.frame is None else 'frame'}, no face found"])
-    return " ".join(frame)
+    if line.face is None:
+        return " ".join(frame)
+    x, y, size = line.face_frame.square
+    return " ".join([*frame, f"face {line.face} ({size} px at {x},{y})" if line.p_fake is not None else f"face {line.face} at {x},{y}"])
 
 
 def printed_line(line, args):
-    """A line as --predict prints it: path, what part, p_fake=..., verdict; or why a face was not scored."""
-    if line.p_fake is None:
-        judgement = f"too small to judge: the face is {line.width:.0f} px wide, under --min-face {args.min_face}"
+    """A line as --predict prints it: path, what part, p_fake=..., verdict; or why it was not judged."""
+    if line.note == FACE_TOO_SMALL:
+        judgement = f"too small to judge: {line.width:.0f} px wide, under --min-face {args.min_face}"
+    elif line.note == NO_FACE:
+        judgement = "no face found: not judged (--faces off scores the whole image)"
+    elif line.note == FRAME_NOT_DECODED:
+        judgement = "not judged: the frame could not be decoded"
     else:
         judgement = f"p_fake={line.p_fake:.4f}  {verdict_of(line.p_fake, args.threshold)}"
     return "  ".join(part for part in (str(line.path), part_of_input(line), judgement) if part)
 
 
 def video_summary(path, lines, followed, frames_read, frames_wanted, args):
-    """A video's own line, and its p(fake): the mean of its main face over the frames (`followed`), or of
-    the whole frames if none had a face; None when nothing could be judged."""
-    scored = [line for line in lines if line.p_fake is not None]
-    if followed:
-        p_fake = float(np.mean([line.p_fake for line in followed]))
-        basis = f"the face seen most, in {counted(len(followed), 'frame')}"
-    elif scored:
-        p_fake = float(np.mean([line.p_fake for line in scored]))
+    """A video's own line, and its p(fake), or None when nothing in it could be judged.
+
+    With --faces auto, its p(fake) is the mean over the frames of the face seen most
+    (`followed`: its every sighting, scored or too small); with --faces off, of the whole frames.
+    """
+    scored = [line for line in (lines if args.faces == "off" else followed) if line.p_fake is not None]
+    frames = f"{frames_read} of {frames_wanted} frames read"
+    if not scored:
+        if not followed:
+            why = "no face found in any frame" if args.faces == "auto" else "no frame could be scored"
+        else:
+            why = f"the face seen most was under --min-face {args.min_face} in every frame"
+        return f"{path}  video  not judged: {why} ({frames})", None
+    p_fake = float(np.mean([line.p_fake for line in scored]))
+    if args.faces == "off":
         basis = "the whole frames"
-        if args.faces == "auto":
-            too_small = any(line.face is not None for line in lines)
-            basis += ", as no face was found" + (f" of --min-face {args.min_face} px or more" if too_small else "")
     else:
-        too_small = f"every face was under --min-face {args.min_face}"
-        return f"{path}  video  not judged: {too_small} ({frames_read} of {frames_wanted} frames read)", None
-    counts = f"{frames_read} of {frames_wanted} frames read, {sum(line.face is not None for line in scored)} faces scored; {basis}"
+        too_small = len(followed) - len(scored)
+        basis = f"the face seen most, in {counted(len(followed), 'frame')}"
+        basis += f", {too_small} of them too small to judge" if too_small else ""
+    faces_scored = sum(line.face is not None and line.p_fake is not None for line in lines)
+    counts = f"{frames}, {faces_scored} faces scored; {basis}"
     return f"{path}  video  p_fake={p_fake:.4f}  {verdict_of(p_fake, args.threshold)}  ({counts})", p_fake
 
 
@@ -425,8 +440,15 @@ def counted(count, thing):
     return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
 
 
-# The CSV that --csv writes, one row per scored face, in this order.
-CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict")
+# Why a line of --predict has no verdict, as the CSV's note column says it.
+NO_FACE = "no face"
+FACE_TOO_SMALL = "face too small"
+FRAME_NOT_DECODED = "frame not decoded"
+UNREADABLE = "unreadable"
+
+# The CSV that --csv writes, in this order: a row per face, per picture without one, and per
+# input that could not be read, so that every input is accounted for.
+CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict", "note")
 
 # Whole numbers, or empty: without saying so, pandas would write 12.0 where a column has an empty cell.
 CSV_WHOLE_NUMBERS = ("frame", "face", "crop_x", "crop_y", "crop_size")
@@ -443,7 +465,8 @@ def csv_row(line, threshold):
         crop_size=crop_size,
         confidence=line.confidence,
         p_fake=line.p_fake,
-        verdict=verdict_of(line.p_fake, threshold),
+        verdict=None if line.p_fake is None else verdict_of(line.p_fake, threshold),
+        note=line.note,
     )
 
 
@@ -540,8 +563,9 @@ LARGEST_ANNOTATED_SIDE = 1600
 def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE):
     """A copy of an RGB image with each face's square drawn and labelled with its p(fake).
 
-    `marks` holds (face frame, p_fake) pairs; a face frame of None means the whole image was
-    scored, and a p_fake of None, a face too small to judge.
+    `marks` holds (face frame, p_fake) pairs. A face frame of None is the whole image:
+    scored with --faces off, or, without a p_fake, one where no face was found. A face with
+    a p_fake of None was too small to judge.
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
@@ -552,7 +576,8 @@ def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE):
         verdict = None if p_fake is None else verdict_of(p_fake, threshold)
         label = "too small" if p_fake is None else f"p_fake {p_fake:.2f}"
         if face_frame is None:
-            label, corner = f"whole image: {label}", np.array([thickness, thickness])
+            label = "no face found: not judged" if p_fake is None else f"whole image: {label}"
+            corner = np.array([thickness, thickness])
         else:
             corners = np.array(face_frame.scaled(scale).corners())
             cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, VERDICT_COLOURS[verdict], thickness, cv2.LINE_AA)

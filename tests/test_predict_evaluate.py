@@ -66,7 +66,7 @@ def test_predict_gives_a_test_image_the_p_fake_of_predictions_csv(trained, tmp_p
     test_predictions = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
     image = test_predictions["path"][4]
     capsys.readouterr()
-    assert apply("VGG16", output_dir, "--predict", image, "--csv", str(tmp_path / "p.csv")) == 0
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--csv", str(tmp_path / "p.csv")) == 0
 
     printed = printed_lines(capsys.readouterr().out)
     written = pd.read_csv(tmp_path / "p.csv")
@@ -80,9 +80,9 @@ def test_predict_gives_a_test_image_the_p_fake_of_predictions_csv(trained, tmp_p
 def test_threshold_sets_the_verdict(trained, capsys):
     split_root, output_dir = trained
     image = str(split_root / "test" / "real" / "0000.jpg")
-    assert apply("VGG16", output_dir, "--predict", image, "--threshold", "0") == 0
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--threshold", "0") == 0
     assert printed_lines(capsys.readouterr().out)[image][1] == "fake"  # Every p(fake) is at least 0.
-    assert apply("VGG16", output_dir, "--predict", image, "--threshold", "1") == 0
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--threshold", "1") == 0
     assert printed_lines(capsys.readouterr().out)[image][1] == "real"
 
 
@@ -105,7 +105,7 @@ def mixed_folder(tmp_path):
 def test_predict_reads_every_format_and_skips_junk_without_touching_the_folder(trained, mixed_folder, capsys):
     _, output_dir = trained
     before = {path.name: path.read_bytes() for path in mixed_folder.iterdir()}
-    assert apply("VGG16", output_dir, "--predict", str(mixed_folder)) == 0
+    assert apply("VGG16", output_dir, "--predict", str(mixed_folder), "--faces", "off") == 0
 
     captured = capsys.readouterr()
     scored = {path.rsplit("/", 1)[1] for path in printed_lines(captured.out)}
@@ -122,7 +122,7 @@ def test_gradcam_overlay_is_enlarged_and_written_outside_the_image_folder(traine
     image = cv2.imread(str(sorted((trained[0] / "test" / "fake").iterdir())[0]))
     cv2.imwrite(str(image_file), cv2.resize(image, (37, 23)))  # Width 37, height 23.
     gradcam_dir = tmp_path / "gradcam"
-    assert apply("VGG19", output_dir, "--predict", str(image_file), "--gradcam", str(gradcam_dir)) == 0
+    assert apply("VGG19", output_dir, "--predict", str(image_file), "--faces", "off", "--gradcam", str(gradcam_dir)) == 0
 
     overlay = cv2.imread(str(gradcam_dir / "odd-gradcam.png"))
     # A 37 x 23 image is enlarged so that its p(fake), verdict and colour bar can be read.
@@ -243,7 +243,7 @@ def test_predict_with_the_ensemble_averages_the_models(trained, capsys):
     split_root, output_dir = trained
     weights, p_fake, _ = expected_ensemble(output_dir)
     image = str(split_root / "test" / "fake" / "0001.jpg")
-    assert apply("VGG16", output_dir, "--predict", image, "--model", "ensemble") == 0
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--model", "ensemble") == 0
     assert printed_lines(capsys.readouterr().out)[image][0] == pytest.approx(p_fake[image], abs=1e-4)
 
 

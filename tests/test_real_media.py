@@ -7,6 +7,7 @@ The public-domain astronaut portrait comes from the installed scikit-image.
 """
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -264,23 +265,63 @@ def test_a_cut_off_or_fake_video_is_reported_and_the_rest_still_scored(output_di
     assert f"{inputs / 'face.jpg'}  face 1" in captured.out
 
 
-def test_small_faces_are_listed_not_scored_and_a_faceless_image_is_scored_whole(output_dir, tmp_path, capsys):
+def test_a_photo_without_a_face_gets_no_verdict_and_every_input_a_row(output_dir, tmp_path, capsys):
     skimage_data = pytest.importorskip("skimage.data")
-    path = tmp_path / "astronaut.png"
-    Image.fromarray(skimage_data.astronaut()).save(path)
-    assert predict(output_dir, str(path), "--min-face", "400", "--csv", str(tmp_path / "small.csv")) == 0
-    line = capsys.readouterr().out.splitlines()[1]
-    assert line.startswith(f"{path}  face 1 (") and "too small to judge" in line and "--min-face 400" in line
-    assert len(pd.read_csv(tmp_path / "small.csv")) == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee", "chelsea"):
+        Image.fromarray(getattr(skimage_data, name)()).save(photos / f"{name}.png")
+    (photos / "notes.jpg").write_text("not an image")
+    assert predict(output_dir, str(photos), "--csv", str(tmp_path / "p.csv")) == 0
 
-    blank = tmp_path / "wall.png"
-    Image.fromarray(noisy_background(np.random.default_rng(0), 300, 300)).save(blank)
-    assert predict(output_dir, str(blank), "--csv", str(tmp_path / "auto.csv")) == 0
-    assert "whole image, no face found  p_fake=" in capsys.readouterr().out
-    assert predict(output_dir, str(blank), "--faces", "off", "--csv", str(tmp_path / "off.csv")) == 0
-    auto, off = pd.read_csv(tmp_path / "auto.csv"), pd.read_csv(tmp_path / "off.csv")
-    assert auto["face"].isna().all() and auto["crop_size"].isna().all()
-    assert auto["p_fake"][0] == pytest.approx(off["p_fake"][0], abs=1e-6)
+    printed = capsys.readouterr().out.splitlines()
+    for name in ("chelsea", "coffee"):
+        assert f"{photos / name}.png  no face found: not judged (--faces off scores the whole image)" in printed
+    rows = pd.read_csv(tmp_path / "p.csv")
+    notes = {str(photos / name): note for name, note in (("chelsea.png", "no face"), ("coffee.png", "no face"), ("notes.jpg", "unreadable"))}
+    assert dict(zip(rows["path"], rows["note"])) == notes and len(rows) == 3
+    assert rows["p_fake"].isna().all() and rows["verdict"].isna().all()
+    # --faces off still scores whole images, for sets cropped as the dataset is.
+    assert predict(output_dir, str(photos / "coffee.png"), "--faces", "off", "--csv", str(tmp_path / "off.csv")) == 0
+    assert pd.read_csv(tmp_path / "off.csv")["p_fake"].notna().all()
+
+
+def test_a_face_too_small_to_judge_gets_its_width_and_min_face_and_a_row(output_dir, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    for name, options in (("camera", []), ("astronaut", ["--min-face", "400"])):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(getattr(skimage_data, name)()).save(path)
+        assert predict(output_dir, str(path), *options, "--csv", str(tmp_path / f"{name}.csv")) == 0
+        line = capsys.readouterr().out.splitlines()[1]
+        min_face = options[-1] if options else "64"
+        assert re.fullmatch(
+            rf"{re.escape(str(path))}  face 1 at -?\d+,-?\d+  too small to judge: \d+ px wide, under --min-face {min_face}", line
+        ), line
+        rows = pd.read_csv(tmp_path / f"{name}.csv")
+        assert len(rows) == 1 and rows["note"][0] == "face too small" and np.isnan(rows["p_fake"][0])
+
+
+@needs_sample
+def test_a_face_that_shrinks_for_a_while_is_still_followed_as_one(output_dir, tmp_path, capsys):
+    face_file = sample_faces(1)[0]
+    video = tmp_path / "videos" / "zoom.avi"
+    video.parent.mkdir()
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (480, 360))
+    background = noisy_background(np.random.default_rng(2), 360, 480)
+    for index in range(30):
+        # Large, then far away (too small to judge, and a little to the right), then large again.
+        size, x = (60, 210) if 10 <= index < 20 else (170, 150 + index)
+        frame = background.copy()
+        paste(frame, face_file, x, 180 - size // 2, size)
+        writer.write(frame[..., ::-1].copy())
+    writer.release()
+    assert predict(output_dir, str(video), "--frames", "6", "--csv", str(tmp_path / "z.csv")) == 0
+
+    rows = pd.read_csv(tmp_path / "z.csv")
+    assert rows["note"].fillna("").tolist() == ["", "", "face too small", "face too small", "", ""]
+    summary = next(line for line in capsys.readouterr().out.splitlines() if "  video  " in line)
+    assert f"p_fake={rows['p_fake'].mean():.4f}" in summary
+    assert "(6 of 6 frames read, 4 faces scored; the face seen most, in 6 frames, 2 of them too small to judge)" in summary
 
 
 def test_a_stage_of_mtcnn_is_skipped_when_the_one_before_left_no_candidate(finder, tmp_path):
