@@ -165,6 +165,14 @@ def find_split_root(data_dir=None):
     )
 
 
+def dataset_name(split_root):
+    """A dataset's name, as a model card gives it: its download's folder, or the split root's own."""
+    split_root = Path(split_root).resolve()
+    if split_root.parts[-2:] == SPLIT_ROOT_IN_ARCHIVE.parts:
+        return split_root.parent.parent.name
+    return split_root.name
+
+
 def files_in(folder):
     """The files directly in `folder`, sorted, and {path: why it is passed over} for whatever else is there.
 

@@ -89,10 +89,12 @@ from plot_loss_accuracy_graph import (
     NO_FACE,
     RUN_OUTPUTS,
     THUMBNAIL_WIDTH,
+    UNKNOWN_MARK,
     PredictionReport,
     classification_metrics,
     read_ensemble,
     read_history,
+    whose_verdicts,
     write_results_table,
     write_run_outputs,
     write_test_outputs,
@@ -336,7 +338,7 @@ def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
     test_predictions = predict_split(best_model, flows["test"], dataset.images["test"])
     # The ensemble weighs each model by its validation AUC: the test split must not choose the weights.
     valid_predictions = predict_split(best_model, flows["valid"], dataset.images["valid"])
-    metrics = write_run_outputs(run_dir, recipe, args, test_predictions, valid_predictions)
+    metrics = write_run_outputs(run_dir, recipe, args, dataset, test_predictions, valid_predictions)
     write_results_table(args.output_dir)
     return metrics
 
@@ -360,9 +362,20 @@ def load_best_model(run_dir, last_model=None):
 
 
 def save_whole(model, model_file):
-    """Save into a temporary file, then rename it: a kill mid-save leaves the earlier file whole."""
-    model.save(saving_file(model_file))
+    """Save a model to share into a temporary file, then rename it: a kill mid-save leaves the earlier file whole."""
+    save_to_share(model, saving_file(model_file))
     os.replace(saving_file(model_file), model_file)
+
+
+def save_to_share(model, path):
+    """Save the model without its optimizer's state, which only training needs (and the backup keeps).
+
+    A copy made from the model's configuration is not compiled, so it is saved without an
+    optimizer: VGG16's file is then a third of the size.
+    """
+    copy = model.__class__.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    copy.save(path)
 
 
 def saving_file(model_file):
@@ -494,8 +507,10 @@ def load_saved_model(model_file, name, title):
 
 
 def saved_model_file(recipe, args):
-    """--model FILE, or the model that training wrote into OUTPUT_DIR/<model>/."""
+    """--model FILE, --model FOLDER (its model.keras, beside its card), or the model that training wrote into OUTPUT_DIR/<model>/."""
     model_file = Path(args.model) if args.model else args.output_dir / recipe.name / "model.keras"
+    if model_file.is_dir():
+        model_file = model_file / "model.keras"
     if model_file.is_file():
         return model_file
     demo_model = DEMO_OUTPUT_DIR / recipe.name / "model.keras"
@@ -517,23 +532,31 @@ def load_ensemble(output_dir):
             f"the ensemble needs two or more models trained into {output_dir} on the same test images; "
             "train another model with the same --data-dir, --subset and --output-dir"
         )
-    models = []
+    models, files = [], []
     for metrics in members:
         # A run folder is named after its model (recipe.name), unless it was renamed since.
         run_dir, title = Path(metrics["run_dir"]), metrics["model"]
         name = metrics.get("name", run_dir.name)
-        models.append((title, load_saved_model(run_dir / "model.keras", name, title)))
-    return models, weights
+        files.append(run_dir / "model.keras")
+        models.append((title, load_saved_model(files[-1], name, title)))
+    return models, weights, files
 
 
 def prediction_models(recipe, args):
-    """The (title, model) pairs to score with, their weights, and how to name them."""
+    """The (title, model) pairs to score with, their weights, a line per model that says whose verdicts
+    these are (from its card), and the mark its pictures carry (DEMO_MARK, UNKNOWN_MARK or None)."""
     if args.model == ENSEMBLE:
-        models, weights = load_ensemble(args.output_dir)
-        members = [f"{title} (weight {weight:.2f})" for (title, _), weight in zip(models, weights)]
-        return models, weights, "the ensemble of " + ", ".join(members)
-    model_file = saved_model_file(recipe, args)
-    return [(recipe.title, load_saved_model(model_file, recipe.name, recipe.title))], [1.0], f"{recipe.title} ({model_file})"
+        models, weights, files = load_ensemble(args.output_dir)
+    else:
+        files = [saved_model_file(recipe, args)]
+        models, weights = [(recipe.title, load_saved_model(files[0], recipe.name, recipe.title))], [1.0]
+    described = [whose_verdicts(title, model_file) for (title, _), model_file in zip(models, files)]
+    if len(models) > 1:
+        described = [(f"{line} (weight {weight:.2f})", mark) for (line, mark), weight in zip(described, weights)]
+    marks = [mark for _, mark in described if mark]
+    # One member without a card, or trained on the demo, is enough to mark the ensemble's verdicts.
+    mark = UNKNOWN_MARK if UNKNOWN_MARK in marks else (marks[0] if marks else None)
+    return models, weights, [line for line, _ in described], mark
 
 
 def p_fake_of_pictures(models, weights, pictures):
@@ -599,13 +622,16 @@ def predict_media(recipe, args):
     judge each (find its faces, cut them out, score them) and report it as it is judged.
     """
     images, videos, unreadable = media_to_predict(args.predict)
-    models, weights, source = prediction_models(recipe, args)
+    models, weights, model_lines, mark = prediction_models(recipe, args)
     judge = MediaJudge(models, weights, args)
-    report = PredictionReport(args, images + videos)
+    report = PredictionReport(args, images + videos, mark)
     for path in unreadable:
         report.unreadable(path)
     faces = "each face found" if args.faces == "auto" else "each whole image"
-    print(f"p(fake) of {faces} from {source}; called fake from p(fake) {args.threshold}")
+    by = "the model" if len(models) == 1 else "the weighted ensemble of"
+    print(f"p(fake) of {faces}; called fake from p(fake) {args.threshold}; by {by}:")
+    for line in model_lines:
+        print(f"  {line}")
     for path, image, lines in judge.images(images):
         report.photo(path, image, lines)
         report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
@@ -1176,6 +1202,7 @@ class SaveBestModel(keras.callbacks.ModelCheckpoint):
         super().on_epoch_end(epoch, logs)
         if self.best == best_before:  # No better model, so nothing was saved.
             return
+        save_to_share(self.model, self.saving_file)  # Keras saved it with its optimizer's state.
         os.replace(self.saving_file, self.model_file)
         write_json_atomically(self.record_file, {"epoch": epoch + 1, self.monitor: float(self.best)})
         # Keras starts from None or from infinity, depending on its version.

@@ -27,8 +27,10 @@ models have been tested on the same images, it also gets an Ensemble row: the we
 average of their p(fake), computed from their predictions.csv, with nothing re-run.
 """
 
+import importlib.metadata
 import json
 import math
+import shlex
 import sys
 import textwrap
 from collections import Counter
@@ -41,6 +43,7 @@ import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
@@ -49,8 +52,11 @@ from sklearn import metrics as sklearn_metrics
 
 from data_preprocessing import (
     CLASSES,
+    MODEL_SCRIPTS,
+    SPLITS,
     OneLineArgumentParser,
     UserError,
+    dataset_name,
     ensure_writable_folder,
     exits_on_user_error,
     locked,
@@ -274,7 +280,14 @@ def plot_evaluation(predictions, metrics, folder, title):
 # ---------------------------------------------------------------------------
 
 
-RUN_OUTPUTS = ("model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
+# The model card, beside model.keras: a model hub shows it as the model's page.
+MODEL_CARD = "README.md"
+RUN_OUTPUTS = ("model.keras", MODEL_CARD, "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
+
+# What the header of --predict, its pictures and metrics.json say of a model trained on the
+# demo's drawn faces, and of a model without a card.
+DEMO_MARK = "DEMO MODEL: trained on drawn faces; its verdicts on real photos mean nothing"
+UNKNOWN_MARK = "UNKNOWN TRAINING DATA: no model card; what its verdicts are worth is unknown"
 
 # --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
 EVALUATION_PREFIX = "eval-"
@@ -287,12 +300,16 @@ def write_test_outputs(folder, title, predictions, metrics):
     return plot_evaluation(predictions, metrics, folder, title)
 
 
-def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
-    """metrics.json, predictions.csv, history.png and the test figures for one run; return the metrics."""
+def write_run_outputs(run_dir, recipe, args, dataset, predictions, valid_predictions):
+    """metrics.json, predictions.csv, history.png, the test figures and the model card for one run; return the metrics."""
     history = read_history(run_dir / "history.csv")
     metrics = {
         "model": recipe.title,
         "name": recipe.name,
+        "trained_on": "the synthetic demo faces" if args.uses_demo_data else dataset_name(dataset.split_root),
+        "images": {split: len(dataset.images[split]) for split in SPLITS},
+        "demo_model": bool(args.uses_demo_data),
+        **({"warning": DEMO_MARK} if args.uses_demo_data else {}),
         **classification_metrics(predictions),
         "valid_auc": float(sklearn_metrics.roc_auc_score(true_labels(valid_predictions), valid_predictions["p_fake"])),
         "epochs_run": int(len(history)),
@@ -311,7 +328,98 @@ def write_run_outputs(run_dir, recipe, args, predictions, valid_predictions):
     }
     write_test_outputs(run_dir, recipe.title, predictions, metrics)
     plot_history(history, run_dir / "history.png", recipe.title)
+    write_text_atomically(run_dir / MODEL_CARD, model_card(recipe, args, metrics))
     return metrics
+
+
+def model_card(recipe, args, metrics):
+    """The model card: YAML front matter that a model hub reads, then what the model is, what it was
+    trained on, how it scored on its test split, what it cannot judge, and how it was made."""
+    test_metrics = [("accuracy", "test_accuracy", "Test accuracy"), ("roc_auc", "test_auc", "Test AUC"), ("eer", "test_eer", "Test EER")]
+    front = {
+        "library_name": "keras",
+        "pipeline_tag": "image-classification",
+        "tags": ["keras", "image-classification", "deepfake-detection", recipe.name],
+        "model-index": [{
+            "name": f"{recipe.name}_deepfake_detector",
+            "results": [{
+                "task": {"type": "image-classification", "name": "Real or StyleGAN-fake face"},
+                "dataset": {"name": metrics["trained_on"], "type": "faces", "split": "test"},
+                "metrics": [{"type": kind, "name": name, "value": metrics[key]} for kind, key, name in test_metrics],
+            }],
+        }],
+        # Read back by --predict, to say whose verdicts it prints.
+        "deepfake_detector": {key: metrics[key] for key in ("model", "trained_on", "demo_model", "test_auc", "img_size")},
+    }
+    images = ", ".join(f"{count} {split}" for split, count in metrics["images"].items())
+    warmup = (
+        f"the head alone for {args.warmup_epochs} epochs at {args.learning_rate}, then "
+        if args.warmup_epochs else ""
+    )
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        f"# {recipe.title} deepfake detector", "",
+        *([f"> **{DEMO_MARK}.**", ""] if metrics["demo_model"] else []),
+        "It gives p(fake), the probability that a face is a StyleGAN fake rather than a real photograph.", "",
+        "## The model", "",
+        f"- Base: {recipe.title}, from {starting_weights(metrics['weights'])}, with its last {recipe.trainable_conv_layers} conv layers "
+        f"trained ({metrics['unfreeze_rule']} rule) and batch normalization frozen.",
+        f"- Input: {metrics['img_size']}x{metrics['img_size']} RGB pixels, 0 to 255, scaled inside the model "
+        f"({metrics['preprocessing']} preprocessing).",
+        "- Head: average pooling, Dense 1024 ReLU, dropout 0.5, a sigmoid p(fake).",
+        f"- Training: {warmup}{counted(metrics['epochs_run'], 'epoch')} in all with Adam at {args.fine_tune_learning_rate}; "
+        "the kept model has the lowest validation loss.", "",
+        "## Trained on", "",
+        f"{metrics['trained_on']}: {images} images.", "",
+        "## Test metrics", "",
+        "| Metric | Value |", "|---|---|",
+        *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None), "",
+        "## What it cannot judge", "",
+        "- Anything but a face: `--predict` finds the faces and cuts each out as the dataset frames its faces; "
+        "a picture without one gets no verdict.",
+        "- Faces from generators it never saw, or edited faces: it learned "
+        + ("drawn demo faces only." if metrics["demo_model"] else "FFHQ photographs against StyleGAN faces only."),
+        "", "## How it was made", "",
+        f"`{shlex.join(['python', *sys.argv])}`, with TensorFlow {package_version('tensorflow')} and "
+        f"Keras {package_version('keras')}.", "",
+        "## Use", "",
+        f"`python {MODEL_SCRIPTS[recipe.name]} --predict photo.jpg --model FOLDER`, FOLDER holding this card and "
+        "model.keras;",
+        "or, in plain Keras, `keras.models.load_model(\"model.keras\")`, fed RGB pixels 0 to 255.", "",
+    ]
+    return "\n".join(lines)
+
+
+def starting_weights(weights):
+    """Where the base's weights came from, in words: --weights imagenet, none or a file."""
+    return {"imagenet": "ImageNet weights", "none": "random weights"}.get(weights, f"the weights in {Path(weights).name}")
+
+
+def package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def read_model_card(model_file):
+    """What the card beside a model file says of it (its "deepfake_detector" block), or None without a card."""
+    try:
+        text = Path(model_file).with_name(MODEL_CARD).read_text()
+        front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+    except (OSError, IndexError, yaml.YAMLError):
+        return None
+    return front.get("deepfake_detector") if isinstance(front, dict) else None
+
+
+def whose_verdicts(title, model_file):
+    """A line that says whose verdicts these are, from the model's card, and the mark its pictures carry, if any."""
+    card = read_model_card(model_file)
+    if card is None:
+        return f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK
+    auc = "-" if card.get("test_auc") is None else f"{card['test_auc']:.3f}"
+    line = f"{title} ({model_file}), trained on {card['trained_on']}, test AUC {auc}"
+    return (f"{line}. {DEMO_MARK}", DEMO_MARK) if card.get("demo_model") else (line, None)
 
 
 # ---------------------------------------------------------------------------
@@ -326,8 +434,9 @@ class PredictionReport:
     Where each output goes was checked with the options, before any image was read.
     """
 
-    def __init__(self, args, inputs):
+    def __init__(self, args, inputs, mark=None):
         self.args = args
+        self.mark = mark  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
         self.names = output_names(inputs)  # What each input's pictures are called.
         self.rows = []  # The CSV's.
         self.written = Counter()
@@ -337,7 +446,8 @@ class PredictionReport:
         self.print_lines(lines)
         if self.args.annotate:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
-            save_annotated_image(image, marks, self.args.annotate / f"{self.names[path]}-faces.jpg", self.args.threshold)
+            picture = self.args.annotate / f"{self.names[path]}-faces.jpg"
+            save_annotated_image(image, marks, picture, self.args.threshold, self.mark)
             self.written["annotated"] += 1
 
     def video(self, path, lines, followed, frames, thumbnails):
@@ -348,7 +458,7 @@ class PredictionReport:
         if self.args.annotate:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
             sheet = self.args.annotate / f"{self.names[path]}-frames.png"
-            save_contact_sheet(thumbnails, marks, sheet, self.args.threshold, p_fake)
+            save_contact_sheet(thumbnails, marks, sheet, self.args.threshold, p_fake, self.mark)
             self.written["annotated"] += 1
 
     def print_lines(self, lines):
@@ -366,7 +476,8 @@ class PredictionReport:
         scored = [line for line in lines if line.p_fake is not None]
         for line, heatmap in zip(scored, heatmaps):
             overlay = self.args.gradcam / f"{self.names[path]}{gradcam_part(line)}-gradcam.png"
-            save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict_of(line.p_fake, self.args.threshold))
+            verdict = verdict_of(line.p_fake, self.args.threshold)
+            save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict, mark=self.mark)
             self.written["gradcam"] += 1
 
     def finish(self):
@@ -513,19 +624,20 @@ def shown_scale(height, width):
     return float(np.clip(longer_side, SMALLEST_SHOWN_SIDE, LARGEST_SHOWN_SIDE)) / longer_side
 
 
-def overlay_figure_size(height, width, scale):
-    """The figure's size in inches: the shown image, a colour bar to its right and a title above."""
+def overlay_figure_size(height, width, scale, mark=None):
+    """The figure's size in inches: the shown image, a colour bar to its right, a title above, and a model's mark above that."""
     image_width, image_height = width * scale / OVERLAY_DPI, height * scale / OVERLAY_DPI
     # Wide enough for the title, even above a tall, narrow image.
-    return max(image_width + 1.3, 3.0), image_height + 0.6
+    return max(image_width + 1.3, 3.0), image_height + 0.6 + (0.5 if mark else 0)
 
 
-def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
+def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mark=None):
     """Draw a Grad-CAM heat map (values 0 to 1, any size) over its image, in the jet colours.
 
     The image is an RGB array: a face as it was cut out, or a whole image, as scored. Red
     marks the regions that raised p(fake) the most; blue, those that did not. The title
-    gives the model's p(fake) and verdict for the image. Writes a PNG; returns its path.
+    gives the model's p(fake) and verdict for the image, and a model's mark (DEMO_MARK or
+    UNKNOWN_MARK), if any, is written in red below it. Writes a PNG; returns its path.
     """
     height, width = image.shape[:2]
     # Bilinear resizing keeps the few cells of a small conv map from showing as blocks.
@@ -534,7 +646,7 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
     # Enlarged pixels stay sharp squares, so that the reader sees the image's own pixels;
     # shrunk images are smoothed instead, as dropping pixels would break up their edges.
     interpolation = "nearest" if scale >= 1 else "antialiased"
-    figure, axis = plt.subplots(figsize=overlay_figure_size(height, width, scale))
+    figure, axis = plt.subplots(figsize=overlay_figure_size(height, width, scale, mark))
     axis.imshow(image, interpolation=interpolation)
     axis.imshow(np.clip(heatmap, 0, 1), cmap="jet", vmin=0, vmax=1, alpha=opacity, interpolation=interpolation)
     # The bar shows the colours at full strength, so that each reads clearly, and is as
@@ -543,6 +655,8 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
     bar_axis = make_axes_locatable(axis).append_axes("right", size="5%", pad=0.1)
     figure.colorbar(colours, cax=bar_axis, label="Grad-CAM: share of the\nevidence for fake")
     axis.set_title(f"p_fake={p_fake:.4f}: {verdict}")
+    if mark:
+        figure.suptitle(textwrap.fill(mark, 45), color=np.array(MARK_COLOUR) / 255, fontsize=8)
     axis.set_axis_off()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(figure, path)
@@ -553,6 +667,8 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4):
 # ---------------------------------------------------------------------------
 
 
+# RGB: the colour of a model's mark (DEMO_MARK, UNKNOWN_MARK) on its pictures.
+MARK_COLOUR = (200, 0, 120)
 # RGB: green for a face called real, red for fake, grey for one too small to judge.
 VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), None: (160, 160, 160)}
 
@@ -560,12 +676,12 @@ VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), None: (160, 160
 LARGEST_ANNOTATED_SIDE = 1600
 
 
-def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE):
+def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
     """A copy of an RGB image with each face's square drawn and labelled with its p(fake).
 
     `marks` holds (face frame, p_fake) pairs. A face frame of None is the whole image:
     scored with --faces off, or, without a p_fake, one where no face was found. A face with
-    a p_fake of None was too small to judge.
+    a p_fake of None was too small to judge. A model's `mark` is written across the bottom.
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
@@ -583,6 +699,8 @@ def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE):
             cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, VERDICT_COLOURS[verdict], thickness, cv2.LINE_AA)
             corner = corners.min(axis=0)
         draw_label(marked, label, corner, VERDICT_COLOURS[verdict], thickness)
+    if mark:
+        draw_banner(marked, mark, MARK_COLOUR)
     return marked
 
 
@@ -598,10 +716,24 @@ def draw_label(image, text, corner, colour, thickness):
     cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
-def save_annotated_image(image, marks, path, threshold):
+def draw_banner(image, text, colour):
+    """Write white text on a band of `colour` across the bottom of the image, as large as fits its width."""
+    height, width = image.shape[:2]
+    font_scale, thickness = 1.0, 1
+    text_width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)[0][0]
+    font_scale = min(1.2, 0.95 * width / text_width)
+    thickness = max(1, round(2 * font_scale))
+    (text_width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+    band_height = text_height + baseline + 8
+    cv2.rectangle(image, (0, height - band_height), (width, height), colour, cv2.FILLED)
+    origin = ((width - text_width) // 2, height - baseline - 4)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
+
+
+def save_annotated_image(image, marks, path, threshold, mark=None):
     """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], threshold)
+    marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], threshold, mark=mark)
     cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return path
 
@@ -612,13 +744,13 @@ CONTACT_SHEET_FRAMES = 64
 CONTACT_SHEET_COLUMNS = 8
 
 
-def save_contact_sheet(thumbnails, marks, path, threshold, p_fake):
+def save_contact_sheet(thumbnails, marks, path, threshold, p_fake, mark=None):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
     CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index, face
     frame, p_fake) triples, in the frames' pixels; p_fake is the video's own, drawn as a
-    dashed line. Writes a PNG; returns its path.
+    dashed line; a model's mark, if any, is its title. Writes a PNG; returns its path.
     """
     shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
     thumbnails = [thumbnails[position] for position in shown]
@@ -647,6 +779,8 @@ def save_contact_sheet(thumbnails, marks, path, threshold, p_fake):
     strip.set_xlabel("frame")
     strip.set_ylabel("p_fake")
     strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if mark:
+        figure.suptitle(mark, color="crimson")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(figure, path)

@@ -43,7 +43,7 @@ SCRIPTS = {
 
 # What every run must leave in OUTPUT_DIR/<model>/, as the project documents it.
 RUN_OUTPUTS = [
-    "model.keras", "history.csv", "history.png", "metrics.json", "predictions.csv",
+    "model.keras", "README.md", "history.csv", "history.png", "metrics.json", "predictions.csv",
     "roc.png", "precision_recall.png", "confusion_matrix.png",
 ]
 

@@ -8,6 +8,7 @@ The public-domain astronaut portrait comes from the installed scikit-image.
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -399,3 +400,45 @@ def test_frames_are_spread_evenly_and_faces_linked_by_overlap():
     lines = [line(0, 0, 0.2), line(1, 80, 0.3), line(1, 400, 0.9), line(2, 160, 0.4)]
     followed = main_face(lines)
     assert [(item.frame, item.p_fake) for item in followed] == [(0, 0.2), (1, 0.3), (2, 0.4)]
+
+
+def test_the_header_and_every_picture_say_whose_verdicts_these_are(output_dir, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = tmp_path / "photos" / "astronaut.png"
+    photo.parent.mkdir()
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    # The same model three times: with its card, with a card that says it was trained on the
+    # demo's drawn faces, and alone.
+    with_card, demo, alone = (tmp_path / name for name in ("with-card", "demo", "alone"))
+    shutil.copytree(output_dir / "vgg16", with_card)
+    shutil.copytree(output_dir / "vgg16", demo)
+    card = demo / "README.md"
+    card.write_text(card.read_text().replace("demo_model: false", "demo_model: true"))
+    alone.mkdir()
+    shutil.copy(output_dir / "vgg16" / "model.keras", alone / "model.keras")
+
+    headers, annotated, overlays = {}, {}, {}
+    for folder in (with_card, demo, alone):
+        pictures = tmp_path / f"{folder.name}-pictures"
+        assert predict(output_dir, str(photo), "--model", str(folder), "--annotate", str(pictures),
+                       "--gradcam", str(pictures)) == 0
+        headers[folder.name] = "\n".join(capsys.readouterr().out.splitlines()[:2])
+        annotated[folder.name] = np.asarray(Image.open(pictures / "astronaut-faces.jpg").convert("RGB"), np.int16)
+        overlays[folder.name] = np.asarray(Image.open(pictures / "astronaut-face1-gradcam.png").convert("RGB"), np.int16)
+
+    assert "trained on faces, test AUC" in headers["with-card"] and "DEMO MODEL" not in headers["with-card"]
+    assert "DEMO MODEL: trained on drawn faces" in headers["demo"]
+    assert "UNKNOWN TRAINING DATA" in headers["alone"]
+    # The mark is a band across the bottom of an annotated picture, and a line above a heat map.
+    band = slice(-30, None)
+    assert np.abs(annotated["demo"][band] - annotated["with-card"][band]).mean() > 20
+    assert np.abs(annotated["alone"][band] - annotated["with-card"][band]).mean() > 20
+    assert np.abs(annotated["demo"][:-30] - annotated["with-card"][:-30]).mean() < 1  # The rest is the same.
+    assert overlays["demo"].shape[0] > overlays["with-card"].shape[0]
+
+    def mark_coloured(picture):  # Pixels of the mark's magenta, in the top 40 rows.
+        top = picture[:40]
+        return ((top[..., 0] > 150) & (top[..., 1] < 120) & (top[..., 2] > 60)).sum()
+
+    assert mark_coloured(overlays["demo"]) > 50 and mark_coloured(overlays["alone"]) > 50
+    assert mark_coloured(overlays["with-card"]) == 0

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 import load_pre_trained_models
 from conftest import (
@@ -43,6 +44,23 @@ def test_a_training_run_writes_every_output(trained_run):
     history = pd.read_csv(run_dir / "history.csv")
     assert {"accuracy", "loss", "val_accuracy", "val_loss", "phase", "seconds"} <= set(history.columns)
     assert (output_dir / "results.md").read_text().count("| VGG16 |") == 1
+
+
+def test_the_model_card_is_front_matter_and_markdown_with_the_metrics_of_metrics_json(trained_run):
+    _, run_dir = trained_run
+    _, front_matter, body = (run_dir / "README.md").read_text().split("---\n", 2)
+    card, metrics = yaml.safe_load(front_matter), json.loads((run_dir / "metrics.json").read_text())
+    assert card["library_name"] == "keras" and "deepfake-detection" in card["tags"]
+    results = card["model-index"][0]["results"][0]
+    assert results["dataset"]["name"] == metrics["trained_on"] == "faces"  # The tiny dataset's folder.
+    assert {entry["type"]: entry["value"] for entry in results["metrics"]} == {
+        "accuracy": metrics["test_accuracy"], "roc_auc": metrics["test_auc"], "eer": metrics["test_eer"],
+    }
+    assert card["deepfake_detector"]["demo_model"] is False and "demo_model" in metrics and "warning" not in metrics
+    assert body.startswith("\n# VGG16 deepfake detector\n") and "DEMO MODEL" not in body
+    for heading in ("## The model", "## Trained on", "## Test metrics", "## What it cannot judge", "## How it was made"):
+        assert heading in body
+    assert "8 train, 4 valid, 6 test images" in body and "TensorFlow" in body and "VGG16_finetuning.py" in body
 
 
 def test_predictions_agree_with_metrics_and_fake_is_1(trained_run):
@@ -139,6 +157,9 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     assert len(list((tmp_path / "datasets" / "demo" / "train" / "fake").glob("*.jpg"))) == 100
     metrics = json.loads((tmp_path / "outputs" / "demo" / "vgg16" / "metrics.json").read_text())
     assert (metrics["img_size"], metrics["weights"], metrics["epochs_run"], metrics["n_test"]) == (64, "none", 2, 60)
+    # Marked as the demo's, and a model file to share: without the optimizer's state, VGG16's is about 60 MB.
+    assert metrics["demo_model"] is True and metrics["warning"].startswith("DEMO MODEL")
+    assert (tmp_path / "outputs" / "demo" / "vgg16" / "model.keras").stat().st_size < 80_000_000
     # From random weights, in two epochs, it ranks fakes above real faces better than chance
     # (AUC 0.76 on a 2-core CPU with TensorFlow 2.21; seeded, so the same each run).
     assert metrics["test_auc"] > 0.7
