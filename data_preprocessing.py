@@ -822,7 +822,11 @@ def add_prediction_arguments(parser):
         help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras); "
         f"with --predict, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
     )
-    group.add_argument("--threshold", type=probability, default=0.5, help="p(fake) from which an image is called fake (default 0.5)")
+    group.add_argument(
+        "--threshold", type=probability,
+        help="p(fake) from which a face is called fake, below which real (default: with --predict, the model's "
+        "band from its card: real, uncertain or fake; with --evaluate, 0.5)",
+    )
     group.add_argument(
         "--faces", choices=["auto", "off"],
         help="auto: find the faces, cut each out as the dataset frames its faces, and score it (the whole image "

@@ -40,6 +40,7 @@ import shutil
 import sys
 import time
 import warnings
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from scipy import optimize, special
 
 from data_augmentation import (
     FaceFinder,
@@ -91,6 +93,7 @@ from plot_loss_accuracy_graph import (
     THUMBNAIL_WIDTH,
     UNKNOWN_MARK,
     PredictionReport,
+    Verdicts,
     classification_metrics,
     read_ensemble,
     read_history,
@@ -103,6 +106,9 @@ from plot_loss_accuracy_graph import (
 
 # The name of the model's first layer, which scales raw pixels as the base expects.
 PIXEL_SCALING = "pixel_scaling"
+# The names of the head's last layers: the fake score before the sigmoid, and its scaling by 1 / T.
+FAKE_LOGIT = "fake_logit"
+TEMPERATURE_SCALING = "temperature_scaling"
 
 
 # ---------------------------------------------------------------------------
@@ -257,8 +263,13 @@ def add_classification_head(base, recipe, preprocessing="native"):
     features = keras.layers.GlobalAveragePooling2D(name="average_pool")(features)
     features = keras.layers.Dense(1024, activation="relu", name="dense_1024")(features)
     features = keras.layers.Dropout(0.5, name="dropout")(features)
-    # float32 keeps the probability exact even when the rest runs in mixed precision.
-    p_fake = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_fake")(features)
+    # float32 keeps the score exact even when the rest runs in mixed precision.
+    logit = keras.layers.Dense(1, dtype="float32", name=FAKE_LOGIT)(features)
+    # Temperature scaling (see calibrate): a frozen 1 / T, fitted after training; 1 until then.
+    logit = keras.layers.Dense(
+        1, use_bias=False, kernel_initializer="ones", trainable=False, dtype="float32", name=TEMPERATURE_SCALING
+    )(logit)
+    p_fake = keras.layers.Activation("sigmoid", dtype="float32", name="p_fake")(logit)
     return keras.Model(pixels, p_fake, name=f"{recipe.name}_deepfake_detector")
 
 
@@ -335,12 +346,50 @@ def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
         The test metrics, as written to run_dir/metrics.json.
     """
     best_model = load_best_model(run_dir, last_model)
-    test_predictions = predict_split(best_model, flows["test"], dataset.images["test"])
-    # The ensemble weighs each model by its validation AUC: the test split must not choose the weights.
-    valid_predictions = predict_split(best_model, flows["valid"], dataset.images["valid"])
-    metrics = write_run_outputs(run_dir, recipe, args, dataset, test_predictions, valid_predictions)
+    valid_logits = predict_logits(best_model, flows["valid"])
+    temperature = calibrate(best_model, valid_logits, dataset.images["valid"])
+    save_whole(best_model, run_dir / "model.keras")  # Calibrated, as it is shared.
+    test_logits = predict_logits(best_model, flows["test"])
+    test_predictions = predictions_table(dataset.images["test"], special.expit(test_logits / temperature))
+    # The ensemble weighs each model by its validation AUC, and --predict's band comes from the
+    # validation split too: the test split must not choose them.
+    valid_predictions = predictions_table(dataset.images["valid"], special.expit(valid_logits / temperature))
+    calibration = {"temperature": temperature, "test_p_fake_before": special.expit(test_logits)}
+    metrics = write_run_outputs(run_dir, recipe, args, dataset, test_predictions, valid_predictions, calibration)
     write_results_table(args.output_dir)
     return metrics
+
+
+def predict_logits(model, flow):
+    """The fake score before temperature scaling and the sigmoid, for every image of an unshuffled flow."""
+    logits_model = keras.Model(model.inputs, model.get_layer(FAKE_LOGIT).output)
+    return logits_model.predict(flow, verbose=1).ravel().astype(float)
+
+
+def calibrate(model, logits, images):
+    """Fit one temperature on the validation split's logits and put it inside the model; return it."""
+    labels = np.array([CLASSES.index(class_name) for _, class_name in images], float)
+    temperature = fit_temperature(logits, labels)
+    model.get_layer(TEMPERATURE_SCALING).set_weights([np.full((1, 1), 1 / temperature, np.float32)])
+    return temperature
+
+
+def fit_temperature(logits, labels):
+    """The temperature T that minimizes the cross-entropy of sigmoid(logit / T) on these images.
+
+    Temperature scaling (Guo et al., 2017, On Calibration of Modern Neural Networks)
+    divides the logit by T: an over-confident model gets T > 1, which pulls its p(fake)
+    towards 0.5 without changing which side of 0.5 any face is on, so accuracy and AUC stay
+    as they were.
+    """
+
+    def cross_entropy(log_temperature):
+        scaled = logits / np.exp(log_temperature)
+        return float(np.mean(np.logaddexp(0, scaled) - labels * scaled))
+
+    # T between 1/20 and 20: beyond those the scores carry no ranking worth calibrating.
+    fitted = optimize.minimize_scalar(cross_entropy, bounds=(-math.log(20), math.log(20)), method="bounded")
+    return float(np.exp(fitted.x))
 
 
 def load_best_model(run_dir, last_model=None):
@@ -385,7 +434,11 @@ def saving_file(model_file):
 
 def predict_split(model, flow, images):
     """p(fake) for every image of an unshuffled, labelled flow, which keeps the order of `images`."""
-    p_fake = model.predict(flow, verbose=1).ravel().astype(float)
+    return predictions_table(images, model.predict(flow, verbose=1).ravel().astype(float))
+
+
+def predictions_table(images, p_fake):
+    """predictions.csv's rows: each (path, class name) of `images` with its p(fake)."""
     return pd.DataFrame(
         {
             "path": [str(path) for path, _ in images],
@@ -544,19 +597,26 @@ def load_ensemble(output_dir):
 
 def prediction_models(recipe, args):
     """The (title, model) pairs to score with, their weights, a line per model that says whose verdicts
-    these are (from its card), and the mark its pictures carry (DEMO_MARK, UNKNOWN_MARK or None)."""
+    these are (from its card), the mark its pictures carry (DEMO_MARK, UNKNOWN_MARK or None), and how
+    p(fake) becomes a verdict: --threshold, or else the band of the model's card (none for an ensemble)."""
     if args.model == ENSEMBLE:
         models, weights, files = load_ensemble(args.output_dir)
     else:
         files = [saved_model_file(recipe, args)]
         models, weights = [(recipe.title, load_saved_model(files[0], recipe.name, recipe.title))], [1.0]
     described = [whose_verdicts(title, model_file) for (title, _), model_file in zip(models, files)]
+    lines = [line for line, _, _ in described]
     if len(models) > 1:
-        described = [(f"{line} (weight {weight:.2f})", mark) for (line, mark), weight in zip(described, weights)]
-    marks = [mark for _, mark in described if mark]
+        lines = [f"{line} (weight {weight:.2f})" for line, weight in zip(lines, weights)]
+    marks = [mark for _, mark, _ in described if mark]
     # One member without a card, or trained on the demo, is enough to mark the ensemble's verdicts.
     mark = UNKNOWN_MARK if UNKNOWN_MARK in marks else (marks[0] if marks else None)
-    return models, weights, [line for line, _ in described], mark
+    if args.threshold is not None:
+        verdicts = Verdicts(args.threshold, args.threshold)
+    else:
+        # No band was chosen for the ensemble's average: every face is uncertain without --threshold.
+        verdicts = described[0][2] if len(models) == 1 else Verdicts(None, None)
+    return models, weights, lines, mark, verdicts
 
 
 def p_fake_of_pictures(models, weights, pictures):
@@ -592,7 +652,8 @@ def grad_cam(model, batch):
     """
     base = base_of(model)
     feature_map_and_output = keras.Model(base.inputs, [gradcam_layer(base).output, base.output])
-    output_layer = model.get_layer("p_fake")
+    # A model saved before the head ended in a logit has its fake score in its output layer.
+    output_layer = model.get_layer(FAKE_LOGIT if FAKE_LOGIT in [layer.name for layer in model.layers] else "p_fake")
     scaled = model.get_layer(PIXEL_SCALING)(tf.convert_to_tensor(batch, tf.float32))
     with tf.GradientTape() as tape:
         # Watching the input records every layer, the frozen ones too.
@@ -622,14 +683,14 @@ def predict_media(recipe, args):
     judge each (find its faces, cut them out, score them) and report it as it is judged.
     """
     images, videos, unreadable = media_to_predict(args.predict)
-    models, weights, model_lines, mark = prediction_models(recipe, args)
+    models, weights, model_lines, mark, args.verdicts = prediction_models(recipe, args)
     judge = MediaJudge(models, weights, args)
     report = PredictionReport(args, images + videos, mark)
     for path in unreadable:
         report.unreadable(path)
     faces = "each face found" if args.faces == "auto" else "each whole image"
     by = "the model" if len(models) == 1 else "the weighted ensemble of"
-    print(f"p(fake) of {faces}; called fake from p(fake) {args.threshold}; by {by}:")
+    print(f"p(fake) of {faces}; verdicts: {args.verdicts}; by {by}:")
     for line in model_lines:
         print(f"  {line}")
     for path, image, lines in judge.images(images):
@@ -911,7 +972,7 @@ def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_tit
         "jpeg_quality": args.jpeg_quality,
         "blur_sigma": args.blur,
         "faces": args.faces,
-        **classification_metrics(predictions, args.threshold),
+        **classification_metrics(predictions, 0.5 if args.threshold is None else args.threshold),
     }
     if faces is not None:
         metrics.update(min_face=args.min_face, n_no_face=len(faces.no_face), no_face=faces.no_face)
@@ -1015,8 +1076,9 @@ RESUMABLE_SETTINGS = (
     "fine_tune_learning_rate", "weights", "preprocessing", "unfreeze_rule", "pipeline", "mixed_precision",
 )
 
-# Raised when a backup made by earlier code cannot be resumed: version 2 models take raw pixels.
-BACKUP_FORMAT = 2
+# Raised when a backup made by earlier code cannot be resumed: version 2 models take raw
+# pixels, and version 3 models end in a logit, temperature scaling and the sigmoid.
+BACKUP_FORMAT = 3
 
 
 def set_aside_previous_run(run_dir):

@@ -34,6 +34,7 @@ import shlex
 import sys
 import textwrap
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -264,6 +265,81 @@ def plot_confusion_matrix(metrics, path, title):
 EVALUATION_PLOTS = ("roc.png", "precision_recall.png", "confusion_matrix.png")
 
 
+# Guo et al. (2017) measure the expected calibration error over this many equal bins of confidence.
+CALIBRATION_BINS = 15
+
+
+def calibration_bins(labels, p_fake, bins=CALIBRATION_BINS):
+    """(mean confidence, accuracy, share of the images) in each non-empty bin of confidence.
+
+    The confidence is the probability of the class called, max(p_fake, 1 - p_fake); the
+    bins split 0 to 1 into equal parts, as Guo et al. (2017) count them.
+    """
+    labels, p_fake = np.asarray(labels), np.asarray(p_fake, float)
+    confidence = np.maximum(p_fake, 1 - p_fake)
+    correct = (p_fake >= 0.5).astype(int) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return [
+        (float(confidence[which == bin].mean()), float(correct[which == bin].mean()), float((which == bin).mean()))
+        for bin in range(bins) if (which == bin).any()
+    ]
+
+
+def expected_calibration_error(labels, p_fake):
+    """How far the confidence of the class called is from its accuracy, on average over the images (ECE)."""
+    return float(sum(share * abs(accuracy - confidence) for confidence, accuracy, share in calibration_bins(labels, p_fake)))
+
+
+def plot_calibration(labels, p_fake_before, p_fake_after, path, title):
+    """The reliability diagram: accuracy against confidence, before and after temperature scaling."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0.5, 1], [0.5, 1], ":", color="grey", label="calibrated")
+    for name, p_fake in (("before", p_fake_before), ("after temperature scaling", p_fake_after)):
+        confidence, accuracy, _ = zip(*calibration_bins(labels, p_fake))
+        ece = expected_calibration_error(labels, p_fake)
+        axis.plot(confidence, accuracy, "o-", label=f"{name}: ECE {ece:.3f}")
+    axis.set_xlim(0.5, 1.0)
+    axis.set_ylim(0.0, 1.05)
+    axis.set_xlabel("confidence: p of the class called")
+    axis.set_ylabel("accuracy")
+    axis.legend(loc="lower right")
+    set_wrapped_title(axis, title, "reliability on the test split")
+    return save_figure(figure, path)
+
+
+# The band of --predict's verdicts, chosen on the validation split: below its low end at least
+# this share of the faces are real, and from its high end up at least this share are fake.
+BAND_PURITY = 0.95
+# Each side holds at least this many validation faces, so that a few at either end cannot set it.
+BAND_MIN_FACES = 20
+
+
+def uncertain_band(labels, p_fake, purity=BAND_PURITY, min_faces=BAND_MIN_FACES):
+    """The (real_below, fake_from) thresholds of --predict's verdicts, from the validation split.
+
+    real_below is the highest score with at least `min_faces` faces below it, `purity` of
+    them real; fake_from, the lowest score from real_below up with at least `min_faces`
+    faces from it up, `purity` of them fake. Either is None where no score qualifies: a
+    model that does not separate the classes calls every face uncertain.
+    """
+    order = np.argsort(p_fake, kind="stable")
+    scores, fake = np.asarray(p_fake, float)[order], np.asarray(labels)[order]
+    count = len(scores)
+    # Each distinct score, as a threshold: the faces below it are the first `first` ones.
+    firsts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+    real_below_first = np.r_[0, np.cumsum(1 - fake)]
+    fake_from_first = fake.sum() - np.r_[0, np.cumsum(fake)]
+    real_side = [first for first in firsts if first >= min_faces and real_below_first[first] >= purity * first]
+    lowest = real_side[-1] if real_side else 0
+    fake_side = [
+        first for first in firsts
+        if first >= lowest and count - first >= min_faces and fake_from_first[first] >= purity * (count - first)
+    ]
+    real_below = float(scores[real_side[-1]]) if real_side else None
+    fake_from = float(scores[fake_side[0]]) if fake_side else None
+    return real_below, fake_from
+
+
 def plot_evaluation(predictions, metrics, folder, title):
     """Draw EVALUATION_PLOTS into `folder`; return their paths."""
     folder = Path(folder)
@@ -282,7 +358,10 @@ def plot_evaluation(predictions, metrics, folder, title):
 
 # The model card, beside model.keras: a model hub shows it as the model's page.
 MODEL_CARD = "README.md"
-RUN_OUTPUTS = ("model.keras", MODEL_CARD, "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS)
+RUN_OUTPUTS = (
+    "model.keras", MODEL_CARD, "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS,
+    "calibration.png",
+)
 
 # What the header of --predict, its pictures and metrics.json say of a model trained on the
 # demo's drawn faces, and of a model without a card.
@@ -300,8 +379,12 @@ def write_test_outputs(folder, title, predictions, metrics):
     return plot_evaluation(predictions, metrics, folder, title)
 
 
-def write_run_outputs(run_dir, recipe, args, dataset, predictions, valid_predictions):
-    """metrics.json, predictions.csv, history.png, the test figures and the model card for one run; return the metrics."""
+def write_run_outputs(run_dir, recipe, args, dataset, predictions, valid_predictions, calibration):
+    """metrics.json, predictions.csv, history.png, the test figures and the model card for one run; return the metrics.
+
+    The predictions are calibrated; `calibration` gives the temperature, and the test split's
+    p(fake) before it was applied.
+    """
     history = read_history(run_dir / "history.csv")
     metrics = {
         "model": recipe.title,
@@ -325,17 +408,36 @@ def write_run_outputs(run_dir, recipe, args, dataset, predictions, valid_predict
         "distribute": args.distribute,
         # Summed over the epochs in history.csv, so a resumed run counts every session.
         "train_seconds": round(float(history["seconds"].sum()), 1),
+        **calibration_metrics(predictions, valid_predictions, calibration),
     }
     write_test_outputs(run_dir, recipe.title, predictions, metrics)
     plot_history(history, run_dir / "history.png", recipe.title)
+    labels = true_labels(predictions)
+    plot_calibration(labels, calibration["test_p_fake_before"], predictions["p_fake"], run_dir / "calibration.png", recipe.title)
     write_text_atomically(run_dir / MODEL_CARD, model_card(recipe, args, metrics))
     return metrics
+
+
+def calibration_metrics(predictions, valid_predictions, calibration):
+    """The temperature, the test split's ECE before and after it, and the band of --predict's verdicts."""
+    labels = true_labels(predictions)
+    real_below, fake_from = uncertain_band(true_labels(valid_predictions), valid_predictions["p_fake"].to_numpy(float))
+    return {
+        "temperature": calibration["temperature"],
+        "test_ece_before_calibration": expected_calibration_error(labels, calibration["test_p_fake_before"]),
+        "test_ece": expected_calibration_error(labels, predictions["p_fake"]),
+        "real_below": real_below,
+        "fake_from": fake_from,
+    }
 
 
 def model_card(recipe, args, metrics):
     """The model card: YAML front matter that a model hub reads, then what the model is, what it was
     trained on, how it scored on its test split, what it cannot judge, and how it was made."""
-    test_metrics = [("accuracy", "test_accuracy", "Test accuracy"), ("roc_auc", "test_auc", "Test AUC"), ("eer", "test_eer", "Test EER")]
+    test_metrics = [
+        ("accuracy", "test_accuracy", "Test accuracy"), ("roc_auc", "test_auc", "Test AUC"), ("eer", "test_eer", "Test EER"),
+        ("ece", "test_ece", "Test ECE, calibrated"),
+    ]
     front = {
         "library_name": "keras",
         "pipeline_tag": "image-classification",
@@ -349,7 +451,9 @@ def model_card(recipe, args, metrics):
             }],
         }],
         # Read back by --predict, to say whose verdicts it prints.
-        "deepfake_detector": {key: metrics[key] for key in ("model", "trained_on", "demo_model", "test_auc", "img_size")},
+        "deepfake_detector": {
+            key: metrics[key] for key in ("model", "trained_on", "demo_model", "test_auc", "img_size", "real_below", "fake_from")
+        },
     }
     images = ", ".join(f"{count} {split}" for split, count in metrics["images"].items())
     warmup = (
@@ -373,7 +477,14 @@ def model_card(recipe, args, metrics):
         f"{metrics['trained_on']}: {images} images.", "",
         "## Test metrics", "",
         "| Metric | Value |", "|---|---|",
-        *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None), "",
+        *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None),
+        f"| Test ECE, before calibration | {metrics['test_ece_before_calibration']:.4f} |", "",
+        "p(fake) is calibrated: a temperature of "
+        f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model.", "",
+        "## Verdicts", "",
+        f"`--predict` calls a face {Verdicts(metrics['real_below'], metrics['fake_from'])}: on the validation split, "
+        f"at least {BAND_PURITY:.0%} of the faces below the low threshold are real, and {BAND_PURITY:.0%} from the high "
+        "one up are fake.", "",
         "## What it cannot judge", "",
         "- Anything but a face: `--predict` finds the faces and cuts each out as the dataset frames its faces; "
         "a picture without one gets no verdict.",
@@ -413,13 +524,15 @@ def read_model_card(model_file):
 
 
 def whose_verdicts(title, model_file):
-    """A line that says whose verdicts these are, from the model's card, and the mark its pictures carry, if any."""
+    """What the model's card says: a line on whose verdicts these are, the mark its pictures carry
+    (DEMO_MARK, UNKNOWN_MARK or None), and the band of its verdicts (Verdicts)."""
     card = read_model_card(model_file)
     if card is None:
-        return f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK
+        return f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None)
     auc = "-" if card.get("test_auc") is None else f"{card['test_auc']:.3f}"
     line = f"{title} ({model_file}), trained on {card['trained_on']}, test AUC {auc}"
-    return (f"{line}. {DEMO_MARK}", DEMO_MARK) if card.get("demo_model") else (line, None)
+    band = Verdicts(card.get("real_below"), card.get("fake_from"))
+    return (f"{line}. {DEMO_MARK}", DEMO_MARK, band) if card.get("demo_model") else (line, None, band)
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +560,7 @@ class PredictionReport:
         if self.args.annotate:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
             picture = self.args.annotate / f"{self.names[path]}-faces.jpg"
-            save_annotated_image(image, marks, picture, self.args.threshold, self.mark)
+            save_annotated_image(image, marks, picture, self.args.verdicts, self.mark)
             self.written["annotated"] += 1
 
     def video(self, path, lines, followed, frames, thumbnails):
@@ -458,14 +571,14 @@ class PredictionReport:
         if self.args.annotate:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
             sheet = self.args.annotate / f"{self.names[path]}-frames.png"
-            save_contact_sheet(thumbnails, marks, sheet, self.args.threshold, p_fake, self.mark)
+            save_contact_sheet(thumbnails, marks, sheet, self.args.verdicts, p_fake, self.mark)
             self.written["annotated"] += 1
 
     def print_lines(self, lines):
         """Print each line, and keep it as a row of the CSV."""
         for line in lines:
             print(printed_line(line, self.args))
-            self.rows.append(csv_row(line, self.args.threshold))
+            self.rows.append(csv_row(line, self.args.verdicts))
 
     def unreadable(self, path):
         """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
@@ -476,7 +589,7 @@ class PredictionReport:
         scored = [line for line in lines if line.p_fake is not None]
         for line, heatmap in zip(scored, heatmaps):
             overlay = self.args.gradcam / f"{self.names[path]}{gradcam_part(line)}-gradcam.png"
-            verdict = verdict_of(line.p_fake, self.args.threshold)
+            verdict = self.args.verdicts(line.p_fake)
             save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict, mark=self.mark)
             self.written["gradcam"] += 1
 
@@ -491,8 +604,36 @@ class PredictionReport:
             print(f"Wrote {counted(self.written['gradcam'], 'Grad-CAM overlay')} to {self.args.gradcam}")
 
 
-def verdict_of(p_fake, threshold):
-    return "fake" if p_fake >= threshold else "real"
+@dataclass(frozen=True)
+class Verdicts:
+    """How --predict turns a p(fake) into a verdict: real below `real_below`, fake from `fake_from`, uncertain between.
+
+    --threshold T gives the two-way verdict, Verdicts(T, T). Otherwise the band comes from
+    the model's card, chosen on its validation split (uncertain_band); a side without a
+    threshold (None) gives no such verdict.
+    """
+
+    real_below: float | None
+    fake_from: float | None
+
+    def __call__(self, p_fake):
+        if self.real_below is not None and p_fake < self.real_below:
+            return "real"
+        if self.fake_from is not None and p_fake >= self.fake_from:
+            return "fake"
+        return "uncertain"
+
+    def thresholds(self):
+        return sorted({value for value in (self.real_below, self.fake_from) if value is not None})
+
+    def __str__(self):
+        if self.real_below is None and self.fake_from is None:
+            return "uncertain for every face, as the model's card gives no band (--threshold T: two-way at T)"
+        if self.real_below == self.fake_from:
+            return f"fake from p(fake) {self.fake_from}, real below it"
+        real = "never real" if self.real_below is None else f"real below p(fake) {self.real_below:.3f}"
+        fake = "never fake" if self.fake_from is None else f"fake from {self.fake_from:.3f}"
+        return f"{real}, {fake}, uncertain between"
 
 
 def part_of_input(line):
@@ -517,7 +658,7 @@ def printed_line(line, args):
     elif line.note == FRAME_NOT_DECODED:
         judgement = "not judged: the frame could not be decoded"
     else:
-        judgement = f"p_fake={line.p_fake:.4f}  {verdict_of(line.p_fake, args.threshold)}"
+        judgement = f"p_fake={line.p_fake:.4f}  {args.verdicts(line.p_fake)}"
     return "  ".join(part for part in (str(line.path), part_of_input(line), judgement) if part)
 
 
@@ -544,7 +685,7 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
         basis += f", {too_small} of them too small to judge" if too_small else ""
     faces_scored = sum(line.face is not None and line.p_fake is not None for line in lines)
     counts = f"{frames}, {faces_scored} faces scored; {basis}"
-    return f"{path}  video  p_fake={p_fake:.4f}  {verdict_of(p_fake, args.threshold)}  ({counts})", p_fake
+    return f"{path}  video  p_fake={p_fake:.4f}  {args.verdicts(p_fake)}  ({counts})", p_fake
 
 
 def counted(count, thing):
@@ -565,7 +706,7 @@ CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confid
 CSV_WHOLE_NUMBERS = ("frame", "face", "crop_x", "crop_y", "crop_size")
 
 
-def csv_row(line, threshold):
+def csv_row(line, verdicts):
     crop_x, crop_y, crop_size = (None, None, None) if line.face_frame is None else line.face_frame.square
     return dict(
         path=str(line.path),
@@ -576,7 +717,7 @@ def csv_row(line, threshold):
         crop_size=crop_size,
         confidence=line.confidence,
         p_fake=line.p_fake,
-        verdict=None if line.p_fake is None else verdict_of(line.p_fake, threshold),
+        verdict=None if line.p_fake is None else verdicts(line.p_fake),
         note=line.note,
     )
 
@@ -669,14 +810,14 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mar
 
 # RGB: the colour of a model's mark (DEMO_MARK, UNKNOWN_MARK) on its pictures.
 MARK_COLOUR = (200, 0, 120)
-# RGB: green for a face called real, red for fake, grey for one too small to judge.
-VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), None: (160, 160, 160)}
+# RGB: green for a face called real, red for fake, amber for uncertain, grey for one too small to judge.
+VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), "uncertain": (240, 160, 0), None: (160, 160, 160)}
 
 # An annotated photo is shrunk to this longer side at most, to keep its file small.
 LARGEST_ANNOTATED_SIDE = 1600
 
 
-def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
+def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
     """A copy of an RGB image with each face's square drawn and labelled with its p(fake).
 
     `marks` holds (face frame, p_fake) pairs. A face frame of None is the whole image:
@@ -689,7 +830,7 @@ def marked_image(image, marks, threshold, largest_side=LARGEST_ANNOTATED_SIDE, m
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
     for face_frame, p_fake in marks:
-        verdict = None if p_fake is None else verdict_of(p_fake, threshold)
+        verdict = None if p_fake is None else verdicts(p_fake)
         label = "too small" if p_fake is None else f"p_fake {p_fake:.2f}"
         if face_frame is None:
             label = "no face found: not judged" if p_fake is None else f"whole image: {label}"
@@ -730,10 +871,10 @@ def draw_banner(image, text, colour):
     cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
-def save_annotated_image(image, marks, path, threshold, mark=None):
+def save_annotated_image(image, marks, path, verdicts, mark=None):
     """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], threshold, mark=mark)
+    marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], verdicts, mark=mark)
     cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return path
 
@@ -744,7 +885,7 @@ CONTACT_SHEET_FRAMES = 64
 CONTACT_SHEET_COLUMNS = 8
 
 
-def save_contact_sheet(thumbnails, marks, path, threshold, p_fake, mark=None):
+def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
@@ -763,16 +904,17 @@ def save_contact_sheet(thumbnails, marks, path, threshold, p_fake, mark=None):
     for position, (index, thumbnail, scale) in enumerate(thumbnails):
         frame_marks = [(None if face_frame is None else face_frame.scaled(scale), score) for at, face_frame, score in marks if at == index]
         axis = figure.add_subplot(grid[position // columns, position % columns])
-        axis.imshow(marked_image(thumbnail, frame_marks, threshold))
+        axis.imshow(marked_image(thumbnail, frame_marks, verdicts))
         axis.set_title(f"frame {index}", fontsize=8)
         axis.set_axis_off()
     strip = figure.add_subplot(grid[rows, :])
     scored = [(at, score) for at, _, score in marks if score is not None]
-    for verdict, colour in (("real", VERDICT_COLOURS["real"]), ("fake", VERDICT_COLOURS["fake"])):
-        points = [(at, score) for at, score in scored if (score >= threshold) == (verdict == "fake")]
+    for verdict in ("real", "uncertain", "fake"):
+        points = [(at, score) for at, score in scored if verdicts(score) == verdict]
         if points:
-            strip.scatter(*zip(*points), color=np.array(colour) / 255, s=14, label=verdict)
-    strip.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {threshold}")
+            strip.scatter(*zip(*points), color=np.array(VERDICT_COLOURS[verdict]) / 255, s=14, label=verdict)
+    for threshold in verdicts.thresholds():
+        strip.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {threshold:.2f}")
     if p_fake is not None:
         strip.axhline(p_fake, color="black", linestyle="--", linewidth=1, label=f"video p_fake {p_fake:.2f}")
     strip.set_ylim(-0.05, 1.05)

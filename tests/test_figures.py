@@ -212,3 +212,29 @@ def test_long_evaluation_titles_fit_their_figures(tmp_path, monkeypatch):
         figure_box = figure.bbox
         assert figure_box.x0 <= title_box.x0 and title_box.x1 <= figure_box.x1, f"{path.name}: title too wide"
         assert title_box.y1 <= figure_box.y1, f"{path.name}: title cut off at the top"
+
+
+# --- The band of --predict's verdicts, from the validation split -----------------
+
+
+def test_the_band_is_exactly_what_its_rule_gives():
+    # 30 real faces at 0.00 to 0.29, then 20 in the middle at 0.40 to 0.59 (fake, real, fake,
+    # ...), then 30 fake ones at 0.70 to 0.99.
+    scores = [index / 100 for index in range(30)] + [0.40 + index / 100 for index in range(20)]
+    scores += [0.70 + index / 100 for index in range(30)]
+    labels = [0] * 30 + [1 - index % 2 for index in range(20)] + [1] * 30
+    real_below, fake_from = figures.uncertain_band(np.array(labels), np.array(scores))
+    # Below 0.42: 31 of 32 faces are real (0.969); below 0.43, 31 of 33 (0.939), under 0.95.
+    # From 0.58: 31 of 32 are fake; from 0.57, 31 of 33.
+    assert (real_below, fake_from) == (pytest.approx(0.42), pytest.approx(0.58))
+    verdicts = figures.Verdicts(real_below, fake_from)
+    assert [verdicts(score) for score in (0.41, real_below, 0.5, fake_from)] == ["real", "uncertain", "uncertain", "fake"]
+
+
+def test_a_model_that_does_not_separate_the_classes_calls_every_face_uncertain():
+    labels = np.array([0, 1] * 50)
+    assert figures.uncertain_band(labels, np.full(100, 0.5)) == (None, None)
+    # Too few faces on a side to set it, however pure they are.
+    assert figures.uncertain_band(np.array([0] * 10 + [1] * 10), np.linspace(0, 1, 20)) == (None, None)
+    assert figures.Verdicts(None, None)(0.99) == "uncertain"
+    assert figures.Verdicts(0.5, 0.5)(0.5) == "fake" and figures.Verdicts(0.5, 0.5)(0.49) == "real"

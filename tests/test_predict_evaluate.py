@@ -66,7 +66,7 @@ def test_predict_gives_a_test_image_the_p_fake_of_predictions_csv(trained, tmp_p
     test_predictions = pd.read_csv(output_dir / "vgg16" / "predictions.csv")
     image = test_predictions["path"][4]
     capsys.readouterr()
-    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--csv", str(tmp_path / "p.csv")) == 0
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--threshold", "0.5", "--csv", str(tmp_path / "p.csv")) == 0
 
     printed = printed_lines(capsys.readouterr().out)
     written = pd.read_csv(tmp_path / "p.csv")
@@ -323,7 +323,7 @@ def test_evaluate_judges_at_the_threshold_given(trained, tmp_path):
 def test_gradcam_still_shows_regions_when_p_fake_saturates():
     recipe = next(recipe for recipe in load_recipes() if recipe.title == "VGG16")
     model = load_pre_trained_models.build_model(recipe, weights="none", img_size=32)
-    output_layer = model.get_layer("p_fake")
+    output_layer = model.get_layer("fake_logit")
     # A huge bias pins p(fake) at exactly 1.0 in float32, where the sigmoid's gradient is 0.
     output_layer.bias.assign([100.0])
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))

@@ -20,6 +20,7 @@ from PIL import Image
 
 import load_pre_trained_models
 import plot_loss_accuracy_graph
+from plot_loss_accuracy_graph import read_model_card
 from conftest import REPOSITORY_DIR, run_script
 from data_augmentation import (
     FaceFinder,
@@ -293,7 +294,7 @@ def test_a_face_too_small_to_judge_gets_its_width_and_min_face_and_a_row(output_
         path = tmp_path / f"{name}.png"
         Image.fromarray(getattr(skimage_data, name)()).save(path)
         assert predict(output_dir, str(path), *options, "--csv", str(tmp_path / f"{name}.csv")) == 0
-        line = capsys.readouterr().out.splitlines()[1]
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(str(path)))
         min_face = options[-1] if options else "64"
         assert re.fullmatch(
             rf"{re.escape(str(path))}  face 1 at -?\d+,-?\d+  too small to judge: \d+ px wide, under --min-face {min_face}", line
@@ -442,3 +443,19 @@ def test_the_header_and_every_picture_say_whose_verdicts_these_are(output_dir, t
 
     assert mark_coloured(overlays["demo"]) > 50 and mark_coloured(overlays["alone"]) > 50
     assert mark_coloured(overlays["with-card"]) == 0
+
+
+def test_verdicts_come_from_the_cards_band_and_threshold_gives_two(output_dir, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    card = read_model_card(output_dir / "vgg16" / "model.keras")
+    # Trained on 8 validation faces, too few to set either side of the band: every face is uncertain.
+    assert (card["real_below"], card["fake_from"]) == (None, None)
+    assert predict(output_dir, str(photo), "--csv", str(tmp_path / "band.csv")) == 0
+    header, line = capsys.readouterr().out.splitlines()[:3:2]
+    assert "verdicts: uncertain for every face" in header and line.endswith("  uncertain")
+    assert predict(output_dir, str(photo), "--threshold", "0.5", "--csv", str(tmp_path / "two.csv")) == 0
+    two_way = pd.read_csv(tmp_path / "two.csv")
+    assert two_way["verdict"][0] == ("fake" if two_way["p_fake"][0] >= 0.5 else "real")
+    assert pd.read_csv(tmp_path / "band.csv")["verdict"][0] == "uncertain"

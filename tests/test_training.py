@@ -55,7 +55,12 @@ def test_the_model_card_is_front_matter_and_markdown_with_the_metrics_of_metrics
     assert results["dataset"]["name"] == metrics["trained_on"] == "faces"  # The tiny dataset's folder.
     assert {entry["type"]: entry["value"] for entry in results["metrics"]} == {
         "accuracy": metrics["test_accuracy"], "roc_auc": metrics["test_auc"], "eer": metrics["test_eer"],
+        "ece": metrics["test_ece"],
     }
+    for key in ("real_below", "fake_from", "test_auc"):
+        assert card["deepfake_detector"][key] == metrics[key]
+    assert metrics["temperature"] > 0 and {"test_ece", "test_ece_before_calibration"} <= set(metrics)
+    assert (run_dir / "calibration.png").read_bytes().startswith(b"\x89PNG")
     assert card["deepfake_detector"]["demo_model"] is False and "demo_model" in metrics and "warning" not in metrics
     assert body.startswith("\n# VGG16 deepfake detector\n") and "DEMO MODEL" not in body
     for heading in ("## The model", "## Trained on", "## Test metrics", "## What it cannot judge", "## How it was made"):
@@ -184,18 +189,19 @@ def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_ro
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(load_pre_trained_models, "predict_split", interrupt)
+    monkeypatch.setattr(load_pre_trained_models, "predict_logits", interrupt)
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "2") == 130
     monkeypatch.undo()
-    model_file = output_dir / "vgg16" / "model.keras"
-    saved_at = model_file.stat().st_mtime_ns
+    # The model is saved again once calibrated, so the history tells whether an epoch was trained again.
+    history_file = output_dir / "vgg16" / "history.csv"
+    history = history_file.read_text()
     # Another --epochs would silently test the model trained for 2: refused, with what to do.
     capsys.readouterr()
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "3") == 2
     assert_one_line_error(capsys, "finished training with --epochs 2", "again with --epochs 2")
 
     assert run_script("VGG16", tiny_split_root, output_dir, "--epochs", "2") == 0
-    assert model_file.stat().st_mtime_ns == saved_at  # No epoch was trained again.
+    assert history_file.read_text() == history  # No epoch was trained again.
     assert json.loads((output_dir / "vgg16" / "metrics.json").read_text())["epochs_run"] == 2
     assert not (output_dir / "vgg16" / "backup").exists()
 
