@@ -17,7 +17,7 @@ same for the four models, is the function `fine_tune` in load_pre_trained_models
 
 import sys
 
-from data_preprocessing import ModelRecipe, exits_on_user_error, parse_arguments
+from data_preprocessing import ModelRecipe, exits_on_user_error, parse_arguments, quiet_tensorflow_start
 
 RECIPE = ModelRecipe(
     title="VGG19",
@@ -37,7 +37,8 @@ RECIPE = ModelRecipe(
 def main(argv=None):
     """Read and check the options before TensorFlow loads, then train, or apply the trained model."""
     args = parse_arguments(RECIPE, argv)
-    import load_pre_trained_models  # TensorFlow loads here, once the options are known to be right.
+    with quiet_tensorflow_start():
+        import load_pre_trained_models  # TensorFlow loads here, once the options are known to be right.
 
     return load_pre_trained_models.run(RECIPE, args)
 

@@ -50,6 +50,7 @@ import re
 import runpy
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -786,6 +787,11 @@ def build_parser(recipe):
     training.add_argument(
         "--patience", type=positive_int, help="stop after N epochs without a better val_loss (after the warmup)"
     )
+    training.add_argument(
+        "--tensorboard", action="store_true",
+        help="write TensorBoard logs to OUTPUT_DIR/<model>/logs/, a folder per phase; watch them with "
+        "`tensorboard --logdir OUTPUT_DIR`",
+    )
     speed = parser.add_argument_group("speed and scale")
     speed.add_argument(
         "--pipeline", choices=["idg", "tfdata"], default="idg",
@@ -877,6 +883,7 @@ def check_option_combinations(args):
             "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
             "test figures are in the results table",
         ),
+        (applying and args.tensorboard, "--tensorboard logs training; --predict and --evaluate train nothing"),
         (
             applying and (args.warmup_epochs or args.fine_tune_learning_rate is not None),
             "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
@@ -998,6 +1005,48 @@ class ProgressBar:
         seconds = time.perf_counter() - self.started
         start = "\r" if self.redrawn else ""
         print(f"{start}{done}/{self.total} {self.unit}s [{bar}] {seconds:.0f} s", end="\n" if finished else "", flush=True)
+
+
+# The lines TensorFlow's C++ start-up prints on every machine, a GPU or none, before any of
+# ours: notes on oneDNN, CUDA libraries, CPU instructions, and a failed cuInit where there is no GPU.
+TENSORFLOW_START_UP_LINE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\]"
+    r"|E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+)
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_start():
+    """Load TensorFlow, in the block, without the lines its C++ start-up prints; any other line still shows.
+
+    TF_CPP_MIN_LOG_LEVEL does not reach the lines printed before TensorFlow's logging starts,
+    so the block's standard error is caught at the file level, and what is not start-up
+    noise is printed after it. The GPU is probed in the block too, where a machine without
+    one logs a failed cuInit. A user who sets TF_CPP_MIN_LOG_LEVEL keeps every line.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        yield
+        return
+    # Later, TensorFlow prints its warnings and errors, not its notes.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    sys.stderr.flush()
+    standard_error = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+            if "tensorflow" in sys.modules:
+                sys.modules["tensorflow"].config.list_physical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(standard_error, 2)
+            os.close(standard_error)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines():
+                if not TENSORFLOW_START_UP_LINE.match(line):
+                    print(line, file=sys.stderr)
 
 
 def write_text_atomically(path, text):

@@ -1090,8 +1090,8 @@ def set_aside_previous_run(run_dir):
     """
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    # Evaluations of the earlier model go with it.
-    outputs += sorted(run_dir.glob(f"{EVALUATION_PREFIX}*"))
+    # Evaluations of the earlier model, and its TensorBoard logs, go with it.
+    outputs += sorted(run_dir.glob(f"{EVALUATION_PREFIX}*")) + [path for path in [run_dir / "logs"] if path.exists()]
     if not outputs:
         return
     finished = (run_dir / "metrics.json").exists()
@@ -1363,6 +1363,10 @@ def training_callbacks(run_dir, args, phase):
         callbacks.append(MarkTrainingFinished(backup_dir / "training-finished", args.epochs))
     else:
         backup_dir = backup_dir / "warmup"
+    if args.tensorboard:
+        # A folder per phase, so that TensorBoard shows the warmup and the fine-tuning as two
+        # runs; epochs count on across both, and across a resume.
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs" / phase)))
     # Last, so that an epoch counts as done only once its row and checkpoint are written.
     # The backup is kept until every output is written (see train_and_test); a run stopped before
     # then resumes from it when the same command is run again.

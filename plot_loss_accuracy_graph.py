@@ -53,7 +53,9 @@ from sklearn import metrics as sklearn_metrics
 
 from data_preprocessing import (
     CLASSES,
+    DEMO_OUTPUT_DIR,
     MODEL_SCRIPTS,
+    OUTPUT_DIR,
     SPLITS,
     OneLineArgumentParser,
     UserError,
@@ -61,6 +63,7 @@ from data_preprocessing import (
     ensure_writable_folder,
     exits_on_user_error,
     locked,
+    quiet_tensorflow_start,
     write_json_atomically,
     write_text_atomically,
 )
@@ -204,7 +207,8 @@ def equal_error_rate(labels, p_fake):
 
 def classification_metrics(predictions, threshold=0.5):
     """Accuracy, loss, AUC, AP, EER and the rest, with fake as the positive class."""
-    import keras  # Only for its loss; imported here so that this module loads fast.
+    with quiet_tensorflow_start():
+        import keras  # Only for its loss; imported here so that this module loads fast.
 
     labels = true_labels(predictions)
     p_fake = predictions["p_fake"].to_numpy(float)
@@ -1065,20 +1069,22 @@ def build_parser():
         "output_dir",
         nargs="?",
         type=Path,
-        default=Path("outputs"),
         metavar="OUTPUT_DIR",
-        help="the folder the fine-tuning scripts wrote into (default outputs)",
+        help="the folder the fine-tuning scripts wrote into (default outputs, or outputs/demo with --demo)",
     )
+    parser.add_argument("--demo", action="store_true", help="the demo's models, in outputs/demo")
     return parser
 
 
 @exits_on_user_error
 def main(argv=None):
-    output_dir = build_parser().parse_args(argv).output_dir
+    args = build_parser().parse_args(argv)
+    output_dir = args.output_dir or (DEMO_OUTPUT_DIR if args.demo else OUTPUT_DIR)
     histories = {path: read_history(path) for path in sorted(output_dir.glob("*/history.csv"))}
     histories = {path: history for path, history in histories.items() if len(history)}
     if not histories:
-        raise UserError(f"no trained model in {output_dir}; run a fine-tuning script first, or name its output folder")
+        demo = f" (the demo's are in {DEMO_OUTPUT_DIR}: add --demo)" if not args.demo and any(DEMO_OUTPUT_DIR.glob("*/history.csv")) else ""
+        raise UserError(f"no trained model in {output_dir}{demo}; run a fine-tuning script first, or name its output folder")
     ensure_writable_folder(output_dir)
     for history_file, history in histories.items():
         metrics_file = history_file.with_name("metrics.json")

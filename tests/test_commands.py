@@ -1,5 +1,7 @@
 """The command lines: one-line errors with exit status 2, and the helper scripts' own commands."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +135,34 @@ def test_plot_command_skips_a_run_stopped_before_its_first_epoch(capsys, tmp_pat
 def test_plot_command_without_runs_is_a_user_error(capsys, tmp_path):
     assert plot_loss_accuracy_graph.main([str(tmp_path)]) == 2
     assert_one_line_error(capsys, "no trained model", str(tmp_path))
+
+
+# --- Quiet by default ------------------------------------------------------------
+
+# How TensorFlow's C++ log lines begin: I, W, E or F, the date, the time, the thread.
+TENSORFLOW_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ |absl::InitializeLog")
+
+
+def test_a_script_prints_none_of_tensorflows_start_up_lines(tiny_split_root, tmp_path):
+    environment = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY_DIR / "VGG16_finetuning.py"), "--data-dir", str(tiny_split_root),
+         "--weights", "none", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = (result.stdout + result.stderr).splitlines()
+    tensorflow_lines = [line for line in output if TENSORFLOW_LOG_LINE.search(line)]
+    assert len(tensorflow_lines) <= 2, tensorflow_lines
+    assert not [line for line in output if "E0000" in line or "cuInit" in line], output
+
+
+def test_plot_command_points_to_the_demo_and_takes_demo(capsys):
+    # The test runs in a folder of its own, so outputs/ here is this test's.
+    run_dir = plot_loss_accuracy_graph.DEMO_OUTPUT_DIR / "vgg16"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss,seconds\n0,0.5,0.7,0.5,0.69,1.0\n")
+    assert plot_loss_accuracy_graph.main([]) == 2
+    assert_one_line_error(capsys, "no trained model in outputs", "demo's are in outputs/demo: add --demo")
+    assert plot_loss_accuracy_graph.main(["--demo"]) == 0
+    assert (run_dir / "history.png").is_file()

@@ -4,6 +4,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPOSITORY_DIR
 
 # Every Python file of the project: the scripts, the helpers, the tests and the benchmarks.
@@ -68,3 +70,15 @@ def test_reading_the_options_decides_and_the_run_builds_the_demo_dataset(tmp_pat
 
     assert data_preprocessing.main(["--demo", "--output-dir", str(tmp_path / "out")]) == 0
     assert len(list((demo_data / "train" / "fake").glob("*.jpg"))) == data_preprocessing.DEMO_IMAGES_PER_CLASS["train"]
+
+
+def test_the_ci_workflow_runs_ci_run_on_every_push_and_pull_request():
+    yaml = pytest.importorskip("yaml")
+    workflow = yaml.safe_load((REPOSITORY_DIR / ".github" / "workflows" / "ci.yml").read_text())
+    # YAML 1.1 reads the key `on` as True.
+    assert set(workflow[True]) == {"push", "pull_request"}
+    steps = workflow["jobs"]["tests"]["steps"]
+    python = next(step for step in steps if step.get("uses", "").startswith("actions/setup-python"))
+    assert python["with"]["python-version"] == "3.11" and python["with"]["cache"] == "pip"
+    assert workflow["jobs"]["tests"]["runs-on"].startswith("ubuntu")
+    assert any(step.get("run") == "bash .ci/run" for step in steps)

@@ -15,6 +15,8 @@ import load_pre_trained_models
 from conftest import (
     REPOSITORY_DIR,
     RUN_OUTPUTS,
+    InterruptAfterEpoch,
+    add_callback,
     TINY_IMAGES_PER_CLASS,
     assert_one_line_error,
     run_script,
@@ -211,7 +213,7 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
     keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]).save(run_dir / "model.keras")
-    args = SimpleNamespace(patience=2, unfreeze_rule="conv", epochs=5)
+    args = SimpleNamespace(patience=2, unfreeze_rule="conv", epochs=5, tensorboard=False)
     callbacks = load_pre_trained_models.training_callbacks(run_dir, args, phase="fine-tune")
     # ModelCheckpoint and EarlyStopping both start from the best model so far, not from scratch.
     checkpoint = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
@@ -268,3 +270,23 @@ def test_a_run_interrupted_under_an_earlier_version_is_refused_with_what_to_do(t
     (run_dir / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
     with pytest.raises(UserError, match="earlier version of these scripts.*delete that folder"):
         load_pre_trained_models.start_or_resume(run_dir, SimpleNamespace(**settings))
+
+
+def test_tensorboard_logs_one_step_per_epoch_per_phase_across_a_resume(tiny_split_root, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir = tmp_path / "outputs"
+    options = ["--epochs", "3", "--warmup-epochs", "1", "--tensorboard"]
+    add_callback(monkeypatch, InterruptAfterEpoch(1))  # Ctrl-C after the first fine-tuning epoch.
+    assert run_script("VGG16", tiny_split_root, output_dir, *options) == 130
+    monkeypatch.undo()
+    assert run_script("VGG16", tiny_split_root, output_dir, *options) == 0
+
+    def steps(phase, split):
+        events = EventAccumulator(str(output_dir / "vgg16" / "logs" / phase / split), size_guidance={"tensors": 0})
+        events.Reload()
+        return sorted(event.step for event in events.Tensors("epoch_loss"))
+
+    assert steps("warmup", "train") == steps("warmup", "validation") == [0]
+    assert steps("fine-tune", "train") == steps("fine-tune", "validation") == [1, 2]
+

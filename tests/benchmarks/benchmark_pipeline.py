@@ -99,7 +99,7 @@ from data_augmentation import (  # noqa: E402
     usable_cores,
 )
 from data_preprocessing import find_split_root, load_dataset, load_recipes, make_demo_dataset  # noqa: E402
-from load_pre_trained_models import build_model, compile_model, precision_policy  # noqa: E402
+from load_pre_trained_models import base_of, build_model, compile_model, precision_policy  # noqa: E402
 
 # What each measurement is, as the table shows it.
 MEASUREMENTS = {
@@ -123,6 +123,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--train-steps", type=int, default=6, help="timed training steps per measurement (default 6)")
     parser.add_argument("--model", default="VGG16", help="VGG16, VGG19, InceptionV3 or ResNet50 (default VGG16)")
+    parser.add_argument(
+        "--flops", action="store_true",
+        help="print each model's multiply-adds per image, forward and in training, and the README's GPU estimates",
+    )
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # Set for the child processes.
     parser.add_argument("--image-list", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -305,11 +309,62 @@ def machine_description():
     )
 
 
+# ---------------------------------------------------------------------------
+# What training costs on a GPU, estimated from the models' arithmetic (--flops)
+# ---------------------------------------------------------------------------
+
+# Peak float16 throughput in TFLOP/s, as NVIDIA states it: the T4's tensor cores, the P100's FP16.
+GPU_PEAK_TFLOPS = {"T4": 65.0, "P100": 18.7}
+# The share of the peak that CNN training reaches in practice: an assumption, not a measurement.
+ASSUMED_UTILIZATION = 0.3
+# The Kaggle dataset's training and validation images per epoch.
+TRAIN_IMAGES, VALID_IMAGES = 100_000, 20_000
+# Images per second that the tf.data pipeline gave on the 2-core CPU of the figures above:
+# the GPU cannot train faster than this, unless the notebook has more cores.
+INPUT_IMAGES_PER_SECOND = 807
+
+
+def multiply_adds(model):
+    """(forward, backward) multiply-adds per image in a detector's Conv2D and Dense layers.
+
+    The backward pass runs only from the top down to the first trainable layer, and costs
+    about twice the forward pass of the layers it runs through (the gradients of their
+    inputs and of their weights).
+    """
+    layers = [layer for layer in [*base_of(model).layers, *model.layers] if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+    costs = []
+    for layer in layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, channels_out = layer.output.shape
+            kernel_height, kernel_width = layer.kernel_size
+            costs.append(height * width * kernel_height * kernel_width * layer.input.shape[-1] * channels_out)
+        else:
+            costs.append(layer.input.shape[-1] * layer.units)
+    first_trained = next(position for position, layer in enumerate(layers) if layer.trainable)
+    return sum(costs), 2 * sum(costs[first_trained:])
+
+
+def print_gpu_estimates(img_size):
+    """Each model's arithmetic per image, and the estimated minutes per epoch on Kaggle's GPUs."""
+    for recipe in load_recipes():
+        forward, backward = multiply_adds(build_model(recipe, weights="none", img_size=img_size))
+        train_flops, valid_flops = 2 * (forward + backward), 2 * forward  # A multiply-add is 2 FLOPs.
+        print(f"{recipe.title}: {train_flops / 1e9:.1f} GFLOPs per training image, {valid_flops / 1e9:.1f} per validation image")
+        for gpu, peak in GPU_PEAK_TFLOPS.items():
+            computing = (TRAIN_IMAGES * train_flops + VALID_IMAGES * valid_flops) / (peak * 1e12 * ASSUMED_UTILIZATION)
+            reading = (TRAIN_IMAGES + VALID_IMAGES) / INPUT_IMAGES_PER_SECOND
+            print(f"  {gpu}: about {max(computing, reading) / 60:.1f} min per epoch: {computing / 60:.1f} min of "
+                  f"arithmetic at {ASSUMED_UTILIZATION:.0%} of {peak} TFLOP/s, {reading / 60:.1f} min of input")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_arguments(argv)
     if args.measure:
         return measure(args)
+    if args.flops:
+        print_gpu_estimates(args.img_size)
+        return 0
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
