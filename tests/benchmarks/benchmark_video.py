@@ -13,7 +13,7 @@ interval of 250 frames, the hardest case for seeking, and timed too. Pytest does
 collect it; run it on demand:
 
     python tests/benchmarks/benchmark_video.py              # the clips and the model go to a temporary folder
-    python tests/benchmarks/benchmark_video.py --keep media/  # or into media/, and are kept
+    python tests/benchmarks/benchmark_video.py --keep outputs/media/  # or into outputs/media/, and are kept
 
 With --keep, the folder also gets the portrait itself, astronaut.png: the README's photo.
 
