@@ -29,8 +29,10 @@ gc.freeze()
 # at a time, with pytest-isolated. TensorFlow keeps every model that model.fit has traced
 # until its process ends (keras-team/keras#21090), so a single process would hold all the
 # suite's models at once; and two children use both cores of a small machine. test_lesson.py,
-# which trains the most models, runs alone. `python -m pytest --no-isolation` runs in one process.
+# which trains the most models, is split in two. `python -m pytest --no-isolation` runs in one process.
 QUICK_MODULES = ("test_commands.py", "test_data.py", "test_figures.py", "test_structure.py")
+LESSON_RUNS = ("test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_the_rate",
+               "test_an_interrupted_two_phase_run_resumes_where_it_stopped")
 CHILDREN_AT_ONCE = "2"
 
 # The per-model scripts, by model, with their output folders.
@@ -154,7 +156,7 @@ def pytest_itemcollected(item):
     """Put each test in its module's child process (a pytest-isolated group)."""
     module = item.path.name
     if module == "test_lesson.py":
-        group = pytest.mark.isolated(group="lesson", serial=True)
+        group = pytest.mark.isolated(group="lesson-runs" if item.originalname in LESSON_RUNS else "lesson")
     elif module in QUICK_MODULES:
         group = pytest.mark.isolated(group="quick")
     else:
