@@ -532,27 +532,50 @@ def is_video(path):
 
 
 def files_to_predict(paths):
-    """The files named by `paths`, and every file inside the folders among them, in order.
+    """The files named by `paths`, and every file inside the folders among them, in order; each file once.
 
     A path that does not exist, or a broken link, is reported and passed over, like an unreadable image.
     """
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            # Folders are searched to any depth, so that a split root's test/ can be scored at once.
-            inside = sorted(
-                entry for entry in path.rglob("*")
-                if not any(part.startswith(".") for part in entry.relative_to(path).parts)
-            )
-            files += [entry for entry in inside if entry.is_file()]
-            for broken_link in [entry for entry in inside if entry.is_symlink() and not entry.exists()]:
+            inside, broken_links = files_under(path)
+            files += inside
+            for broken_link in broken_links:
                 print(f"warning: skipping {broken_link}: a broken link; it points to nothing", file=sys.stderr)
         elif path.is_file():
             files.append(path)
         else:
             problem = "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder"
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-    return files
+    # A file given twice, or reached through two links, is judged once.
+    seen = set()
+    return [path for path in files if not (path.resolve() in seen or seen.add(path.resolve()))]
+
+
+def files_under(folder):
+    """The files under `folder` to any depth, sorted, and its broken links; hidden entries are passed over.
+
+    Links to folders are followed, as `find -L` does, each real folder once, so that a link
+    back up the tree ends there. Folders are searched to any depth, so that a split root's
+    test/ can be scored at once.
+    """
+    files, broken_links, visited = [], [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in visited:
+            folders[:] = []
+            continue
+        visited.add(os.path.realpath(root))
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            path = Path(root) / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                broken_links.append(path)
+    return sorted(files), sorted(broken_links)
 
 
 # What the image check decodes (OpenCV and Pillow both read these), as the error messages name
@@ -963,6 +986,9 @@ def check_prediction_outputs(args):
         files_given = [path for path in args.predict if path.is_file()]
     except OSError as error:  # A folder on the way that this user may not enter.
         raise UserError(f"cannot reach {error.filename} ({error.strerror}); check the paths given to --predict") from None
+    if not folders_given and not files_given:
+        # Said before TensorFlow and the model load; a missing path among others is a warning, later.
+        raise UserError(f"--predict {args.predict[0]}: no such file or folder; check the path")
     if args.csv:
         if any(args.csv.resolve() == image.resolve() for image in files_given):
             raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")

@@ -89,6 +89,7 @@ from plot_loss_accuracy_graph import (
     FACE_TOO_SMALL,
     FRAME_NOT_DECODED,
     NO_FACE,
+    UNREADABLE,
     RUN_OUTPUTS,
     THUMBNAIL_WIDTH,
     UNKNOWN_MARK,
@@ -492,7 +493,11 @@ def run(recipe, args):
     if args.predict:
         return predict_media(recipe, args)
     if args.evaluate:
-        return evaluate_saved_model(recipe, args)
+        try:
+            return evaluate_saved_model(recipe, args)
+        except KeyboardInterrupt:
+            print("\nInterrupted; the evaluation wrote no result: run the same command again")
+            return 130
     if args.distribute == "multiworker":
         check_multiworker_cluster()
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
@@ -686,29 +691,35 @@ def predict_media(recipe, args):
     models, weights, model_lines, mark, args.verdicts = prediction_models(recipe, args)
     judge = MediaJudge(models, weights, args)
     report = PredictionReport(args, images + videos, mark)
-    for path in unreadable:
-        report.unreadable(path)
     faces = "each face found" if args.faces == "auto" else "each whole image"
     by = "the model" if len(models) == 1 else "the weighted ensemble of"
     print(f"p(fake) of {faces}; verdicts: {args.verdicts}; by {by}:")
     for line in model_lines:
         print(f"  {line}")
-    for path, image, lines in judge.images(images):
-        report.photo(path, image, lines)
-        report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
     videos_judged = 0
-    for path in videos:
-        judged = judge_video(judge, path)
-        if judged is None:
+    try:
+        for path in unreadable:
             report.unreadable(path)
-            continue
-        lines, frames, thumbnails = judged
-        # Every sighting of a face, too small or not: a face that shrinks for a while is still followed.
-        followed = main_face([line for line in lines if line.face is not None])
-        report.video(path, lines, followed, frames, thumbnails)
-        report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
-        videos_judged += 1
+        for path, image, lines in judge.images(images):
+            report.photo(path, image, lines)
+            report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
+        for path in videos:
+            judged = judge_video(judge, path)
+            if judged is None:
+                report.unreadable(path)
+                continue
+            lines, frames, thumbnails = judged
+            # Every sighting of a face, too small or not: a face that shrinks for a while is still followed.
+            followed = main_face([line for line in lines if line.face is not None])
+            report.video(path, lines, followed, frames, thumbnails)
+            report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
+            videos_judged += 1
+    except KeyboardInterrupt:
+        # Ctrl-C: what was judged is printed, and in the CSV, which grows as it goes.
+        print(f"\nInterrupted. {report.stop()}".rstrip())
+        return 130
     if not images and not videos_judged:
+        report.stop()
         raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
     report.finish()
     print(f"Time: {judge.stopwatch.summary()}")
@@ -762,7 +773,16 @@ class Line:
     picture: np.ndarray | None = None
     p_fake: float | None = None
     searched: bool = True  # Whether faces were searched for (--faces auto).
-    note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL or FRAME_NOT_DECODED.
+    note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL, FRAME_NOT_DECODED or UNREADABLE.
+
+
+def read_when_still_there(path):
+    """An image that was checked with the others, read upright; None, with a warning, if it has gone or changed since."""
+    try:
+        return read_upright(path)
+    except Exception as error:  # Moved, deleted or rewritten mid-run: Pillow raises many kinds.
+        print(f"warning: skipping {path}: it can no longer be read ({error})", file=sys.stderr)
+        return None
 
 
 class Stopwatch:
@@ -841,10 +861,11 @@ class MediaJudge:
         batch = []
         for position, path in enumerate(paths):
             with self.stopwatch.timing("reading"):
-                image = read_upright(path)
-            batch.append((path, image, self.lines_of(image, path)))
+                image = read_when_still_there(path)
+            lines = [Line(path, note=UNREADABLE)] if image is None else self.lines_of(image, path)
+            batch.append((path, image, lines))
             lines = [line for _, _, lines in batch for line in lines]
-            held = sum(image.shape[0] * image.shape[1] for _, image, _ in batch)
+            held = sum(image.shape[0] * image.shape[1] for _, image, _ in batch if image is not None)
             faces_to_score = sum(line.picture is not None for line in lines)
             if faces_to_score >= self.args.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
                 self.score(lines)

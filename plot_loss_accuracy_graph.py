@@ -27,6 +27,7 @@ models have been tested on the same images, it also gets an Ensemble row: the we
 average of their p(fake), computed from their predictions.csv, with nothing re-run.
 """
 
+import csv
 import importlib.metadata
 import json
 import math
@@ -474,11 +475,11 @@ def model_card(recipe, args, metrics):
         f"trained ({metrics['unfreeze_rule']} rule) and batch normalization frozen.",
         f"- Input: {metrics['img_size']}x{metrics['img_size']} RGB pixels, 0 to 255, scaled inside the model "
         f"({metrics['preprocessing']} preprocessing).",
-        "- Head: average pooling, Dense 1024 ReLU, dropout 0.5, a sigmoid p(fake).",
+        "- Head: average pooling, Dense 1024 ReLU, dropout 0.5, a logit divided by the temperature T, a sigmoid p(fake).",
         f"- Training: {warmup}{counted(metrics['epochs_run'], 'epoch')} in all with Adam at {args.fine_tune_learning_rate}; "
         "the kept model has the lowest validation loss.", "",
         "## Trained on", "",
-        f"{metrics['trained_on']}: {images} images.", "",
+        f"{images} images of {metrics['trained_on']}.", "",
         "## Test metrics", "",
         "| Metric | Value |", "|---|---|",
         *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None),
@@ -486,9 +487,7 @@ def model_card(recipe, args, metrics):
         "p(fake) is calibrated: a temperature of "
         f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model.", "",
         "## Verdicts", "",
-        f"`--predict` calls a face {Verdicts(metrics['real_below'], metrics['fake_from'])}: on the validation split, "
-        f"at least {BAND_PURITY:.0%} of the faces below the low threshold are real, and {BAND_PURITY:.0%} from the high "
-        "one up are fake.", "",
+        verdicts_sentence(metrics["real_below"], metrics["fake_from"]), "",
         "## What it cannot judge", "",
         "- Anything but a face: `--predict` finds the faces and cuts each out as the dataset frames its faces; "
         "a picture without one gets no verdict.",
@@ -503,6 +502,18 @@ def model_card(recipe, args, metrics):
         "or, in plain Keras, `keras.models.load_model(\"model.keras\")`, fed RGB pixels 0 to 255.", "",
     ]
     return "\n".join(lines)
+
+
+def verdicts_sentence(real_below, fake_from):
+    """What the card says of the band of --predict's verdicts."""
+    rule = (
+        f"on the validation split, at least {BAND_PURITY:.0%} of at least {BAND_MIN_FACES} faces below the low "
+        f"threshold are real, and {BAND_PURITY:.0%} from the high one up are fake"
+    )
+    if real_below is None and fake_from is None:
+        return (f"`--predict` calls every face uncertain: no threshold met the rule ({rule}). "
+                "`--threshold T` gives a two-way verdict at T.")
+    return f"`--predict` calls a face {Verdicts(real_below, fake_from)}: {rule}."
 
 
 def starting_weights(weights):
@@ -545,23 +556,24 @@ def whose_verdicts(title, model_file):
 
 
 class PredictionReport:
-    """What --predict prints and writes, input by input: a line per face, the CSV's rows, and the
-    pictures of --annotate and --gradcam; `finish` writes the CSV and says what was written.
+    """What --predict prints and writes, input by input: a line per face, a row of the CSV, and the
+    pictures of --annotate and --gradcam; `finish` says what was written.
 
-    Where each output goes was checked with the options, before any image was read.
+    Where each output goes was checked with the options, before any image was read. The
+    CSV grows row by row, so that a run stopped halfway keeps the rows of what it judged.
     """
 
     def __init__(self, args, inputs, mark=None):
         self.args = args
         self.mark = mark  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
         self.names = output_names(inputs)  # What each input's pictures are called.
-        self.rows = []  # The CSV's.
+        self.csv_file, self.csv_rows = None, 0
         self.written = Counter()
 
     def photo(self, path, image, lines):
         """Report a photo's lines, and mark its faces (--annotate)."""
         self.print_lines(lines)
-        if self.args.annotate:
+        if self.args.annotate and image is not None:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
             picture = self.args.annotate / f"{self.names[path]}-faces.jpg"
             save_annotated_image(image, marks, picture, self.args.verdicts, self.mark)
@@ -582,11 +594,29 @@ class PredictionReport:
         """Print each line, and keep it as a row of the CSV."""
         for line in lines:
             print(printed_line(line, self.args))
-            self.rows.append(csv_row(line, self.args.verdicts))
+            self.add_row(csv_row(line, self.args.verdicts))
 
     def unreadable(self, path):
         """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
-        self.rows.append(dict(path=str(path), note=UNREADABLE))
+        self.add_row(dict(path=str(path), note=UNREADABLE))
+
+    def add_row(self, row):
+        """Write a row of --csv, and the header before the first: each row is on disk once this returns."""
+        if not self.args.csv:
+            return
+        if self.csv_file is None:
+            self.csv_file = open(self.args.csv, "w", newline="")
+            self.csv_writer = csv.writer(self.csv_file)
+            self.csv_writer.writerow(CSV_COLUMNS)
+        self.csv_writer.writerow(csv_cells(row))
+        self.csv_file.flush()
+        self.csv_rows += 1
+
+    def stop(self):
+        """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
+        if self.csv_file is not None:
+            self.csv_file.close()
+        return f"{self.args.csv} holds {counted(self.csv_rows, 'row')}." if self.args.csv else ""
 
     def overlays(self, path, lines, heatmaps):
         """--gradcam: draw each scored line's heat map over its picture; `heatmaps` are in the order of `lines`."""
@@ -598,9 +628,9 @@ class PredictionReport:
             self.written["gradcam"] += 1
 
     def finish(self):
-        """Write the CSV, and say what was written where."""
+        """Close the CSV, and say what was written where."""
+        self.stop()
         if self.args.csv:
-            write_text_atomically(self.args.csv, csv_text(self.rows))
             print(f"Wrote {self.args.csv}")
         if self.args.annotate:
             print(f"Wrote {counted(self.written['annotated'], 'annotated picture')} to {self.args.annotate}")
@@ -661,6 +691,8 @@ def printed_line(line, args):
         judgement = "no face found: not judged (--faces off scores the whole image)"
     elif line.note == FRAME_NOT_DECODED:
         judgement = "not judged: the frame could not be decoded"
+    elif line.note == UNREADABLE:
+        judgement = "not judged: the file could no longer be read"
     else:
         judgement = f"p_fake={line.p_fake:.4f}  {args.verdicts(line.p_fake)}"
     return "  ".join(part for part in (str(line.path), part_of_input(line), judgement) if part)
@@ -706,8 +738,6 @@ UNREADABLE = "unreadable"
 # input that could not be read, so that every input is accounted for.
 CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict", "note")
 
-# Whole numbers, or empty: without saying so, pandas would write 12.0 where a column has an empty cell.
-CSV_WHOLE_NUMBERS = ("frame", "face", "crop_x", "crop_y", "crop_size")
 
 
 def csv_row(line, verdicts):
@@ -726,10 +756,9 @@ def csv_row(line, verdicts):
     )
 
 
-def csv_text(rows):
-    """The CSV of --csv: one row per scored face, the columns in the order of CSV_COLUMNS."""
-    table = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    return table.astype({column: "Int64" for column in CSV_WHOLE_NUMBERS}).to_csv(index=False)
+def csv_cells(row):
+    """A row of --csv in the order of CSV_COLUMNS: whole numbers as such, every digit of a float, empty for None."""
+    return ["" if row.get(column) is None else row[column] for column in CSV_COLUMNS]
 
 
 def output_names(paths):

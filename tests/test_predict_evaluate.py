@@ -7,6 +7,8 @@ first redraws their figures with plot_loss_accuracy_graph.py.
 
 import json
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -17,7 +19,7 @@ from sklearn import metrics as sklearn_metrics
 
 import load_pre_trained_models
 import plot_loss_accuracy_graph
-from conftest import SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
+from conftest import REPOSITORY_DIR, SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
 from data_augmentation import perturb
 from data_preprocessing import load_recipes, make_demo_dataset
 
@@ -336,3 +338,56 @@ def test_gradcam_still_shows_regions_when_p_fake_saturates():
         output_layer.kernel.assign(sign * kernel)
         peaks.append(load_pre_trained_models.grad_cam(model, images).max())
     assert max(peaks) == pytest.approx(1.0)
+
+
+def test_ctrl_c_while_predicting_keeps_the_rows_judged_and_exits_130(trained, tmp_path, monkeypatch, capsys):
+    split_root, output_dir = trained
+    calls = []
+
+    def interrupted_on_the_second_image(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return []
+
+    # Images are judged a batch at a time; batches of one make the first image's row land first.
+    monkeypatch.setattr(load_pre_trained_models, "gradcam_heatmaps", interrupted_on_the_second_image)
+    csv_file = tmp_path / "p.csv"
+    status = apply("VGG16", output_dir, "--predict", str(split_root / "test" / "real"), "--faces", "off",
+                   "--batch-size", "1", "--csv", str(csv_file))
+    assert status == 130
+    output = capsys.readouterr().out
+    assert output.splitlines()[-1] == f"Interrupted. {csv_file} holds 2 rows."
+    rows = pd.read_csv(csv_file)
+    assert len(rows) == 2 and rows["p_fake"].notna().all()
+
+
+def test_a_missing_predict_path_is_reported_before_tensorflow_loads(tmp_path):
+    check = (
+        "import sys, VGG16_finetuning\n"
+        f"status = VGG16_finetuning.main(['--predict', {str(tmp_path / 'nosuch.jpg')!r}, '--output-dir', {str(tmp_path)!r}])\n"
+        "print(status, 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPOSITORY_DIR, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False"]
+    assert result.stderr.strip() == f"error: --predict {tmp_path / 'nosuch.jpg'}: no such file or folder; check the path"
+
+
+def test_a_file_that_vanishes_mid_run_is_reported_and_the_others_judged(trained, tmp_path, monkeypatch, capsys):
+    split_root, output_dir = trained
+    images = tmp_path / "images"
+    shutil.copytree(split_root / "test" / "real", images)
+    listed = load_pre_trained_models.media_to_predict
+
+    def listed_then_one_moved_away(paths):
+        media = listed(paths)
+        (images / "0001.jpg").rename(tmp_path / "moved.jpg")  # After the check, as a user might mid-run.
+        return media
+
+    monkeypatch.setattr(load_pre_trained_models, "media_to_predict", listed_then_one_moved_away)
+    csv_file = tmp_path / "p.csv"
+    assert apply("VGG16", output_dir, "--predict", str(images), "--faces", "off", "--csv", str(csv_file)) == 0
+    assert f"warning: skipping {images / '0001.jpg'}: it can no longer be read" in capsys.readouterr().err
+    rows = pd.read_csv(csv_file).set_index("path")
+    assert rows.loc[str(images / "0001.jpg"), "note"] == "unreadable"
+    assert rows.drop(index=str(images / "0001.jpg"))["p_fake"].notna().all() and len(rows) == 3

@@ -6,6 +6,7 @@ once broke a run, and checks that it now ends in one line, or in a run that fini
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -394,3 +395,15 @@ def test_a_run_whose_val_loss_is_never_finite_ends_with_one_line(tmp_path):
     with pytest.raises(load_pre_trained_models.TrainingDiverged, match="not a finite number in any of the 2 epochs"):
         load_pre_trained_models.load_best_model(run_dir, last_model=keras.Sequential())
     assert not (run_dir / "model.keras").exists()
+
+
+def test_a_linked_folder_inside_a_folder_is_followed_and_a_file_given_twice_listed_once(tiny_split_root, tmp_path):
+    folder = tmp_path / "L"
+    folder.mkdir()
+    (folder / "photos").symlink_to(tiny_split_root / "test" / "real")
+    (folder / "photos" / "again").symlink_to(folder)  # A link back up the tree ends there.
+    single = tiny_split_root / "test" / "fake" / "0000.jpg"
+    shutil.copy(single, folder / "single.jpg")
+    files = files_to_predict([folder, folder / "single.jpg", single, single])
+    linked = sorted(folder / "photos" / path.name for path in (tiny_split_root / "test" / "real").glob("*.jpg"))
+    assert files == [*linked, folder / "single.jpg", single]
