@@ -992,6 +992,9 @@ def check_prediction_outputs(args):
     if args.csv:
         if any(args.csv.resolve() == image.resolve() for image in files_given):
             raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")
+        # A run folder holds a model and what its training wrote; --csv must not replace any of it.
+        if any((args.csv.parent / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json")) or args.csv.suffix == ".keras":
+            raise UserError(f"--csv {args.csv} would write over a trained model's files; name a file outside its folder")
         refuse_output_inside(args.csv.parent, folders_given, "--csv")
         check_output_file(args.csv, "--csv")
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):

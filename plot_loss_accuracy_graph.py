@@ -908,7 +908,10 @@ def save_annotated_image(image, marks, path, verdicts, mark=None):
     """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], verdicts, mark=mark)
-    cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        # OpenCV says False, without a reason, where the disk is full or the folder gone.
+        Path(path).unlink(missing_ok=True)
+        raise UserError(f"could not write {path}: is the disk full? Free some space and run the same command again")
     return path
 
 

@@ -391,3 +391,26 @@ def test_a_file_that_vanishes_mid_run_is_reported_and_the_others_judged(trained,
     rows = pd.read_csv(csv_file).set_index("path")
     assert rows.loc[str(images / "0001.jpg"), "note"] == "unreadable"
     assert rows.drop(index=str(images / "0001.jpg"))["p_fake"].notna().all() and len(rows) == 3
+
+
+def test_csv_never_writes_over_a_trained_models_files(trained, capsys):
+    split_root, output_dir = trained
+    model_file = output_dir / "vgg16" / "model.keras"
+    before = model_file.read_bytes()
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    for target in (model_file, output_dir / "vgg16" / "scores.csv"):
+        assert apply("VGG16", output_dir, "--predict", image, "--csv", str(target)) == 2
+        assert_one_line_error(capsys, f"--csv {target} would write over a trained model's files")
+    assert model_file.read_bytes() == before
+
+
+def test_an_annotated_picture_that_cannot_be_written_is_one_line_and_not_counted(trained, tmp_path, monkeypatch, capsys):
+    split_root, output_dir = trained
+    monkeypatch.setattr(plot_loss_accuracy_graph.cv2, "imwrite", lambda *args: False)  # As on a full disk.
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--annotate", str(tmp_path / "marked")) == 2
+    captured = capsys.readouterr()
+    assert "annotated picture" not in captured.out
+    error_lines = captured.err.strip().splitlines()
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: could not write") and "is the disk full?" in error_lines[0]
+    assert not list((tmp_path / "marked").iterdir())
