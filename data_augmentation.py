@@ -34,14 +34,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
-import keras
 import matplotlib
 
 matplotlib.use("Agg")  # Draw to files: training servers have no screen.
 import matplotlib.pyplot as plt
 import numpy as np
-import tensorflow as tf
 from PIL import Image, ImageOps
+
+from data_preprocessing import quiet_tensorflow_start
+
+# Run on its own, this file loads TensorFlow itself: as quietly as the scripts do.
+with quiet_tensorflow_start():
+    import keras
+    import tensorflow as tf
 
 # Keras 3's own keras.preprocessing.image no longer has ImageDataGenerator; TensorFlow's
 # copy of Keras does.

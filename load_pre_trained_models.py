@@ -46,11 +46,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 from scipy import optimize, special
+
+from data_preprocessing import quiet_tensorflow_start
+
+# Run on its own, this file loads TensorFlow itself: as quietly as the scripts do.
+with quiet_tensorflow_start():
+    import keras
+    import tensorflow as tf
 
 from data_augmentation import (
     FaceFinder,

@@ -484,6 +484,9 @@ def model_card(recipe, args, metrics):
         "| Metric | Value |", "|---|---|",
         *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None),
         f"| Test ECE, before calibration | {metrics['test_ece_before_calibration']:.4f} |", "",
+        *(["Here the test ECE is worse after calibration: one temperature cannot mend a model whose errors are "
+           "not over- or under-confidence alone, and a small validation split fits it roughly.", ""]
+          if metrics["test_ece"] > metrics["test_ece_before_calibration"] else []),
         "p(fake) is calibrated: a temperature of "
         f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model.", "",
         "## Verdicts", "",
@@ -507,8 +510,8 @@ def model_card(recipe, args, metrics):
 def verdicts_sentence(real_below, fake_from):
     """What the card says of the band of --predict's verdicts."""
     rule = (
-        f"on the validation split, at least {BAND_PURITY:.0%} of at least {BAND_MIN_FACES} faces below the low "
-        f"threshold are real, and {BAND_PURITY:.0%} from the high one up are fake"
+        f"a threshold is set only where at least {BAND_PURITY:.0%} of at least {BAND_MIN_FACES} validation faces "
+        "beyond it are of one class: real below the low one, fake from the high one"
     )
     if real_below is None and fake_from is None:
         return (f"`--predict` calls every face uncertain: no threshold met the rule ({rule}). "
@@ -583,7 +586,7 @@ class PredictionReport:
         """Report a video's lines and its own; `frames` is (frames read, frames wanted), `followed` its main face."""
         self.print_lines(lines)
         summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
-        print(summary)
+        print(summary + self.marked_verdict(p_fake))
         if self.args.annotate:
             marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
             sheet = self.args.annotate / f"{self.names[path]}-frames.png"
@@ -593,8 +596,12 @@ class PredictionReport:
     def print_lines(self, lines):
         """Print each line, and keep it as a row of the CSV."""
         for line in lines:
-            print(printed_line(line, self.args))
+            print(printed_line(line, self.args) + self.marked_verdict(line.p_fake))
             self.add_row(csv_row(line, self.args.verdicts))
+
+    def marked_verdict(self, p_fake):
+        """After a verdict of a model without a card, or of the demo's: what its mark says, in short."""
+        return f"  ({self.mark.split(':')[0]})" if self.mark and p_fake is not None else ""
 
     def unreadable(self, path):
         """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
@@ -662,7 +669,7 @@ class Verdicts:
 
     def __str__(self):
         if self.real_below is None and self.fake_from is None:
-            return "uncertain for every face, as the model's card gives no band (--threshold T: two-way at T)"
+            return "uncertain whatever the score, as the model's card gives no band (--threshold T: two-way at T)"
         if self.real_below == self.fake_from:
             return f"fake from p(fake) {self.fake_from}, real below it"
         real = "never real" if self.real_below is None else f"real below p(fake) {self.real_below:.3f}"
@@ -1037,7 +1044,7 @@ def ensemble_result(runs):
     weights = ensemble_weights([metrics["valid_auc"] for metrics, _ in members])
     row = {"model": "Ensemble", **classification_metrics(ensemble_predictions(members, weights))}
     named = ", ".join(f"{metrics['model']} {weight:.2f}" for (metrics, _), weight in zip(members, weights))
-    return row, f"Ensemble: the average of p(fake) weighted by validation AUC above chance ({named})."
+    return row, f"Ensemble: the average of p(fake) weighted by validation AUC above chance (weights: {named})."
 
 
 TABLE_COLUMNS = {

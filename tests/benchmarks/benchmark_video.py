@@ -79,9 +79,11 @@ def write_clip(path, seconds=SECONDS, fps=FPS):
 
 def save_detector(path):
     """An untrained VGG16 detector at 224 px, as the script saves one."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import load_pre_trained_models
+    from data_preprocessing import quiet_tensorflow_start
     from VGG16_finetuning import RECIPE
+
+    with quiet_tensorflow_start():
+        import load_pre_trained_models
 
     load_pre_trained_models.build_model(RECIPE, weights="none", img_size=224).save(path)
     return path
