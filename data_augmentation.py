@@ -676,13 +676,14 @@ def centre_distance(first, second):
     return math.hypot(x1 + size1 / 2 - x2 - size2 / 2, y1 + size1 / 2 - y2 - size2 / 2)
 
 
-def main_face(sightings):
+def main_face(sightings, counts=lambda sighting: True):
     """The sightings of the face seen in the most frames of a video, followed from frame to frame.
 
     Each sighting is a face with its `frame` (the frame's index) and its `face_frame` (a
     FaceFrame), in the order of the frames. A sighting joins the face last seen nearest to
     it, in an earlier frame, if they can be the same face (same_face); otherwise it starts a
-    face of its own. Frames in which a face was missed leave a gap, not a new face.
+    face of its own. Frames in which a face was missed leave a gap, not a new face. A face
+    with a sighting that `counts` comes before one without, however often that one was seen.
     """
     tracks = []
     for sighting in sightings:
@@ -695,7 +696,7 @@ def main_face(sightings):
             min(candidates, key=lambda track: centre_distance(track[-1].face_frame.square, square)).append(sighting)
         else:
             tracks.append([sighting])
-    return max(tracks, key=len, default=[])
+    return max(tracks, key=lambda track: (any(map(counts, track)), len(track)), default=[])
 
 
 # ---------------------------------------------------------------------------

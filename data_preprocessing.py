@@ -600,16 +600,15 @@ def readable_images(paths, required=True):
 
 
 def media_to_predict(paths):
-    """The readable images, the videos, and {path: problem} for the unreadable images among --predict's paths.
+    """The readable images, the videos, and the unreadable images among --predict's paths.
 
-    Unreadable images are reported and skipped; their problems are kept, so that each
-    input still gets its row in --csv.
+    Unreadable images are reported and skipped, and listed, so that each still gets its row in --csv.
     """
     files = files_to_predict(paths)
     videos = [path for path in files if is_video(path)]
     images = [path for path in files if not is_video(path)]
     readable = readable_images(images, required=not videos)
-    return readable, videos, {path: image_problem(path) for path in images if path not in readable}
+    return readable, videos, sorted(set(images) - set(readable))
 
 
 # ---------------------------------------------------------------------------
@@ -1040,7 +1039,7 @@ class ProgressBar:
 # ours: notes on oneDNN, CUDA libraries, CPU instructions, and a failed cuInit where there is no GPU.
 TENSORFLOW_START_UP_LINE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog"
-    r"|[IW]\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\]"
+    r"|I\d{4} [\d:.]+ +\d+ (port|cudart_stub|cpu_feature_guard)\.cc:\d+\]"
     r"|E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"
     r"|To enable the following instructions: .* rebuild TensorFlow"
 )

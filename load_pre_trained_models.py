@@ -501,7 +501,7 @@ def run(recipe, args):
         try:
             return evaluate_saved_model(recipe, args)
         except KeyboardInterrupt:
-            print("\nInterrupted; the evaluation wrote no result: run the same command again")
+            print("\nInterrupted; run the same command again to evaluate afresh")
             return 130
     if args.distribute == "multiworker":
         check_multiworker_cluster()
@@ -625,7 +625,7 @@ def prediction_models(recipe, args):
         verdicts = Verdicts(args.threshold, args.threshold)
     else:
         # No band was chosen for the ensemble's average: every face is uncertain without --threshold.
-        verdicts = described[0][2] if len(models) == 1 else Verdicts(None, None)
+        verdicts = described[0][2] if len(models) == 1 else Verdicts(None, None, "no band was chosen for an ensemble")
     return models, weights, lines, mark, verdicts
 
 
@@ -714,8 +714,9 @@ def predict_media(recipe, args):
                 report.unreadable(path)
                 continue
             lines, frames, thumbnails = judged
-            # Every sighting of a face, too small or not: a face that shrinks for a while is still followed.
-            followed = main_face([line for line in lines if line.face is not None])
+            # Every sighting of a face, too small or not: a face that shrinks for a while is still
+            # followed; a face that was scored somewhere comes before a small one in the background.
+            followed = main_face([line for line in lines if line.face is not None], counts=lambda line: line.p_fake is not None)
             report.video(path, lines, followed, frames, thumbnails)
             report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
             videos_judged += 1
@@ -723,8 +724,9 @@ def predict_media(recipe, args):
         # Ctrl-C: what was judged is printed, and in the CSV, which grows as it goes.
         print(f"\nInterrupted. {report.stop()}".rstrip())
         return 130
-    if not images and not videos_judged:
+    finally:
         report.stop()
+    if not images and not videos_judged:
         raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
     report.finish()
     print(f"Time: {judge.stopwatch.summary()}")
@@ -763,9 +765,9 @@ def gradcam_heatmaps(models, lines, args):
 
 @dataclass
 class Line:
-    """One line of --predict: a face, or a whole image or frame where no face was found, and its score.
+    """One line of --predict: a face, a whole image or frame with --faces off, or a picture with no face.
 
-    A face too small to judge has no p_fake. `picture` is what was scored: the face cut out
+    A line without a p_fake says why in its note. `picture` is what was scored: the face cut out
     at the dataset's 256x256, or the whole image.
     """
 
@@ -777,7 +779,6 @@ class Line:
     width: float | None = None  # The face's width, as MTCNN's box gives it.
     picture: np.ndarray | None = None
     p_fake: float | None = None
-    searched: bool = True  # Whether faces were searched for (--faces auto).
     note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL, FRAME_NOT_DECODED or UNREADABLE.
 
 
@@ -829,7 +830,7 @@ class MediaJudge:
         without a face, or a face too small to judge, is listed with its note, not scored.
         """
         if self.finder is None:
-            return [Line(path, frame, picture=picture, searched=False)]
+            return [Line(path, frame, picture=picture)]
         with self.stopwatch.timing("finding faces"):
             faces = self.finder.find(picture, self.args.min_face)
         if not faces:
@@ -867,13 +868,12 @@ class MediaJudge:
         for position, path in enumerate(paths):
             with self.stopwatch.timing("reading"):
                 image = read_when_still_there(path)
-            lines = [Line(path, note=UNREADABLE)] if image is None else self.lines_of(image, path)
-            batch.append((path, image, lines))
-            lines = [line for _, _, lines in batch for line in lines]
-            held = sum(image.shape[0] * image.shape[1] for _, image, _ in batch if image is not None)
-            faces_to_score = sum(line.picture is not None for line in lines)
+            batch.append((path, image, [Line(path, note=UNREADABLE)] if image is None else self.lines_of(image, path)))
+            batch_lines = [line for _, _, image_lines in batch for line in image_lines]
+            held = sum(held_image.shape[0] * held_image.shape[1] for _, held_image, _ in batch if held_image is not None)
+            faces_to_score = sum(line.picture is not None for line in batch_lines)
             if faces_to_score >= self.args.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
-                self.score(lines)
+                self.score(batch_lines)
                 yield from batch
                 batch = []
 

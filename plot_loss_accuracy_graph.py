@@ -461,9 +461,12 @@ def model_card(recipe, args, metrics):
         },
     }
     images = ", ".join(f"{count} {split}" for split, count in metrics["images"].items())
-    warmup = (
-        f"the head alone for {args.warmup_epochs} epochs at {args.learning_rate}, then "
-        if args.warmup_epochs else ""
+    warmup = f"the head alone for {counted(args.warmup_epochs, 'epoch')} at {args.learning_rate}, then " if args.warmup_epochs else ""
+    fine_tuning_epochs = counted(metrics["epochs_run"] - args.warmup_epochs, "epoch")
+    trained = (
+        f"its last {recipe.trainable_conv_layers} conv layers trained and batch normalization frozen"
+        if metrics["unfreeze_rule"] == "conv"
+        else f"its last {recipe.original_trainable_layers} Keras layers trained, as the original code did"
     )
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
@@ -471,12 +474,11 @@ def model_card(recipe, args, metrics):
         *([f"> **{DEMO_MARK}.**", ""] if metrics["demo_model"] else []),
         "It gives p(fake), the probability that a face is a StyleGAN fake rather than a real photograph.", "",
         "## The model", "",
-        f"- Base: {recipe.title}, from {starting_weights(metrics['weights'])}, with its last {recipe.trainable_conv_layers} conv layers "
-        f"trained ({metrics['unfreeze_rule']} rule) and batch normalization frozen.",
+        f"- Base: {recipe.title}, from {starting_weights(metrics['weights'])}, with {trained}.",
         f"- Input: {metrics['img_size']}x{metrics['img_size']} RGB pixels, 0 to 255, scaled inside the model "
         f"({metrics['preprocessing']} preprocessing).",
         "- Head: average pooling, Dense 1024 ReLU, dropout 0.5, a logit divided by the temperature T, a sigmoid p(fake).",
-        f"- Training: {warmup}{counted(metrics['epochs_run'], 'epoch')} in all with Adam at {args.fine_tune_learning_rate}; "
+        f"- Training with Adam: {warmup}{fine_tuning_epochs} at {args.fine_tune_learning_rate}; "
         "the kept model has the lowest validation loss.", "",
         "## Trained on", "",
         f"{images} images of {metrics['trained_on']}.", "",
@@ -571,6 +573,13 @@ class PredictionReport:
         self.mark = mark  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
         self.names = output_names(inputs)  # What each input's pictures are called.
         self.csv_file, self.csv_rows = None, 0
+        if args.csv:
+            try:
+                self.csv_file = open(args.csv, "w", newline="")
+            except OSError as error:
+                raise UserError(f"cannot write --csv {args.csv} ({error.strerror}); name another file") from None
+            self.csv_writer = csv.writer(self.csv_file)
+            self.csv_writer.writerow(CSV_COLUMNS)
         self.written = Counter()
 
     def photo(self, path, image, lines):
@@ -608,20 +617,16 @@ class PredictionReport:
         self.add_row(dict(path=str(path), note=UNREADABLE))
 
     def add_row(self, row):
-        """Write a row of --csv, and the header before the first: each row is on disk once this returns."""
+        """Write a row of --csv: each row is on disk once this returns."""
         if not self.args.csv:
             return
-        if self.csv_file is None:
-            self.csv_file = open(self.args.csv, "w", newline="")
-            self.csv_writer = csv.writer(self.csv_file)
-            self.csv_writer.writerow(CSV_COLUMNS)
         self.csv_writer.writerow(csv_cells(row))
         self.csv_file.flush()
         self.csv_rows += 1
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
-        if self.csv_file is not None:
+        if self.csv_file is not None and not self.csv_file.closed:
             self.csv_file.close()
         return f"{self.args.csv} holds {counted(self.csv_rows, 'row')}." if self.args.csv else ""
 
@@ -656,6 +661,7 @@ class Verdicts:
 
     real_below: float | None
     fake_from: float | None
+    why_no_band: str = "the model's card gives no band"
 
     def __call__(self, p_fake):
         if self.real_below is not None and p_fake < self.real_below:
@@ -669,7 +675,7 @@ class Verdicts:
 
     def __str__(self):
         if self.real_below is None and self.fake_from is None:
-            return "uncertain whatever the score, as the model's card gives no band (--threshold T: two-way at T)"
+            return f"uncertain whatever the score, as {self.why_no_band} (--threshold T: two-way at T)"
         if self.real_below == self.fake_from:
             return f"fake from p(fake) {self.fake_from}, real below it"
         real = "never real" if self.real_below is None else f"real below p(fake) {self.real_below:.3f}"
