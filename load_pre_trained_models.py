@@ -1154,6 +1154,12 @@ def start_or_resume(run_dir, args):
             f"{settings_file.parent} holds an interrupted run made with {', '.join(changed)}; run it again "
             "with those to resume it, or delete that folder to start a new run"
         )
+    backed_up = epochs_backed_up(backup_dir)
+    if backed_up > args.epochs:
+        raise UserError(
+            f"{run_dir} holds an interrupted run that has trained {backed_up} epochs, more than --epochs {args.epochs}; "
+            f"run it again with --epochs {backed_up} or more to resume it, or delete {backup_dir} to train anew"
+        )
     finished_epochs = epochs_of_finished_training(run_dir)
     if finished_epochs not in (None, args.epochs):
         raise UserError(
@@ -1170,6 +1176,17 @@ def finished_an_epoch(backup_dir):
     without that number, the weights may have been cut off by a kill.
     """
     return any(backup_dir.rglob("training_metadata.json*"))
+
+
+def epochs_backed_up(backup_dir):
+    """How many epochs, of both phases, the backup of an interrupted run holds."""
+    epochs = [0]
+    for metadata in backup_dir.rglob("training_metadata.json"):
+        try:
+            epochs.append(int(json.loads(metadata.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # Cut off by a kill: Keras falls back to the copy beside it.
+    return max(epochs)
 
 
 def training_finished(run_dir):
@@ -1308,7 +1325,23 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         self.model._initial_epoch = None
-        super().on_train_begin(logs)
+        try:
+            super().on_train_begin(logs)
+        except OSError:
+            self.start_phase_again()
+
+    def start_phase_again(self):
+        """Fall back to the start of this phase, when its backup cannot be read.
+
+        Keras falls back to the backup before the last (.bkp) by itself; a kill while the
+        phase's first backup was written leaves none. The model then holds the last usable
+        state: the warmup's end for the fine-tuning, the new model for the warmup.
+        """
+        for path in (self._weights_path, self._training_metadata_path, self._prev_weights_path, self._prev_training_metadata_path):
+            Path(path).unlink(missing_ok=True)
+        self.model._initial_epoch = None
+        print(f"warning: the backup in {self.backup_dir} was cut off before it was whole; "
+              "this phase trains again from its first epoch")
 
 
 class TrainingDiverged(UserError):

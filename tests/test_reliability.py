@@ -24,7 +24,7 @@ from PIL import Image
 import data_preprocessing
 import load_pre_trained_models
 import VGG16_finetuning
-from conftest import REPOSITORY_DIR, assert_one_line_error, run_script
+from conftest import REPOSITORY_DIR, CountEpochs, assert_one_line_error, run_script
 from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, prediction_flow, resized_image
 from data_preprocessing import (
     READABLE_FORMATS,
@@ -386,6 +386,36 @@ def test_a_finished_training_is_not_tested_under_another_epochs(tmp_path):
     with pytest.raises(UserError, match="finished training with --epochs 3.*again with --epochs 3"):
         load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=5))
     load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=3))
+
+
+def test_a_resume_with_fewer_epochs_than_were_trained_is_refused(tmp_path):
+    run_dir = tmp_path / "vgg16"
+    backup = back_up(run_dir, resumable_args())
+    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
+    with pytest.raises(UserError, match="has trained 3 epochs, more than --epochs 2; run it again with --epochs 3 or more"):
+        load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=2))
+    load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=5))
+
+
+def test_a_phase_backup_cut_off_before_it_was_whole_trains_that_phase_again(tmp_path, capsys):
+    """As a kill leaves the fine-tuning's first backup (issue 17): the warmup's state is the last usable one."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    images, labels = np.zeros((4, 2)), np.zeros((4, 1))
+
+    def phase_backup(folder):
+        return load_pre_trained_models.PhaseBackup(str(folder), double_checkpoint=True, delete_checkpoint=False)
+
+    model.fit(images, labels, epochs=1, verbose=0, callbacks=[phase_backup(tmp_path / "warmup")])
+    whole = (tmp_path / "warmup" / "latest.weights.h5").read_bytes()
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "latest.weights.h5").write_bytes(whole[: len(whole) // 2])
+
+    counter = CountEpochs()
+    model.fit(images, labels, initial_epoch=1, epochs=3, verbose=0, callbacks=[phase_backup(tmp_path / "backup"), counter])
+    assert counter.epochs_begun == [1, 2]
+    assert "was cut off before it was whole; this phase trains again from its first epoch" in capsys.readouterr().out
+    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"] == 3
 
 
 def test_a_run_whose_val_loss_is_never_finite_ends_with_one_line(tmp_path):
