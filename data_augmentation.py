@@ -67,6 +67,7 @@ from data_preprocessing import (
     positive_int,
     report_bad_files,
     resolve_data_options,
+    writing,
 )
 
 
@@ -769,7 +770,8 @@ def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42, pipel
         axis.axis("off")
     figure.suptitle(f"Training augmentation ({pipeline}): rotation, shift, shear, zoom, horizontal flip")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with writing(path, path):
+        figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 

@@ -10,8 +10,8 @@ this module holds:
 4. the small synthetic demo dataset;
 5. the photos and videos that --predict judges: the one place that tells images from videos;
 6. the scripts' command line and its checks;
-7. the shared ground: one-line errors, a progress bar, files written whole, and one run
-   per folder at a time.
+7. the shared ground: one-line errors, a progress bar, files written whole (or a line that
+   says why not), and one run per folder at a time.
 
 Run it on its own to see what the scripts would train on:
 
@@ -39,6 +39,7 @@ we never read them.)
 
 import argparse
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -497,8 +498,10 @@ def make_demo_dataset(folder, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=
             class_dir = Path(folder) / split / class_name
             class_dir.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                image = demo_image(rng, class_name, size)
-                cv2.imwrite(str(class_dir / f"{index:04d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                image, path = demo_image(rng, class_name, size), class_dir / f"{index:04d}.jpg"
+                with writing(path, path):
+                    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                        raise OSError(errno.ENOSPC, "OpenCV could not write the file")
     return Path(folder)
 
 
@@ -639,7 +642,7 @@ def exits_on_user_error(main):
             return main(*args, **kwargs)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
+            return error.exit_status
 
     return wrapper
 
@@ -994,7 +997,7 @@ def check_prediction_outputs(args):
         # A run folder holds a model and what its training wrote; --csv must not replace any of it.
         if any((args.csv.parent / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json")) or args.csv.suffix == ".keras":
             raise UserError(f"--csv {args.csv} would write over a trained model's files; name a file outside its folder")
-        refuse_output_inside(args.csv.parent, folders_given, "--csv")
+        refuse_output_inside(args.csv, folders_given, "--csv")
         check_output_file(args.csv, "--csv")
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
         if folder:
@@ -1010,6 +1013,32 @@ def check_prediction_outputs(args):
 
 class UserError(Exception):
     """A mistake the user can fix. Scripts print it on one line and exit with status 2."""
+
+    exit_status = 2
+
+
+class CannotWrite(UserError):
+    """A file could not be written, most often as the disk is full: one line, exit status 1.
+
+    Nothing half-written is left, and what was written before stays: the same command,
+    run again once there is space, resumes a training run.
+    """
+
+    exit_status = 1
+
+
+@contextlib.contextmanager
+def writing(path, *leftovers):
+    """Turn a failed write in the block into CannotWrite, naming `path`; remove `leftovers`, the partial files."""
+    try:
+        yield
+    except OSError as error:
+        for leftover in leftovers:
+            Path(leftover).unlink(missing_ok=True)
+        # h5py puts the errno in its message, not in the error.
+        disk_full = error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error)
+        reason = "the disk is full; free some space" if disk_full else f"{error.strerror or error}; fix that"
+        raise CannotWrite(f"cannot write {path}: {reason}, then run the same command again") from None
 
 
 class ProgressBar:
@@ -1082,7 +1111,8 @@ def write_text_atomically(path, text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
+    with writing(path, temporary):
+        temporary.write_text(text)
     os.replace(temporary, path)
 
 
@@ -1100,6 +1130,9 @@ def ensure_writable_folder(folder, option="--output-dir"):
     except OSError as error:
         # mkdir says "File exists" or "Not a directory" when a plain file stands where a folder should be.
         reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        if folder.is_dir() and reason == error.strerror:
+            # As in /proc, which says "No such file or directory" of a file it will not make.
+            reason = f"files cannot be made there: {error.strerror}"
         raise UserError(f"cannot write to {folder} ({reason}); choose another {option}") from None
     return folder
 
@@ -1116,11 +1149,11 @@ def check_output_file(path, option):
 
 
 def refuse_output_inside(output, image_folders, option):
-    """Refuse an output folder that is, or is inside, one of the image folders: its files would be read as images."""
-    output = Path(output).resolve()
+    """Refuse an output, file or folder, that is or is inside one of the image folders: its files would be read as images."""
+    resolved = Path(output).resolve()
     for folder in map(Path, image_folders):
-        if output == folder.resolve() or folder.resolve() in output.parents:
-            raise UserError(f"{option} {output} is inside the image folder {folder}; choose a folder outside it")
+        if resolved == folder.resolve() or folder.resolve() in resolved.parents:
+            raise UserError(f"{option} {output} is inside the image folder {folder}; choose a place outside it")
 
 
 # Locked beyond anything written, as Windows' locks keep other processes from reading the locked bytes.

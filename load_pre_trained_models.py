@@ -88,6 +88,7 @@ from data_preprocessing import (
     report_bad_files,
     write_json_atomically,
     write_text_atomically,
+    writing,
 )
 from plot_loss_accuracy_graph import (
     EVALUATION_PREFIX,
@@ -1304,10 +1305,11 @@ class SaveBestModel(keras.callbacks.ModelCheckpoint):
 
     def on_epoch_end(self, epoch, logs=None):
         best_before = self.best
-        super().on_epoch_end(epoch, logs)
-        if self.best == best_before:  # No better model, so nothing was saved.
-            return
-        save_to_share(self.model, self.saving_file)  # Keras saved it with its optimizer's state.
+        with writing(self.model_file, self.saving_file):
+            super().on_epoch_end(epoch, logs)
+            if self.best == best_before:  # No better model, so nothing was saved.
+                return
+            save_to_share(self.model, self.saving_file)  # Keras saved it with its optimizer's state.
         os.replace(self.saving_file, self.model_file)
         write_json_atomically(self.record_file, {"epoch": epoch + 1, self.monitor: float(self.best)})
         # Keras starts from None or from infinity, depending on its version.
@@ -1342,6 +1344,11 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
         self.model._initial_epoch = None
         print(f"warning: the backup in {self.backup_dir} was cut off before it was whole; "
               "this phase trains again from its first epoch")
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A backup cut off by a full disk is left for Keras to fall back from, as a kill's is.
+        with writing(self.backup_dir):
+            super().on_epoch_end(epoch, logs)
 
 
 class TrainingDiverged(UserError):

@@ -27,7 +27,9 @@ models have been tested on the same images, it also gets an Ensemble row: the we
 average of their p(fake), computed from their predictions.csv, with nothing re-run.
 """
 
+import contextlib
 import csv
+import errno
 import importlib.metadata
 import json
 import math
@@ -67,13 +69,18 @@ from data_preprocessing import (
     quiet_tensorflow_start,
     write_json_atomically,
     write_text_atomically,
+    writing,
 )
 
 
 def save_figure(figure, path):
+    """Write a figure and let it go; a write that fails (a full disk) leaves no part of a file."""
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with writing(path, path):
+            figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -379,7 +386,7 @@ EVALUATION_PREFIX = "eval-"
 
 def write_test_outputs(folder, title, predictions, metrics):
     """predictions.csv, metrics.json and the ROC, precision-recall and confusion-matrix figures."""
-    predictions.to_csv(folder / "predictions.csv", index=False)
+    write_text_atomically(folder / "predictions.csv", predictions.to_csv(index=False))
     write_json_atomically(folder / "metrics.json", metrics)
     return plot_evaluation(predictions, metrics, folder, title)
 
@@ -620,14 +627,16 @@ class PredictionReport:
         """Write a row of --csv: each row is on disk once this returns."""
         if not self.args.csv:
             return
-        self.csv_writer.writerow(csv_cells(row))
-        self.csv_file.flush()
+        with writing(self.args.csv):
+            self.csv_writer.writerow(csv_cells(row))
+            self.csv_file.flush()
         self.csv_rows += 1
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
         if self.csv_file is not None and not self.csv_file.closed:
-            self.csv_file.close()
+            with contextlib.suppress(OSError):  # A full disk: the rows that fitted are in the file.
+                self.csv_file.close()
         return f"{self.args.csv} holds {counted(self.csv_rows, 'row')}." if self.args.csv else ""
 
     def overlays(self, path, lines, heatmaps):
@@ -921,10 +930,10 @@ def save_annotated_image(image, marks, path, verdicts, mark=None):
     """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], verdicts, mark=mark)
-    if not cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
+    with writing(path, path):
         # OpenCV says False, without a reason, where the disk is full or the folder gone.
-        Path(path).unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: is the disk full? Free some space and run the same command again")
+        if not cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
+            raise OSError(errno.ENOSPC, "OpenCV could not write the file")
     return path
 
 

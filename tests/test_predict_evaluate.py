@@ -5,12 +5,15 @@ module into the same output folder, and every test below reads or applies them; 
 first redraws their figures with plot_loss_accuracy_graph.py.
 """
 
+import errno
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
+import matplotlib.figure
 import numpy as np
 import pandas as pd
 import pytest
@@ -404,13 +407,30 @@ def test_csv_never_writes_over_a_trained_models_files(trained, capsys):
     assert model_file.read_bytes() == before
 
 
-def test_an_annotated_picture_that_cannot_be_written_is_one_line_and_not_counted(trained, tmp_path, monkeypatch, capsys):
+def written_in_part(path, *args, **kwargs):
+    """A picture cut off by a full disk: what OpenCV and Matplotlib leave."""
+    Path(path).write_bytes(b"the first part of a picture")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("option", ["--csv", "--annotate", "--gradcam"])
+def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(trained, tmp_path, monkeypatch, capsys, option):
     split_root, output_dir = trained
-    monkeypatch.setattr(plot_loss_accuracy_graph.cv2, "imwrite", lambda *args: False)  # As on a full disk.
+    if option == "--csv":
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full, the device whose every write finds the disk full")
+        target = tmp_path / "p.csv"
+        target.symlink_to("/dev/full")
+    else:
+        target = tmp_path / "pictures"
+        monkeypatch.setattr(plot_loss_accuracy_graph.cv2, "imwrite", lambda path, *args: written_in_part(path) or True)
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path, **kwargs: written_in_part(path))
     image = str(split_root / "test" / "fake" / "0001.jpg")
-    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--annotate", str(tmp_path / "marked")) == 2
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", option, str(target)) == 1
     captured = capsys.readouterr()
-    assert "annotated picture" not in captured.out
+    assert "Wrote" not in captured.out
     error_lines = captured.err.strip().splitlines()
-    assert len(error_lines) == 1 and error_lines[0].startswith("error: could not write") and "is the disk full?" in error_lines[0]
-    assert not list((tmp_path / "marked").iterdir())
+    assert len(error_lines) == 1 and error_lines[0].startswith(f"error: cannot write {target}")
+    assert "the disk is full; free some space, then run the same command again" in error_lines[0]
+    if option != "--csv":
+        assert not list(target.iterdir())

@@ -4,6 +4,7 @@ Each test here reproduces a way a careless user, a crashing machine or a second 
 once broke a run, and checks that it now ends in one line, or in a run that finishes.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -162,10 +164,10 @@ def image_file(tmp_path):
 @pytest.mark.parametrize(
     "destination, fragments",
     [
-        (["--csv", "/proc/scores.csv"], ["--csv"]),
+        (["--csv", "/proc/scores.csv"], ["cannot write to /proc (files cannot be made there", "--csv"]),
         (["--csv", "{plain_file}/scores.csv"], ["--csv", "a file is in the way"]),
         (["--csv", "{tmp_path}"], ["--csv", "is a folder"]),
-        (["--csv", "{image_folder}/new/scores.csv", "--predict", "{image_folder}"], ["--csv", "inside the image folder"]),
+        (["--csv", "{image_folder}/new/scores.csv", "--predict", "{image_folder}"], ["--csv", "new/scores.csv is inside the image folder"]),
         (["--csv", "{image_folder}/face.png"], ["--csv", "one of the images given to --predict"]),
         (["--gradcam", "{plain_file}/maps"], ["--gradcam", "a file is in the way"]),
         # The overlays are images: beside a face given as a file, they would be scored the next time.
@@ -325,6 +327,23 @@ def test_a_kill_while_saving_the_best_model_leaves_the_previous_one_whole(tmp_pa
     resumed.on_train_begin()
     resumed.on_epoch_end(1, {"val_loss": 0.9})
     assert model_file.read_bytes() == saved
+
+
+def test_a_full_disk_while_saving_the_best_model_is_one_line_and_leaves_no_part_of_it(tmp_path, monkeypatch):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model_file, record_file = tmp_path / "model.keras", tmp_path / "backup" / "best-model.json"
+    checkpoint = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss")
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+
+    def disk_fills(path, *args, **kwargs):
+        Path(path).write_bytes(b"the first 100 MB of a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save", disk_fills)
+    with pytest.raises(data_preprocessing.CannotWrite, match="the disk is full; free some space, then run the same command again"):
+        checkpoint.on_epoch_end(0, {"val_loss": 0.6})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_epoch_trained_again_replaces_its_history_row(tmp_path):
