@@ -784,13 +784,19 @@ def csv_cells(row):
 
 
 def output_names(paths):
-    """A distinct name for each input's outputs: its name, with its folder's name in front where two share it."""
-    stems = [path.stem for path in paths]
+    """A distinct name for each input's outputs: its file name, with its folder's name in front where two share it.
+
+    The name keeps its extension (astro.jpg and astro.webp), and what follows it starts with
+    a dash (astro.jpg-faces.jpg): as every input's name ends in an extension, one input's
+    outputs never take the name of another's. Names still shared get ~2, ~3 before the extension.
+    """
+    file_names = [path.name for path in paths]
     names = {}
-    for path, stem in zip(paths, stems):
-        name = stem if stems.count(stem) == 1 else f"{path.parent.name}-{stem}"
+    for path, file_name in zip(paths, file_names):
+        name = file_name if file_names.count(file_name) == 1 else f"{path.parent.name}-{file_name}"
+        stem, extension, number = Path(name).stem, Path(name).suffix, 2
         while name in names.values():
-            name += "_"
+            name, number = f"{stem}~{number}{extension}", number + 1
         names[path] = name
     return names
 

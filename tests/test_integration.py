@@ -57,7 +57,7 @@ def test_predict_and_gradcam_on_two_real_test_images(output_dir, tmp_path, capsy
     printed = capsys.readouterr().out
     for image in images:
         assert f"{image}  p_fake=" in printed
-        overlay = cv2.imread(str(tmp_path / "gradcam" / f"{image.rsplit('/', 1)[1][:-4]}-gradcam.png"))
+        overlay = cv2.imread(str(tmp_path / "gradcam" / f"{image.rsplit('/', 1)[1]}-gradcam.png"))
         assert max(overlay.shape[:2]) >= 256  # Drawn at least at the dataset's own 256 pixels.
 
     # Their faces, found and cut out again, give them back nearly whole: nearly the same p_fake.

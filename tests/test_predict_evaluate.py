@@ -129,7 +129,7 @@ def test_gradcam_overlay_is_enlarged_and_written_outside_the_image_folder(traine
     gradcam_dir = tmp_path / "gradcam"
     assert apply("VGG19", output_dir, "--predict", str(image_file), "--faces", "off", "--gradcam", str(gradcam_dir)) == 0
 
-    overlay = cv2.imread(str(gradcam_dir / "odd-gradcam.png"))
+    overlay = cv2.imread(str(gradcam_dir / "odd.png-gradcam.png"))
     # A 37 x 23 image is enlarged so that its p(fake), verdict and colour bar can be read.
     assert max(overlay.shape[:2]) >= 256
     assert sorted(path.name for path in image_file.parent.iterdir()) == ["odd.png"]
@@ -146,9 +146,33 @@ def test_gradcam_reads_the_last_conv_feature_map(title, layer):
     assert heatmaps.min() >= 0 and heatmaps.max() <= 1
 
 
-def test_outputs_of_images_that_share_a_name_are_named_by_their_folder(tmp_path):
-    paths = [tmp_path / "real" / "0001.jpg", tmp_path / "fake" / "0001.jpg", tmp_path / "fake" / "0002.jpg"]
-    assert list(plot_loss_accuracy_graph.output_names(paths).values()) == ["real-0001", "fake-0001", "0002"]
+def test_outputs_are_named_by_their_inputs_whole_name_and_never_collide(tmp_path):
+    paths = [tmp_path / "real" / "0001.jpg", tmp_path / "fake" / "0001.jpg", tmp_path / "fake" / "0002.jpg",
+             tmp_path / "more" / "real" / "0001.jpg", tmp_path / "astro.jpg", tmp_path / "astro.webp"]
+    assert list(plot_loss_accuracy_graph.output_names(paths).values()) == [
+        "real-0001.jpg", "fake-0001.jpg", "0002.jpg", "real-0001~2.jpg", "astro.jpg", "astro.webp"
+    ]
+
+
+def test_each_overlay_counted_is_a_file_of_its_own(trained, tmp_path, capsys):
+    """Before, a.jpg's overlay and a-face1.jpg's shared a name, and two were counted for one file."""
+    split_root, output_dir = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "a-face1.jpg", "a.png"):
+        shutil.copy(split_root / "test" / "fake" / "0001.jpg", images / name)
+    shutil.copytree(split_root / "test" / "real", tmp_path / "more" / "images")
+    shutil.copy(split_root / "test" / "real" / "0001.jpg", tmp_path / "more" / "a.jpg")
+    inputs = [images, tmp_path / "more", images / "a.jpg"]  # a.jpg twice: judged once.
+    status = apply("VGG16", output_dir, "--predict", *map(str, inputs), "--faces", "off",
+                   "--gradcam", str(tmp_path / "maps"), "--annotate", str(tmp_path / "marked"))
+    assert status == 0
+    output = capsys.readouterr().out
+    overlays, marked = sorted((tmp_path / "maps").iterdir()), sorted((tmp_path / "marked").iterdir())
+    judged = 4 + TINY_IMAGES_PER_CLASS["test"]
+    assert len(overlays) == len(marked) == judged
+    assert f"Wrote {judged} Grad-CAM overlays" in output and f"Wrote {judged} annotated pictures" in output
+    assert {"images-a.jpg-gradcam.png", "a-face1.jpg-gradcam.png", "a.png-gradcam.png", "more-a.jpg-gradcam.png"} <= {path.name for path in overlays}
 
 
 # --- Evaluate -----------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
     summary = next(line for line in output.splitlines() if "  video  " in line)
     assert f"p_fake={rows['p_fake'].mean():.4f}" in summary
     assert "5 of 5 frames read, 5 faces scored; the face seen most, in 5 frames" in summary
-    assert (annotate / "clip-frames.png").is_file()
+    assert (annotate / "clip.mp4-frames.png").is_file()
 
 
 def test_a_video_with_faces_off_is_judged_on_its_whole_frames(output_dir, tmp_path, capsys):
@@ -360,14 +360,14 @@ def test_annotations_and_heat_maps_go_to_their_folders_only(output_dir, tmp_path
     assert predict(output_dir, str(images), "--annotate", str(annotate), "--gradcam", str(gradcam)) == 0
 
     assert [path.name for path in images.iterdir()] == ["astronaut.png"]
-    assert [path.name for path in gradcam.iterdir()] == ["astronaut-face1-gradcam.png"]
-    marked = cv2.imread(str(annotate / "astronaut-faces.jpg"))[..., ::-1].astype(int)
+    assert [path.name for path in gradcam.iterdir()] == ["astronaut.png-face1-gradcam.png"]
+    marked = cv2.imread(str(annotate / "astronaut.png-faces.jpg"))[..., ::-1].astype(int)
     assert marked.shape == (512, 512, 3)
     # The square is drawn in the verdict's colour, green or red.
     red, green = marked[..., 0], marked[..., 1]
     coloured = (np.abs(red - green) > 120) & (np.minimum(red, green) < 80)
     assert coloured.sum() > 300
-    assert (annotate / "astronaut-faces.jpg").stat().st_size > 0 and "Wrote 1 annotated picture to" in capsys.readouterr().out
+    assert (annotate / "astronaut.png-faces.jpg").stat().st_size > 0 and "Wrote 1 annotated picture to" in capsys.readouterr().out
 
 
 @needs_sample
@@ -424,8 +424,8 @@ def test_the_header_and_every_picture_say_whose_verdicts_these_are(output_dir, t
         assert predict(output_dir, str(photo), "--model", str(folder), "--annotate", str(pictures),
                        "--gradcam", str(pictures)) == 0
         headers[folder.name] = "\n".join(capsys.readouterr().out.splitlines()[:2])
-        annotated[folder.name] = np.asarray(Image.open(pictures / "astronaut-faces.jpg").convert("RGB"), np.int16)
-        overlays[folder.name] = np.asarray(Image.open(pictures / "astronaut-face1-gradcam.png").convert("RGB"), np.int16)
+        annotated[folder.name] = np.asarray(Image.open(pictures / "astronaut.png-faces.jpg").convert("RGB"), np.int16)
+        overlays[folder.name] = np.asarray(Image.open(pictures / "astronaut.png-face1-gradcam.png").convert("RGB"), np.int16)
 
     assert "trained on faces, test AUC" in headers["with-card"] and "DEMO MODEL" not in headers["with-card"]
     assert "DEMO MODEL: trained on drawn faces" in headers["demo"]
