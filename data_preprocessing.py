@@ -1207,8 +1207,8 @@ RUN_LOCK = ".lock"
 
 
 @contextlib.contextmanager
-def one_run_at_a_time(folder):
-    """Let one run at a time write into `folder`: a second one stops at once, and names the first.
+def one_run_at_a_time(folder, option="--output-dir"):
+    """Let one run at a time write into `folder`: a second one stops at once, and names the first; `option` names the folder.
 
     The lock file holds who runs there while they do, and is emptied when they end. A run
     killed before it could empty it leaves its name behind, but not its lock, which the
@@ -1220,9 +1220,7 @@ def one_run_at_a_time(folder):
         if not lock(handle, wait=False):
             handle.seek(0)
             holder = handle.read().strip() or "another run"
-            raise UserError(
-                f"{folder} is in use by {holder}; wait for that run to end, or give this one another --output-dir"
-            )
+            raise UserError(f"{folder} is in use by {holder}; wait for that run to end, or give this one another {option}")
         handle.seek(0)
         left_behind = handle.read().strip()
         if left_behind:
@@ -1234,6 +1232,21 @@ def one_run_at_a_time(folder):
         finally:
             # Emptied, not deleted: a run that has just opened the file must lock this same file.
             write_lock_holder(handle, "")
+
+
+def open_alone(path, option):
+    """Open a file to write it anew, once no other run writes it: a second one stops at once; `option` names the file.
+
+    The file itself is locked before it is emptied, so that no lock file is left beside it.
+    """
+    handle = open(path, "a+", newline="")
+    if not lock(handle, wait=False):
+        handle.close()
+        raise UserError(f"{option} {path} is being written by another run; wait for it to end, or name another file")
+    if Path(path).is_file():  # Not a device or a pipe, which cannot be emptied.
+        handle.seek(0)
+        handle.truncate()
+    return handle
 
 
 def write_lock_holder(handle, holder):

@@ -68,6 +68,7 @@ from data_augmentation import (
     perturb,
     read_upright,
     read_video_frames,
+    smallest_searched_face,
 )
 from data_preprocessing import (
     CLASSES,
@@ -104,6 +105,7 @@ from plot_loss_accuracy_graph import (
     classification_metrics,
     read_ensemble,
     read_history,
+    shown_copy,
     whose_verdicts,
     write_results_table,
     write_run_outputs,
@@ -708,7 +710,7 @@ def predict_media(recipe, args):
             report.unreadable(path)
         for path, image, lines in judge.images(images):
             report.photo(path, image, lines)
-            report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
+            report.overlays(path, lines)
         for path in videos:
             judged = judge_video(judge, path)
             if judged is None:
@@ -719,7 +721,7 @@ def predict_media(recipe, args):
             # followed; a face that was scored somewhere comes before a small one in the background.
             followed = main_face([line for line in lines if line.face is not None], counts=lambda line: line.p_fake is not None)
             report.video(path, lines, followed, frames, thumbnails)
-            report.overlays(path, lines, gradcam_heatmaps(models, lines, args))
+            report.overlays(path, lines)
             videos_judged += 1
     except KeyboardInterrupt:
         # Ctrl-C: what was judged is printed, and in the CSV, which grows as it goes.
@@ -751,19 +753,6 @@ def judge_video(judge, path):
     return lines, (read, wanted), thumbnails
 
 
-def gradcam_heatmaps(models, lines, args):
-    """With --gradcam, the first model's Grad-CAM heat map of each scored line's picture, a batch at a time."""
-    if not args.gradcam:
-        return []
-    model = models[0][1]
-    pictures = [line.picture for line in lines if line.p_fake is not None]
-    heatmaps = []
-    for start in range(0, len(pictures), args.batch_size):
-        batch = pictures[start : start + args.batch_size]
-        heatmaps += list(grad_cam(model, np.stack([model_input(picture, image_size(model)) for picture in batch])))
-    return heatmaps
-
-
 @dataclass
 class Line:
     """One line of --predict: a face, a whole image or frame with --faces off, or a picture with no face.
@@ -780,6 +769,7 @@ class Line:
     width: float | None = None  # The face's width, as MTCNN's box gives it.
     picture: np.ndarray | None = None
     p_fake: float | None = None
+    heatmap: np.ndarray | None = None  # With --gradcam, the first model's Grad-CAM map of the picture.
     note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL, FRAME_NOT_DECODED or UNREADABLE.
 
 
@@ -823,6 +813,7 @@ class MediaJudge:
         self.args = args
         self.finder = FaceFinder() if args.faces == "auto" else None
         self.stopwatch = Stopwatch()
+        self.warned = set()  # The inputs warned of a larger --min-face.
 
     def lines_of(self, picture, path, frame=None):
         """The lines of one upright image or video frame: its faces, or the whole picture with --faces off.
@@ -832,6 +823,7 @@ class MediaJudge:
         """
         if self.finder is None:
             return [Line(path, frame, picture=picture)]
+        self.warn_of_a_larger_min_face(picture, path)
         with self.stopwatch.timing("finding faces"):
             faces = self.finder.find(picture, self.args.min_face)
         if not faces:
@@ -848,15 +840,30 @@ class MediaJudge:
             lines.append(line)
         return lines
 
+    def warn_of_a_larger_min_face(self, picture, path):
+        """Say, once an input, where a picture is too large to search for faces as narrow as --min-face."""
+        height, width = picture.shape[:2]
+        smallest = smallest_searched_face(height, width, self.args.min_face)
+        if smallest > self.args.min_face and path not in self.warned:
+            self.warned.add(path)
+            print(f"warning: {path}: in its {width}x{height} pixels, faces narrower than {smallest} px are not searched "
+                  f"for, not {self.args.min_face} px as --min-face asks, to keep memory within bounds", file=sys.stderr)
+
     def score(self, lines):
-        """Fill in the p(fake) of every line that has a picture, a batch at a time."""
+        """Fill in the p(fake) of every line that has a picture, a batch at a time, and with --gradcam its heat map."""
         scorable = [line for line in lines if line.picture is not None]
-        with self.stopwatch.timing("scoring"):
-            for start in range(0, len(scorable), self.args.batch_size):
-                batch = scorable[start : start + self.args.batch_size]
-                p_fake = p_fake_of_pictures(self.models, self.weights, [line.picture for line in batch])
-                for line, value in zip(batch, p_fake):
-                    line.p_fake = float(value)
+        for start in range(0, len(scorable), self.args.batch_size):
+            batch = scorable[start : start + self.args.batch_size]
+            pictures = [line.picture for line in batch]
+            with self.stopwatch.timing("scoring"):
+                p_fake = p_fake_of_pictures(self.models, self.weights, pictures)
+            heatmaps = [None] * len(batch)
+            if self.args.gradcam:
+                with self.stopwatch.timing("Grad-CAM"):
+                    model = self.models[0][1]
+                    heatmaps = grad_cam(model, np.stack([model_input(picture, image_size(model)) for picture in pictures]))
+            for line, value, heatmap in zip(batch, p_fake, heatmaps):
+                line.p_fake, line.heatmap = float(value), heatmap
         return lines
 
     def images(self, paths):
@@ -908,11 +915,11 @@ class MediaJudge:
         return lines, read, wanted, thumbnails
 
     def score_and_let_go(self, lines):
-        """Score the lines, then drop the whole frames they hold, unless Grad-CAM still needs them."""
+        """Score the lines, then let their whole frames go: Grad-CAM keeps a copy of each as small as its overlay shows it."""
         self.score(lines)
         for line in lines:
-            if line.face is None and not self.args.gradcam:
-                line.picture = None
+            if line.face is None and line.picture is not None:
+                line.picture = shown_copy(line.picture) if self.args.gradcam else None
         return lines
 
 

@@ -66,6 +66,8 @@ from data_preprocessing import (
     ensure_writable_folder,
     exits_on_user_error,
     locked,
+    one_run_at_a_time,
+    open_alone,
     quiet_tensorflow_start,
     write_json_atomically,
     write_text_atomically,
@@ -579,15 +581,34 @@ class PredictionReport:
         self.args = args
         self.mark = mark  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
         self.names = output_names(inputs)  # What each input's pictures are called.
-        self.csv_file, self.csv_rows = None, 0
-        if args.csv:
-            try:
-                self.csv_file = open(args.csv, "w", newline="")
-            except OSError as error:
-                raise UserError(f"cannot write --csv {args.csv} ({error.strerror}); name another file") from None
-            self.csv_writer = csv.writer(self.csv_file)
-            self.csv_writer.writerow(CSV_COLUMNS)
-        self.written = Counter()
+        self.csv_file, self.csv_rows, self.written = None, 0, Counter()
+        # One run at a time writes each output: a second one, given the same, stops at once.
+        self.locks = contextlib.ExitStack()
+        try:
+            self.lock_picture_folders()
+            if args.csv:
+                self.open_csv()
+        except BaseException:
+            self.locks.close()
+            raise
+
+    def lock_picture_folders(self):
+        """Hold the lock of each folder of pictures (--annotate and --gradcam may name one folder)."""
+        folders = {}
+        for folder, option in ((self.args.annotate, "--annotate"), (self.args.gradcam, "--gradcam")):
+            if folder:
+                folders.setdefault(Path(folder).resolve(), (folder, option))
+        for folder, option in folders.values():
+            self.locks.enter_context(one_run_at_a_time(folder, option))
+
+    def open_csv(self):
+        """Open --csv, locked, and write its header."""
+        try:
+            self.csv_file = open_alone(self.args.csv, "--csv")
+        except OSError as error:
+            raise UserError(f"cannot write --csv {self.args.csv} ({error.strerror}); name another file") from None
+        self.csv_writer = csv.writer(self.csv_file)
+        self.csv_writer.writerow(CSV_COLUMNS)
 
     def photo(self, path, image, lines):
         """Report a photo's lines, and mark its faces (--annotate)."""
@@ -637,15 +658,17 @@ class PredictionReport:
         if self.csv_file is not None and not self.csv_file.closed:
             with contextlib.suppress(OSError):  # A full disk: the rows that fitted are in the file.
                 self.csv_file.close()
+        self.locks.close()
         return f"{self.args.csv} holds {counted(self.csv_rows, 'row')}." if self.args.csv else ""
 
-    def overlays(self, path, lines, heatmaps):
-        """--gradcam: draw each scored line's heat map over its picture; `heatmaps` are in the order of `lines`."""
-        scored = [line for line in lines if line.p_fake is not None]
-        for line, heatmap in zip(scored, heatmaps):
+    def overlays(self, path, lines):
+        """--gradcam: draw each scored line's heat map over its picture."""
+        if not self.args.gradcam:
+            return
+        for line in [line for line in lines if line.heatmap is not None]:
             overlay = self.args.gradcam / f"{self.names[path]}{gradcam_part(line)}-gradcam.png"
             verdict = self.args.verdicts(line.p_fake)
-            save_gradcam_overlay(line.picture, heatmap, overlay, line.p_fake, verdict, mark=self.mark)
+            save_gradcam_overlay(line.picture, line.heatmap, overlay, line.p_fake, verdict, mark=self.mark)
             self.written["gradcam"] += 1
 
     def finish(self):
@@ -826,6 +849,13 @@ def shown_scale(height, width):
     return float(np.clip(longer_side, SMALLEST_SHOWN_SIDE, LARGEST_SHOWN_SIDE)) / longer_side
 
 
+def shown_copy(image):
+    """The image as its overlay shows it, if that is smaller: a photo of 88 megapixels is drawn from 0.6 of one."""
+    height, width = image.shape[:2]
+    scale = shown_scale(height, width)
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
+
+
 def overlay_figure_size(height, width, scale, mark=None):
     """The figure's size in inches: the shown image, a colour bar to its right, a title above, and a model's mark above that."""
     image_width, image_height = width * scale / OVERLAY_DPI, height * scale / OVERLAY_DPI
@@ -841,6 +871,7 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mar
     gives the model's p(fake) and verdict for the image, and a model's mark (DEMO_MARK or
     UNKNOWN_MARK), if any, is written in red below it. Writes a PNG; returns its path.
     """
+    image = shown_copy(image)
     height, width = image.shape[:2]
     # Bilinear resizing keeps the few cells of a small conv map from showing as blocks.
     heatmap = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)

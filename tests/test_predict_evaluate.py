@@ -369,16 +369,16 @@ def test_gradcam_still_shows_regions_when_p_fake_saturates():
 
 def test_ctrl_c_while_predicting_keeps_the_rows_judged_and_exits_130(trained, tmp_path, monkeypatch, capsys):
     split_root, output_dir = trained
-    calls = []
+    calls, read = [], load_pre_trained_models.read_when_still_there
 
-    def interrupted_on_the_second_image(*args):
-        calls.append(args)
-        if len(calls) == 2:
+    def interrupted_on_the_third_image(path):
+        calls.append(path)
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return []
+        return read(path)
 
-    # Images are judged a batch at a time; batches of one make the first image's row land first.
-    monkeypatch.setattr(load_pre_trained_models, "gradcam_heatmaps", interrupted_on_the_second_image)
+    # Images are judged a batch at a time; batches of one make each image's row land before the next is read.
+    monkeypatch.setattr(load_pre_trained_models, "read_when_still_there", interrupted_on_the_third_image)
     csv_file = tmp_path / "p.csv"
     status = apply("VGG16", output_dir, "--predict", str(split_root / "test" / "real"), "--faces", "off",
                    "--batch-size", "1", "--csv", str(csv_file))

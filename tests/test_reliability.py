@@ -456,3 +456,26 @@ def test_a_linked_folder_inside_a_folder_is_followed_and_a_file_given_twice_list
     files = files_to_predict([folder, folder / "single.jpg", single, single])
     linked = sorted(folder / "photos" / path.name for path in (tiny_split_root / "test" / "real").glob("*.jpg"))
     assert files == [*linked, folder / "single.jpg", single]
+
+
+@pytest.mark.parametrize("option", ["--csv", "--annotate", "--gradcam"])
+def test_a_second_predict_run_with_the_same_output_stops_at_once(image_file, tmp_path, capsys, option):
+    model_file = tmp_path / "model" / "model.keras"
+    model_file.parent.mkdir()
+    load_pre_trained_models.build_model(VGG16_finetuning.RECIPE, weights="none", img_size=32).save(model_file)
+    target = tmp_path / ("scores.csv" if option == "--csv" else "pictures")
+    if option == "--csv":
+        target.write_text("the rows of the first run")
+        holder = open(target, "a")
+    else:
+        target.mkdir()
+        (target / data_preprocessing.RUN_LOCK).touch()
+        holder = open(target / data_preprocessing.RUN_LOCK, "r+")
+    with holder:
+        assert data_preprocessing.lock(holder, wait=False)  # The first run, still writing.
+        status = run_script("VGG16", None, tmp_path / "outputs", "--model", str(model_file),
+                            "--predict", str(image_file), "--faces", "off", option, str(target))
+    assert status == 2
+    assert_one_line_error(capsys, option, str(target), "wait for")
+    if option == "--csv":
+        assert target.read_text() == "the rows of the first run"
