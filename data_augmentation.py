@@ -63,6 +63,7 @@ from data_preprocessing import (
     ensure_writable_folder,
     exits_on_user_error,
     find_split_root,
+    is_animated_image,
     load_dataset,
     positive_int,
     report_bad_files,
@@ -79,20 +80,26 @@ from data_preprocessing import (
 # Pillow reads 16-bit greyscale images in these modes (and 32-bit integer ones in "I"); its
 # convert("RGB"), which Keras' own flows call, clips their values to 255 and shows them white.
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Transparent pixels are shown over this neutral grey, as a viewer shows them over its own
+# background: the colours they hide are not part of the picture.
+TRANSPARENT_BACKGROUND = (128, 128, 128)
 
 
 def upright_rgb(image):
     """A Pillow image as a viewer shows it: turned upright by its EXIF orientation, and made 8-bit RGB.
 
     A phone stores a portrait photo on its side and records the turn in EXIF; grey and
-    palette images are made RGB, and an alpha channel is dropped. A 16-bit greyscale
-    image keeps the top 8 bits of each value, as OpenCV and TensorFlow read it, so it looks
-    as its 8-bit version does.
+    palette images are made RGB, and transparent pixels are laid over TRANSPARENT_BACKGROUND.
+    A 16-bit greyscale image keeps the top 8 bits of each value, as OpenCV and TensorFlow
+    read it, so it looks as its 8-bit version does.
     """
     image = ImageOps.exif_transpose(image)
     if image.mode in WIDE_GREY_MODES:
         top_bits = np.asarray(image).astype(np.int64) >> 8
         image = Image.fromarray(np.clip(top_bits, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (*TRANSPARENT_BACKGROUND, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -490,6 +497,11 @@ DATASET_FRAME_SIDE = 256
 # So a face elsewhere is framed by the same rules, from its own landmarks.
 FRAME_SIDE_PER_FACE_SCALE = 2.00
 FRAME_CENTRE_TOWARD_MOUTH = 0.12
+# A frame that reaches past the image's edge is filled by mirroring, as FFHQ's alignment
+# does. The face (its FFHQ scale) spans the middle half of the frame's side, so a strip of
+# up to a quarter of the frame along one edge mirrors only hair and background; past it,
+# the mirror shows a second eye or half a face, and the face is not judged.
+MIRRORED_SHARE_AT_MOST = 0.25
 
 
 @dataclass(frozen=True)
@@ -518,6 +530,18 @@ class FaceFrame:
     def scaled(self, factor):
         """The same frame in an image resized by `factor`."""
         return FaceFrame(self.centre_x * factor, self.centre_y * factor, self.side * factor, self.angle)
+
+    def share_outside(self, height, width, samples=32):
+        """The share of the frame that lies outside an image of height x width: what `crop` fills by mirroring."""
+        steps = (np.arange(samples) + 0.5) / samples - 0.5
+        turn = math.radians(self.angle)
+        along, down = np.array([math.cos(turn), math.sin(turn)]), np.array([-math.sin(turn), math.cos(turn)])
+        points = np.array([self.centre_x, self.centre_y]) + self.side * (
+            steps[:, None, None] * along + steps[None, :, None] * down
+        )
+        x, y = points[..., 0], points[..., 1]
+        inside = (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+        return float(1 - inside.mean())
 
     def crop(self, image, side=DATASET_FRAME_SIDE):
         """Cut the frame out of an RGB image, levelled, at the dataset's 256x256; outside the image, mirror it."""
@@ -603,6 +627,28 @@ def smallest_searched_face(height, width, min_face):
     return max(min_face, math.ceil(SMALLEST_FINDABLE_FACE / search_scale(height, width, min_face)))
 
 
+# MTCNN's boxes on a suit patch had confidences of 0.81 to 0.87; at 0.90, 6 of the 1,000
+# faces of faces-140k-sample are dropped too, at 0.95, 24. The astronaut's face scores 0.999
+# at any size. (`python tests/benchmarks/measure_face_confidence.py` measures them again.)
+MIN_FACE_CONFIDENCE = 0.90
+
+
+def in_reading_order(faces):
+    """Faces in rows, top to bottom, each row left to right: face 1 is the top left one.
+
+    A face whose centre lies above the bottom of the row's first face joins that row, so
+    that faces side by side share a row though their heights differ.
+    """
+    rows = []
+    for face in sorted(faces, key=lambda face: face.box[1] + face.box[3] / 2):
+        x, y, width, height = face.box
+        if rows and y + height / 2 <= rows[-1][0].box[1] + rows[-1][0].box[3]:
+            rows[-1].append(face)
+        else:
+            rows.append([face])
+    return [face for row in rows for face in sorted(row, key=lambda face: face.box[0])]
+
+
 class StageWithCandidates:
     """One of MTCNN's three stages, skipped when the stage before it left no candidate face.
 
@@ -633,8 +679,10 @@ class FaceFinder:
 
         self.detector = mtcnn.MTCNN(stages=[StageWithCandidates(stage()) for stage in (StagePNet, StageRNet, StageONet)])
 
-    def find(self, image, min_face):
-        """The faces in an upright RGB image, left to right, in its own pixels."""
+    def find(self, image, min_face, min_confidence=None):
+        """The faces in an upright RGB image that MTCNN is at least `min_confidence` sure of
+        (MIN_FACE_CONFIDENCE by default), in reading order, in the image's own pixels."""
+        min_confidence = MIN_FACE_CONFIDENCE if min_confidence is None else min_confidence
         scale = search_scale(*image.shape[:2], min_face)
         searched = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         faces = [
@@ -645,8 +693,9 @@ class FaceFinder:
             )
             # Boxes are not cut at the image's edge, so that a face partly outside keeps its width.
             for found in self.detector.detect_faces(searched, fit_to_image=False)
+            if found["confidence"] >= min_confidence
         ]
-        return sorted(faces, key=lambda face: face.box[0])
+        return in_reading_order(faces)
 
 
 def square_iou(first, second):
@@ -716,6 +765,11 @@ def main_face(sightings, counts=lambda sighting: True):
 # ---------------------------------------------------------------------------
 
 
+# FFmpeg's own lines ("moov atom not found") would come before the one line that says a
+# video cannot be read; OpenCV reads this when it first loads FFmpeg. A user's own level is kept.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
+
 class UnreadableVideo(Exception):
     """A video that cannot be opened, or whose frames cannot be decoded."""
 
@@ -727,12 +781,15 @@ def sampled_frame_indices(frame_count, frames):
 
 
 def read_video_frames(path, frames):
-    """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video.
+    """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video, or an animated GIF or WebP.
 
     Only those frames are read: the video is seeked to each, and FFmpeg decodes from the
     key frame before it, not the whole file. OpenCV turns a phone's video upright by its
     rotation tag. A frame that cannot be decoded (in a file cut off) comes as None.
     """
+    if is_animated_image(path):
+        yield from read_animation_frames(path, frames)
+        return
     capture = cv2.VideoCapture(str(path))
     try:
         if not capture.isOpened():
@@ -748,6 +805,18 @@ def read_video_frames(path, frames):
             yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if read else None
     finally:
         capture.release()
+
+
+def read_animation_frames(path, frames):
+    """Yield (index, upright RGB frame) for `frames` frames spread evenly over an animated GIF or WebP."""
+    with Image.open(path) as animation:
+        for index in sampled_frame_indices(animation.n_frames, frames):
+            try:
+                animation.seek(index)
+                # Each frame is drawn over the ones before it, as a browser shows it.
+                yield index, np.asarray(upright_rgb(animation.convert("RGBA")))
+            except (OSError, EOFError, ValueError):  # A frame cut off or damaged.
+                yield index, None
 
 
 # ---------------------------------------------------------------------------

@@ -266,13 +266,20 @@ def image_problem(path):
     except cv2.error:
         decoded = None
     if decoded is None:
-        return "not a decodable image"
+        return looks_like_a_video(data) or "not a decodable image"
     # OpenCV passes over some damage inside a JPEG that Pillow, which Keras loads images
     # with, refuses; such a file would stop training mid-epoch. So Pillow decodes it too.
     try:
         Image.open(io.BytesIO(data)).convert("RGB")
     except Exception:  # Pillow raises many kinds; any of them would stop training.
         return "damaged image data"
+    return None
+
+
+def looks_like_a_video(data):
+    """What to say of a file that is no image but begins as a video does (an mp4 renamed .jpg); None otherwise."""
+    if data[4:8] == b"ftyp" or data[:4] == b"\x1aE\xdf\xa3" or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+        return f"it looks like a video, not an image; give it its video extension ({', '.join(VIDEO_SUFFIXES)})"
     return None
 
 
@@ -425,7 +432,16 @@ def load_evaluation_images(folder, cache_dir, subset=None, seed=42):
 
 def report_bad_files(bad_files):
     for path, problem in sorted(bad_files.items()):
-        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        warn_skipping(path, problem)
+
+
+def warn_skipping(path, problem):
+    print(f"warning: skipping {printable(path)}: {problem}", file=sys.stderr)
+
+
+def printable(path):
+    """A path as one line shows it: a newline or another control character in a file name is written as an escape."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -531,7 +547,19 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
 
 def is_video(path):
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+    """A video, or an animated GIF or WebP: --predict samples its frames."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES or is_animated_image(path)
+
+
+def is_animated_image(path):
+    """An animated GIF or WebP, whose frames Pillow decodes (OpenCV's FFmpeg reads no animated WebP)."""
+    if Path(path).suffix.lower() not in (".gif", ".webp"):
+        return False
+    try:
+        with Image.open(path) as image:
+            return bool(getattr(image, "is_animated", False))
+    except Exception:  # Not an image at all: reported as such with the images.
+        return False
 
 
 def files_to_predict(paths):
@@ -545,12 +573,11 @@ def files_to_predict(paths):
             inside, broken_links = files_under(path)
             files += inside
             for broken_link in broken_links:
-                print(f"warning: skipping {broken_link}: a broken link; it points to nothing", file=sys.stderr)
+                warn_skipping(broken_link, "a broken link; it points to nothing")
         elif path.is_file():
             files.append(path)
         else:
-            problem = "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder"
-            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+            warn_skipping(path, "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder")
     # A file given twice, or reached through two links, is judged once.
     seen = set()
     return [path for path in files if not (path.resolve() in seen or seen.add(path.resolve()))]

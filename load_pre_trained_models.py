@@ -60,6 +60,7 @@ with quiet_tensorflow_start():
 from data_augmentation import (
     FaceFinder,
     FaceFrame,
+    MIRRORED_SHARE_AT_MOST,
     UnreadableVideo,
     evaluation_flow,
     main_face,
@@ -86,13 +87,16 @@ from data_preprocessing import (
     load_recipes,
     media_to_predict,
     one_run_at_a_time,
+    printable,
     report_bad_files,
+    warn_skipping,
     write_json_atomically,
     write_text_atomically,
     writing,
 )
 from plot_loss_accuracy_graph import (
     EVALUATION_PREFIX,
+    FACE_AT_BORDER,
     FACE_TOO_SMALL,
     FRAME_NOT_DECODED,
     NO_FACE,
@@ -741,14 +745,14 @@ def judge_video(judge, path):
     try:
         lines, read, wanted, thumbnails = judge.video(path)
     except UnreadableVideo as problem:
-        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        warn_skipping(path, problem)
         return None
     if not read:
-        print(f"warning: skipping {path}: none of its frames could be decoded", file=sys.stderr)
+        warn_skipping(path, "none of its frames could be decoded")
         return None
     if read < wanted:
         # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
-        print(f"warning: {path}: only {read} of {wanted} sampled frames could be decoded; "
+        print(f"warning: {printable(path)}: only {read} of {wanted} sampled frames could be decoded; "
               "the file may be cut off, or its frame count an estimate", file=sys.stderr)
     return lines, (read, wanted), thumbnails
 
@@ -767,10 +771,11 @@ class Line:
     face_frame: FaceFrame | None = None
     confidence: float | None = None
     width: float | None = None  # The face's width, as MTCNN's box gives it.
+    mirrored: float | None = None  # The share of the face's frame outside the picture, which the crop mirrors.
     picture: np.ndarray | None = None
     p_fake: float | None = None
     heatmap: np.ndarray | None = None  # With --gradcam, the first model's Grad-CAM map of the picture.
-    note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL, FRAME_NOT_DECODED or UNREADABLE.
+    note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL, FACE_AT_BORDER, FRAME_NOT_DECODED or UNREADABLE.
 
 
 def read_when_still_there(path):
@@ -778,7 +783,7 @@ def read_when_still_there(path):
     try:
         return read_upright(path)
     except Exception as error:  # Moved, deleted or rewritten mid-run: Pillow raises many kinds.
-        print(f"warning: skipping {path}: it can no longer be read ({error})", file=sys.stderr)
+        warn_skipping(path, f"it can no longer be read ({error})")
         return None
 
 
@@ -831,12 +836,15 @@ class MediaJudge:
         lines = []
         for number, face in enumerate(faces, start=1):
             face_frame = face.frame()
-            line = Line(path, frame, face=number, face_frame=face_frame, confidence=face.confidence, width=face.width)
-            if face.width >= self.args.min_face:
+            line = Line(path, frame, face=number, face_frame=face_frame, confidence=face.confidence, width=face.width,
+                        mirrored=face_frame.share_outside(*picture.shape[:2]))
+            if face.width < self.args.min_face:
+                line.note = FACE_TOO_SMALL
+            elif line.mirrored > MIRRORED_SHARE_AT_MOST:
+                line.note = FACE_AT_BORDER
+            else:
                 with self.stopwatch.timing("cutting out faces"):
                     line.picture = face_frame.crop(picture)
-            else:
-                line.note = FACE_TOO_SMALL
             lines.append(line)
         return lines
 
@@ -846,7 +854,7 @@ class MediaJudge:
         smallest = smallest_searched_face(height, width, self.args.min_face)
         if smallest > self.args.min_face and path not in self.warned:
             self.warned.add(path)
-            print(f"warning: {path}: in its {width}x{height} pixels, faces narrower than {smallest} px are not searched "
+            print(f"warning: {printable(path)}: in its {width}x{height} pixels, faces narrower than {smallest} px are not searched "
                   f"for, not {self.args.min_face} px as --min-face asks, to keep memory within bounds", file=sys.stderr)
 
     def score(self, lines):

@@ -68,6 +68,7 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
+    printable,
     quiet_tensorflow_start,
     write_json_atomically,
     write_text_atomically,
@@ -614,7 +615,7 @@ class PredictionReport:
         """Report a photo's lines, and mark its faces (--annotate)."""
         self.print_lines(lines)
         if self.args.annotate and image is not None:
-            marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
+            marks = [(line.frame, line.face_frame, line.p_fake, line.face) for line in lines]
             picture = self.args.annotate / f"{self.names[path]}-faces.jpg"
             save_annotated_image(image, marks, picture, self.args.verdicts, self.mark)
             self.written["annotated"] += 1
@@ -625,7 +626,7 @@ class PredictionReport:
         summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
         print(summary + self.marked_verdict(p_fake))
         if self.args.annotate:
-            marks = [(line.frame, line.face_frame, line.p_fake) for line in lines]
+            marks = [(line.frame, line.face_frame, line.p_fake, line.face) for line in lines]
             sheet = self.args.annotate / f"{self.names[path]}-frames.png"
             save_contact_sheet(thumbnails, marks, sheet, self.args.verdicts, p_fake, self.mark)
             self.written["annotated"] += 1
@@ -732,6 +733,8 @@ def printed_line(line, args):
     """A line as --predict prints it: path, what part, p_fake=..., verdict; or why it was not judged."""
     if line.note == FACE_TOO_SMALL:
         judgement = f"too small to judge: {line.width:.0f} px wide, under --min-face {args.min_face}"
+    elif line.note == FACE_AT_BORDER:
+        judgement = f"not judged: {line.mirrored:.0%} of its frame is past the picture's edge, too much to fill by mirroring"
     elif line.note == NO_FACE:
         judgement = "no face found: not judged (--faces off scores the whole image)"
     elif line.note == FRAME_NOT_DECODED:
@@ -740,7 +743,9 @@ def printed_line(line, args):
         judgement = "not judged: the file could no longer be read"
     else:
         judgement = f"p_fake={line.p_fake:.4f}  {args.verdicts(line.p_fake)}"
-    return "  ".join(part for part in (str(line.path), part_of_input(line), judgement) if part)
+        if line.mirrored and line.mirrored >= 0.005:
+            judgement += f"  ({line.mirrored:.0%} of its frame mirrored past the edge)"
+    return "  ".join(part for part in (printable(line.path), part_of_input(line), judgement) if part)
 
 
 def video_summary(path, lines, followed, frames_read, frames_wanted, args):
@@ -755,8 +760,8 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
         if not followed:
             why = "no face found in any frame" if args.faces == "auto" else "no frame could be scored"
         else:
-            why = f"the face seen most was under --min-face {args.min_face} in every frame"
-        return f"{path}  video  not judged: {why} ({frames})", None
+            why = f"the face seen most was under --min-face {args.min_face} or cut by the border in every frame"
+        return f"{printable(path)}  video  not judged: {why} ({frames})", None
     p_fake = float(np.mean([line.p_fake for line in scored]))
     if args.faces == "off":
         basis = "the whole frames"
@@ -766,7 +771,7 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
         basis += f", {too_small} of them too small to judge" if too_small else ""
     faces_scored = sum(line.face is not None and line.p_fake is not None for line in lines)
     counts = f"{frames}, {faces_scored} faces scored; {basis}"
-    return f"{path}  video  p_fake={p_fake:.4f}  {args.verdicts(p_fake)}  ({counts})", p_fake
+    return f"{printable(path)}  video  p_fake={p_fake:.4f}  {args.verdicts(p_fake)}  ({counts})", p_fake
 
 
 def counted(count, thing):
@@ -776,12 +781,13 @@ def counted(count, thing):
 # Why a line of --predict has no verdict, as the CSV's note column says it.
 NO_FACE = "no face"
 FACE_TOO_SMALL = "face too small"
+FACE_AT_BORDER = "face cut by the border"
 FRAME_NOT_DECODED = "frame not decoded"
 UNREADABLE = "unreadable"
 
 # The CSV that --csv writes, in this order: a row per face, per picture without one, and per
 # input that could not be read, so that every input is accounted for.
-CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "confidence", "p_fake", "verdict", "note")
+CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "mirrored", "confidence", "p_fake", "verdict", "note")
 
 
 
@@ -794,6 +800,7 @@ def csv_row(line, verdicts):
         crop_x=crop_x,
         crop_y=crop_y,
         crop_size=crop_size,
+        mirrored=None if line.mirrored is None else round(line.mirrored, 3),
         confidence=line.confidence,
         p_fake=line.p_fake,
         verdict=None if line.p_fake is None else verdicts(line.p_fake),
@@ -910,18 +917,19 @@ LARGEST_ANNOTATED_SIDE = 1600
 
 
 def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
-    """A copy of an RGB image with each face's square drawn and labelled with its p(fake).
+    """A copy of an RGB image with each face's square drawn and labelled with its number and p(fake).
 
-    `marks` holds (face frame, p_fake) pairs. A face frame of None is the whole image:
-    scored with --faces off, or, without a p_fake, one where no face was found. A face with
-    a p_fake of None was too small to judge. A model's `mark` is written across the bottom.
+    `marks` holds (face frame, p_fake, face number) triples. A face frame of None is the whole
+    image: scored with --faces off, or, without a p_fake, one where no face was found. A face
+    with a p_fake of None was too small to judge. A model's `mark` is written across the bottom.
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
     marked = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
-    for face_frame, p_fake in marks:
+    labels = []  # The boxes of the labels drawn so far, which the next one must not cover.
+    for face_frame, p_fake, number in marks:
         verdict = None if p_fake is None else verdicts(p_fake)
         label = "too small" if p_fake is None else f"p_fake {p_fake:.2f}"
         if face_frame is None:
@@ -931,22 +939,38 @@ def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, ma
             corners = np.array(face_frame.scaled(scale).corners())
             cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, VERDICT_COLOURS[verdict], thickness, cv2.LINE_AA)
             corner = corners.min(axis=0)
-        draw_label(marked, label, corner, VERDICT_COLOURS[verdict], thickness)
+        text = label if number is None else f"{number}: {label}"
+        labels.append(draw_label(marked, text, corner, VERDICT_COLOURS[verdict], thickness, labels))
     if mark:
         draw_banner(marked, mark, MARK_COLOUR)
     return marked
 
 
-def draw_label(image, text, corner, colour, thickness):
-    """Write white text on a box of the face's colour, just above `corner` (x, y), kept inside the image."""
+def draw_label(image, text, corner, colour, thickness, taken=()):
+    """Write white text on a box of the face's colour, just above `corner` (x, y), inside the image and
+    off the boxes `taken`; return its box."""
     font_scale = 0.4 * thickness
     (text_width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
-    box_height = text_height + baseline + 2 * thickness
-    x = int(np.clip(corner[0], 0, max(0, image.shape[1] - text_width - 2 * thickness)))
-    y = int(np.clip(corner[1] - box_height, 0, max(0, image.shape[0] - box_height)))
-    cv2.rectangle(image, (x, y), (x + text_width + 2 * thickness, y + box_height), colour, cv2.FILLED)
+    size = (text_width + 2 * thickness, text_height + baseline + 2 * thickness)
+    x, y = label_place(size, corner, taken, image.shape[:2])
+    cv2.rectangle(image, (x, y), (x + size[0], y + size[1]), colour, cv2.FILLED)
     origin = (x + thickness, y + thickness + text_height)
     cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return (x, y, x + size[0], y + size[1])
+
+
+def label_place(size, corner, taken, image_shape):
+    """Where a label of `size` (width, height) goes: just above `corner`, kept in the image, and
+    moved down a line at a time while it would cover a box of `taken` (x0, y0, x1, y1)."""
+    (width, height), (image_height, image_width) = size, image_shape
+    x = int(np.clip(corner[0], 0, max(0, image_width - width)))
+    y = int(np.clip(corner[1] - height, 0, max(0, image_height - height)))
+    first_y = y
+    while any(x < x1 and x0 < x + width and y < y1 and y0 < y + height for x0, y0, x1, y1 in taken):
+        y += height
+        if y + height > image_height:  # No free place below: over the first place, as before.
+            return x, first_y
+    return x, y
 
 
 def draw_banner(image, text, colour):
@@ -964,9 +988,12 @@ def draw_banner(image, text, colour):
 
 
 def save_annotated_image(image, marks, path, verdicts, mark=None):
-    """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path."""
+    """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path.
+
+    `marks` holds (frame index, face frame, p_fake, face number), as for save_contact_sheet.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    marked = marked_image(image, [(face_frame, p_fake) for _, face_frame, p_fake in marks], verdicts, mark=mark)
+    marked = marked_image(image, [(face_frame, p_fake, number) for _, face_frame, p_fake, number in marks], verdicts, mark=mark)
     with writing(path, path):
         # OpenCV says False, without a reason, where the disk is full or the folder gone.
         if not cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
@@ -985,7 +1012,7 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
     CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index, face
-    frame, p_fake) triples, in the frames' pixels; p_fake is the video's own, drawn as a
+    frame, p_fake, face number), in the frames' pixels; p_fake is the video's own, drawn as a
     dashed line; a model's mark, if any, is its title. Writes a PNG; returns its path.
     """
     shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
@@ -997,13 +1024,14 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
     for position, (index, thumbnail, scale) in enumerate(thumbnails):
-        frame_marks = [(None if face_frame is None else face_frame.scaled(scale), score) for at, face_frame, score in marks if at == index]
+        frame_marks = [(None if face_frame is None else face_frame.scaled(scale), score, number)
+                       for at, face_frame, score, number in marks if at == index]
         axis = figure.add_subplot(grid[position // columns, position % columns])
         axis.imshow(marked_image(thumbnail, frame_marks, verdicts))
         axis.set_title(f"frame {index}", fontsize=8)
         axis.set_axis_off()
     strip = figure.add_subplot(grid[rows, :])
-    scored = [(at, score) for at, _, score in marks if score is not None]
+    scored = [(at, score) for at, _, score, _ in marks if score is not None]
     for verdict in ("real", "uncertain", "fake"):
         points = [(at, score) for at, score in scored if verdicts(score) == verdict]
         if points:

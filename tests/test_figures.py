@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 import plot_loss_accuracy_graph as figures
-from data_augmentation import read_upright
+from data_augmentation import Face, in_reading_order, read_upright
 
 
 def make_history(val_losses, phases=None):
@@ -238,3 +238,21 @@ def test_a_model_that_does_not_separate_the_classes_calls_every_face_uncertain()
     assert figures.uncertain_band(np.array([0] * 10 + [1] * 10), np.linspace(0, 1, 20)) == (None, None)
     assert figures.Verdicts(None, None)(0.99) == "uncertain"
     assert figures.Verdicts(0.5, 0.5)(0.5) == "fake" and figures.Verdicts(0.5, 0.5)(0.49) == "real"
+
+
+def test_faces_are_numbered_in_reading_order():
+    """A 2x2 grid with uneven heights: face 1 top left, face 2 top right, then the bottom row."""
+    def face(x, y, size=100):
+        return Face(box=(x, y, size, size), confidence=0.99, landmarks={})
+
+    bottom_left, top_right, top_left, bottom_right = face(0, 300), face(300, 30), face(10, 0, 140), face(320, 290)
+    assert in_reading_order([bottom_left, top_right, top_left, bottom_right]) == [top_left, top_right, bottom_left, bottom_right]
+
+
+def test_labels_of_faces_side_by_side_do_not_cover_each_other():
+    taken, shape, size = [], (400, 600), (120, 20)
+    for corner in ([100, 100], [110, 105], [105, 98]):
+        x, y = figures.label_place(size, corner, taken, shape)
+        assert not any(x < x1 and x0 < x + size[0] and y < y1 and y0 < y + size[1] for x0, y0, x1, y1 in taken)
+        taken.append((x, y, x + size[0], y + size[1]))
+    assert taken[0][:2] == (100, 80)  # The first stays just above its face.

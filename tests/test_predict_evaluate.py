@@ -7,6 +7,7 @@ first redraws their figures with plot_loss_accuracy_graph.py.
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def test_each_overlay_counted_is_a_file_of_its_own(trained, tmp_path, capsys):
                    "--gradcam", str(tmp_path / "maps"), "--annotate", str(tmp_path / "marked"))
     assert status == 0
     output = capsys.readouterr().out
-    overlays, marked = sorted((tmp_path / "maps").iterdir()), sorted((tmp_path / "marked").iterdir())
+    overlays, marked = sorted((tmp_path / "maps").glob("*.png")), sorted((tmp_path / "marked").glob("*.jpg"))
     judged = 4 + TINY_IMAGES_PER_CLASS["test"]
     assert len(overlays) == len(marked) == judged
     assert f"Wrote {judged} Grad-CAM overlays" in output and f"Wrote {judged} annotated pictures" in output
@@ -457,4 +458,20 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
     assert len(error_lines) == 1 and error_lines[0].startswith(f"error: cannot write {target}")
     assert "the disk is full; free some space, then run the same command again" in error_lines[0]
     if option != "--csv":
-        assert not list(target.iterdir())
+        assert [path.name for path in target.iterdir()] == [".lock"]
+
+
+def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    faces = [Image.open(path).convert("RGB") for path in sorted((split_root / "test").rglob("*.jpg"))]
+    for suffix in (".gif", ".webp"):
+        faces[0].save(tmp_path / f"moving{suffix}", save_all=True, append_images=faces[1:], duration=100, loop=0)
+    faces[0].save(tmp_path / "still.gif")
+    status = apply("VGG16", output_dir, "--predict", str(tmp_path / "moving.gif"), str(tmp_path / "moving.webp"),
+                   str(tmp_path / "still.gif"), "--faces", "off", "--frames", "4")
+    assert status == 0
+    output = capsys.readouterr().out
+    for suffix in (".gif", ".webp"):
+        assert re.search(rf"moving\{suffix}  video  p_fake=\S+  \w+  \(4 of 4 frames read", output), output
+        assert len(re.findall(rf"moving\{suffix}  frame \d+  p_fake=", output)) == 4
+    assert re.search(r"still\.gif  p_fake=", output)

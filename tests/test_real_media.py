@@ -24,6 +24,7 @@ from plot_loss_accuracy_graph import read_model_card
 from conftest import REPOSITORY_DIR, run_script
 from data_augmentation import (
     FaceFinder,
+    MIN_FACE_CONFIDENCE,
     FaceFrame,
     StageWithCandidates,
     load_pixels,
@@ -245,7 +246,9 @@ def write_video(path, frames):
 
 
 @needs_sample
-def test_a_cut_off_or_fake_video_is_reported_and_the_rest_still_scored(output_dir, tmp_path, capsys):
+def test_a_cut_off_or_fake_video_is_reported_and_the_rest_still_scored(output_dir, tmp_path, capfd):
+    """Each in one line of ours: FFmpeg's own lines ("moov atom not found") are silenced, and a
+    file name with a newline in it is printed on one line."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     # An AVI cut off halfway still opens; the frames of its lost half cannot be decoded.
@@ -256,15 +259,18 @@ def test_a_cut_off_or_fake_video_is_reported_and_the_rest_still_scored(output_di
     video, _ = write_video(tmp_path / "whole.mp4", frames=20)
     (inputs / "cut.mp4").write_bytes(video.read_bytes()[:5000])
     (inputs / "notes.mp4").write_text("not a video")
-    Image.open(sample_faces(1)[0]).save(inputs / "face.jpg")
+    (inputs / "clip.jpg").write_bytes(video.read_bytes())  # An mp4, renamed.
+    Image.open(sample_faces(1)[0]).save(inputs / "face\nnew line.jpg")
     assert predict(output_dir, str(inputs), "--frames", "4") == 0
 
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert f"warning: skipping {inputs / 'notes.mp4'}: not a video" in captured.err
     assert f"warning: skipping {inputs / 'cut.mp4'}: not a video" in captured.err
+    assert f"warning: skipping {inputs / 'clip.jpg'}: it looks like a video, not an image; give it its video extension" in captured.err
     assert f"warning: {inputs / 'cut.avi'}: only 2 of 4 sampled frames could be decoded" in captured.err
+    assert all(line.startswith("warning: ") for line in captured.err.splitlines()), captured.err
     assert "(2 of 4 frames read, 2 faces scored" in captured.out
-    assert f"{inputs / 'face.jpg'}  face 1" in captured.out
+    assert any(line.startswith(f"{inputs}/face\\nnew line.jpg  face 1") for line in captured.out.splitlines())
 
 
 def test_a_photo_without_a_face_gets_no_verdict_and_every_input_a_row(output_dir, tmp_path, capsys):
@@ -360,7 +366,8 @@ def test_annotations_and_heat_maps_go_to_their_folders_only(output_dir, tmp_path
     assert predict(output_dir, str(images), "--annotate", str(annotate), "--gradcam", str(gradcam)) == 0
 
     assert [path.name for path in images.iterdir()] == ["astronaut.png"]
-    assert [path.name for path in gradcam.iterdir()] == ["astronaut.png-face1-gradcam.png"]
+    # Beside the pictures, only the hidden lock that keeps a second run from writing there too.
+    assert sorted(path.name for path in gradcam.iterdir()) == [".lock", "astronaut.png-face1-gradcam.png"]
     marked = cv2.imread(str(annotate / "astronaut.png-faces.jpg"))[..., ::-1].astype(int)
     assert marked.shape == (512, 512, 3)
     # The square is drawn in the verdict's colour, green or red.
@@ -394,7 +401,7 @@ def test_frames_are_spread_evenly_and_faces_linked_by_overlap():
     Line = load_pre_trained_models.Line
 
     def line(frame, x, p_fake):
-        return Line(Path("v.mp4"), frame, 1, FaceFrame(x + 50, 100, 100), 0.99, 60, None, p_fake)
+        return Line(Path("v.mp4"), frame, face=1, face_frame=FaceFrame(x + 50, 100, 100), confidence=0.99, width=60, p_fake=p_fake)
 
     # One face moves right by most of its width between sampled frames; another passes by
     # once, far to the right.
@@ -459,3 +466,45 @@ def test_verdicts_come_from_the_cards_band_and_threshold_gives_two(output_dir, t
     two_way = pd.read_csv(tmp_path / "two.csv")
     assert two_way["verdict"][0] == ("fake" if two_way["p_fake"][0] >= 0.5 else "real")
     assert pd.read_csv(tmp_path / "band.csv")["verdict"][0] == "uncertain"
+
+
+def test_the_share_of_a_frame_past_the_edge_is_what_the_crop_mirrors():
+    inside, half_out = FaceFrame(50, 50, 40), FaceFrame(0, 50, 40)
+    assert inside.share_outside(100, 100) == 0
+    assert half_out.share_outside(100, 100) == pytest.approx(0.5, abs=0.02)
+    assert FaceFrame(0, 0, 40, angle=45).share_outside(100, 100) == pytest.approx(0.75, abs=0.03)
+
+
+@needs_sample
+def test_a_face_whose_frame_is_mostly_mirrored_is_not_judged(output_dir, tmp_path, capsys):
+    """A frame a fifth past the edge is judged, and says so; one two fifths past it shows a mirrored face, and is not."""
+    face = cv2.resize(np.asarray(Image.open(sample_faces(1)[0]).convert("RGB")), (300, 300))
+    folder = tmp_path / "edges"
+    folder.mkdir()
+    for name, cut in (("fifth.jpg", 60), ("two-fifths.jpg", 120)):
+        scene = noisy_background(np.random.default_rng(0), 600, 800)
+        scene[150:450, : 300 - cut] = face[:, cut:]
+        Image.fromarray(scene).save(folder / name, quality=95)
+    assert predict(output_dir, str(folder), "--csv", str(tmp_path / "edges.csv")) == 0
+    lines = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(str(folder))}
+    assert re.search(r"p_fake=\S+  \w+  \(\d+% of its frame mirrored past the edge\)$", lines[str(folder / "fifth.jpg")])
+    assert re.search(r"not judged: \d+% of its frame is past the picture's edge", lines[str(folder / "two-fifths.jpg")])
+    rows = pd.read_csv(tmp_path / "edges.csv").set_index("path")
+    assert 0.1 < rows.loc[str(folder / "fifth.jpg"), "mirrored"] <= 0.25
+    assert rows.loc[str(folder / "two-fifths.jpg"), "mirrored"] > 0.25
+    assert rows.loc[str(folder / "two-fifths.jpg"), "note"] == "face cut by the border"
+
+
+def test_boxes_below_the_minimum_confidence_are_not_faces(finder, monkeypatch):
+    """As MTCNN's boxes on a suit patch (0.81 to 0.87) were judged as faces before."""
+    def box(x, y, confidence):
+        eyes_and_mouth = {"left_eye": (x + 30, y + 40), "right_eye": (x + 70, y + 40), "nose": (x + 50, y + 60),
+                          "mouth_left": (x + 35, y + 80), "mouth_right": (x + 65, y + 80)}
+        return {"box": [x, y, 100, 120], "confidence": confidence, "keypoints": eyes_and_mouth}
+
+    found = [box(400, 300, 0.99), box(300, 20, 0.85), box(20, 310, 0.97), box(500, 10, 0.999)]
+    monkeypatch.setattr(finder.detector, "detect_faces", lambda image, **options: found)
+    faces = finder.find(np.zeros((480, 640, 3), np.uint8), min_face=64)
+    assert MIN_FACE_CONFIDENCE == 0.90
+    # In reading order: the top row (the box at 0.85 dropped), then the bottom one, left to right.
+    assert [face.confidence for face in faces] == [0.999, 0.97, 0.99]

@@ -27,7 +27,7 @@ import data_preprocessing
 import load_pre_trained_models
 import VGG16_finetuning
 from conftest import REPOSITORY_DIR, CountEpochs, assert_one_line_error, run_script
-from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, prediction_flow, resized_image
+from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, prediction_flow, read_upright, resized_image
 from data_preprocessing import (
     READABLE_FORMATS,
     UserError,
@@ -479,3 +479,18 @@ def test_a_second_predict_run_with_the_same_output_stops_at_once(image_file, tmp
     assert_one_line_error(capsys, option, str(target), "wait for")
     if option == "--csv":
         assert target.read_text() == "the rows of the first run"
+
+
+def test_pixels_hidden_by_transparency_are_not_what_is_scored(tmp_path):
+    """An RGBA picture whose hidden pixels are red, and its visible ones blue half-seen over the grey."""
+    pixels = np.zeros((20, 20, 4), np.uint8)
+    pixels[..., 0] = 255  # Red everywhere, hidden on the left half.
+    pixels[:, 10:] = (0, 0, 255, 128)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "cut-out.png")
+    palette = Image.fromarray(pixels[..., :3]).convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    palette.save(tmp_path / "palette.png")
+    for name in ("cut-out.png", "palette.png"):
+        read = load_pixels(tmp_path / name, 20)
+        assert read[5, 2].tolist() == [128, 128, 128], name  # Fully transparent: the neutral grey.
+    assert read_upright(tmp_path / "cut-out.png")[5, 15].tolist() == pytest.approx([64, 64, 191], abs=2)
