@@ -171,6 +171,15 @@ def test_gradcam_overlay_caps_the_size_of_large_images(tmp_path):
     assert max(read_png(path).shape[:2]) < figures.LARGEST_SHOWN_SIDE + 200
 
 
+def test_a_large_image_is_drawn_from_a_copy_as_small_as_it_is_shown(tmp_path, monkeypatch):
+    """Drawn whole, an 88-megapixel photo and its heat map took 6.7 GB to make a figure of 768 px."""
+    drawn = []
+    imshow = plt.Axes.imshow
+    monkeypatch.setattr(plt.Axes, "imshow", lambda axis, image, **options: drawn.append(image.shape) or imshow(axis, image, **options))
+    figures.save_gradcam_overlay(np.zeros((3000, 2000, 3), np.uint8), np.ones((7, 7)), tmp_path / "overlay.png", 0.2, "real")
+    assert len(drawn) == 2 and max(max(shape[:2]) for shape in drawn) <= figures.LARGEST_SHOWN_SIDE
+
+
 # ---------------------------------------------------------------------------
 # Evaluation figures with long titles
 # ---------------------------------------------------------------------------
