@@ -615,16 +615,20 @@ SEARCH_SIDE = 640
 SEARCH_PIXELS_AT_MOST = 8_000_000
 
 
+def scale_for_min_face(height, width, min_face):
+    """How much to shrink an image before searching it: as far as SEARCH_SIDE, keeping --min-face findable."""
+    return min(1.0, max(SEARCH_SIDE / max(height, width), SMALLEST_FINDABLE_FACE / min_face))
+
+
 def search_scale(height, width, min_face):
-    """How much to shrink an image before searching it: as far as SEARCH_SIDE, keeping --min-face findable
-    if SEARCH_PIXELS_AT_MOST allows."""
-    wanted = min(1.0, max(SEARCH_SIDE / max(height, width), SMALLEST_FINDABLE_FACE / min_face))
-    return min(wanted, math.sqrt(SEARCH_PIXELS_AT_MOST / (height * width)))
+    """scale_for_min_face, or less where SEARCH_PIXELS_AT_MOST would be passed."""
+    return min(scale_for_min_face(height, width, min_face), math.sqrt(SEARCH_PIXELS_AT_MOST / (height * width)))
 
 
 def smallest_searched_face(height, width, min_face):
     """The width of the narrowest face that is searched for in an image: --min-face, or more in a very large image."""
-    return max(min_face, math.ceil(SMALLEST_FINDABLE_FACE / search_scale(height, width, min_face)))
+    scale = search_scale(height, width, min_face)
+    return min_face if scale >= scale_for_min_face(height, width, min_face) else math.ceil(SMALLEST_FINDABLE_FACE / scale)
 
 
 # MTCNN's boxes on a suit patch had confidences of 0.81 to 0.87; at 0.90, 6 of the 1,000
@@ -809,8 +813,13 @@ def read_video_frames(path, frames):
 
 def read_animation_frames(path, frames):
     """Yield (index, upright RGB frame) for `frames` frames spread evenly over an animated GIF or WebP."""
-    with Image.open(path) as animation:
-        for index in sampled_frame_indices(animation.n_frames, frames):
+    try:
+        animation = Image.open(path)
+        frame_count = animation.n_frames  # Pillow reads through the file to count them.
+    except Exception as error:  # Gone since it was listed, or cut off: Pillow raises many kinds.
+        raise UnreadableVideo(f"its frames cannot be read ({error})") from None
+    with animation:
+        for index in sampled_frame_indices(frame_count, frames):
             try:
                 animation.seek(index)
                 # Each frame is drawn over the ones before it, as a browser shows it.

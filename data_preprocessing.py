@@ -278,7 +278,9 @@ def image_problem(path):
 
 def looks_like_a_video(data):
     """What to say of a file that is no image but begins as a video does (an mp4 renamed .jpg); None otherwise."""
-    if data[4:8] == b"ftyp" or data[:4] == b"\x1aE\xdf\xa3" or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+    # An ISO media file (ftyp) is a video unless its brand is a photo's: AVIF or HEIC.
+    iso_video = data[4:8] == b"ftyp" and data[8:12] not in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
+    if iso_video or data[:4] == b"\x1aE\xdf\xa3" or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
         return f"it looks like a video, not an image; give it its video extension ({', '.join(VIDEO_SUFFIXES)})"
     return None
 
@@ -517,7 +519,7 @@ def make_demo_dataset(folder, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=
                 image, path = demo_image(rng, class_name, size), class_dir / f"{index:04d}.jpg"
                 with writing(path, path):
                     if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-                        raise OSError(errno.ENOSPC, "OpenCV could not write the file")
+                        raise opencv_write_failure(path)
     return Path(folder)
 
 
@@ -636,7 +638,7 @@ def media_to_predict(paths):
     """
     files = files_to_predict(paths)
     videos = [path for path in files if is_video(path)]
-    images = [path for path in files if not is_video(path)]
+    images = [path for path in files if path not in set(videos)]
     readable = readable_images(images, required=not videos)
     return readable, videos, sorted(set(images) - set(readable))
 
@@ -661,7 +663,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def exits_on_user_error(main):
-    """Wrap a command's main() so that a UserError prints one line and returns 2."""
+    """Wrap a command's main() so that a UserError prints one line and returns its exit status (2, or 1 for CannotWrite)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -1056,12 +1058,15 @@ class CannotWrite(UserError):
 
 @contextlib.contextmanager
 def writing(path, *leftovers):
-    """Turn a failed write in the block into CannotWrite, naming `path`; remove `leftovers`, the partial files."""
+    """Turn a failed write in the block into CannotWrite, naming `path`; remove `leftovers`, the partial files,
+    after any failure, Ctrl-C too."""
     try:
         yield
-    except OSError as error:
+    except BaseException as error:
         for leftover in leftovers:
             Path(leftover).unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
         # h5py puts the errno in its message, not in the error.
         disk_full = error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error)
         reason = "the disk is full; free some space" if disk_full else f"{error.strerror or error}; fix that"
@@ -1131,6 +1136,12 @@ def quiet_tensorflow_start():
             for line in caught.read().decode(errors="replace").splitlines():
                 if not TENSORFLOW_START_UP_LINE.match(line):
                     print(line, file=sys.stderr)
+
+
+def opencv_write_failure(path):
+    """The error where cv2.imwrite says False, without a reason: a full disk, unless the folder has gone."""
+    code = errno.ENOSPC if Path(path).parent.is_dir() else errno.ENOENT
+    return OSError(code, os.strerror(code))
 
 
 def write_text_atomically(path, text):
@@ -1233,15 +1244,19 @@ def locked(lock_file):
 RUN_LOCK = ".lock"
 
 
+# The lock of a folder of --annotate or --gradcam pictures: not a run folder's.
+PICTURES_LOCK = ".predict.lock"
+
+
 @contextlib.contextmanager
-def one_run_at_a_time(folder, option="--output-dir"):
+def one_run_at_a_time(folder, option="--output-dir", lock_name=RUN_LOCK):
     """Let one run at a time write into `folder`: a second one stops at once, and names the first; `option` names the folder.
 
     The lock file holds who runs there while they do, and is emptied when they end. A run
     killed before it could empty it leaves its name behind, but not its lock, which the
     operating system releases: the next run takes the folder over, and says so.
     """
-    lock_file = folder / RUN_LOCK
+    lock_file = folder / lock_name
     lock_file.touch()
     with open(lock_file, "r+") as handle:
         if not lock(handle, wait=False):
@@ -1264,24 +1279,29 @@ def one_run_at_a_time(folder, option="--output-dir"):
 def open_alone(path, option):
     """Open a file to write it anew, once no other run writes it: a second one stops at once; `option` names the file.
 
-    The file itself is locked before it is emptied, so that no lock file is left beside it.
+    The file itself is locked, so that no lock file is left beside it; it is left as it
+    was until the caller empties it (`start_anew`), once the run is sure to write it.
     """
     handle = open(path, "a+", newline="")
     if not lock(handle, wait=False):
         handle.close()
         raise UserError(f"{option} {path} is being written by another run; wait for it to end, or name another file")
-    if Path(path).is_file():  # Not a device or a pipe, which cannot be emptied.
-        handle.seek(0)
-        handle.truncate()
     return handle
 
 
+def start_anew(handle):
+    """Empty a file that open_alone opened (a device or a pipe cannot be emptied, nor needs to be)."""
+    if Path(handle.name).is_file():
+        handle.seek(0)
+        handle.truncate()
+
+
 def write_lock_holder(handle, holder):
-    """Replace what the lock file says about who holds it."""
-    handle.seek(0)
-    handle.truncate()
-    handle.write(holder)
-    handle.flush()
+    """Replace what the lock file says about who holds it; on a full disk it says nothing, and the lock still holds."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(handle.fileno(), 0)
+        os.lseek(handle.fileno(), 0, os.SEEK_SET)
+        os.write(handle.fileno(), holder.encode())
 
 
 # ---------------------------------------------------------------------------

@@ -696,48 +696,58 @@ def grad_cam(model, batch):
 def predict_media(recipe, args):
     """--predict: print p(fake) and a verdict for each face in each photo and video; train nothing.
 
-    The order of work: list the photos and videos, load the model (or the ensemble), then
-    judge each (find its faces, cut them out, score them) and report it as it is judged.
+    The order of work: list the photos and videos, take the outputs (locked, so that a
+    second run given the same stops at once), load the model (or the ensemble), then judge
+    each (find its faces, cut them out, score them) and report it as it is judged.
     """
-    images, videos, unreadable = media_to_predict(args.predict)
-    models, weights, model_lines, mark, args.verdicts = prediction_models(recipe, args)
-    judge = MediaJudge(models, weights, args)
-    report = PredictionReport(args, images + videos, mark)
-    faces = "each face found" if args.faces == "auto" else "each whole image"
-    by = "the model" if len(models) == 1 else "the weighted ensemble of"
-    print(f"p(fake) of {faces}; verdicts: {args.verdicts}; by {by}:")
-    for line in model_lines:
-        print(f"  {line}")
-    videos_judged = 0
+    report = None
     try:
-        for path in unreadable:
-            report.unreadable(path)
-        for path, image, lines in judge.images(images):
-            report.photo(path, image, lines)
-            report.overlays(path, lines)
-        for path in videos:
-            judged = judge_video(judge, path)
-            if judged is None:
-                report.unreadable(path)
-                continue
-            lines, frames, thumbnails = judged
-            # Every sighting of a face, too small or not: a face that shrinks for a while is still
-            # followed; a face that was scored somewhere comes before a small one in the background.
-            followed = main_face([line for line in lines if line.face is not None], counts=lambda line: line.p_fake is not None)
-            report.video(path, lines, followed, frames, thumbnails)
-            report.overlays(path, lines)
-            videos_judged += 1
+        images, videos, unreadable = media_to_predict(args.predict)
+        report = PredictionReport(args, images + videos)
+        models, weights, model_lines, mark, args.verdicts = prediction_models(recipe, args)
+        report.start(mark)
+        judge = MediaJudge(models, weights, args)
+        faces = "each face found" if args.faces == "auto" else "each whole image"
+        by = "the model" if len(models) == 1 else "the weighted ensemble of"
+        print(f"p(fake) of {faces}; verdicts: {args.verdicts}; by {by}:")
+        for line in model_lines:
+            print(f"  {line}")
+        videos_judged = judge_all(judge, report, images, videos, unreadable)
     except KeyboardInterrupt:
         # Ctrl-C: what was judged is printed, and in the CSV, which grows as it goes.
-        print(f"\nInterrupted. {report.stop()}".rstrip())
+        print(f"\nInterrupted. {report.stop() if report else ''}".rstrip())
         return 130
     finally:
-        report.stop()
+        if report:
+            report.stop()
     if not images and not videos_judged:
         raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
     report.finish()
     print(f"Time: {judge.stopwatch.summary()}")
     return 0
+
+
+def judge_all(judge, report, images, videos, unreadable):
+    """Judge the photos, then the videos, reporting each as it is judged; return how many videos could be judged."""
+    for path in unreadable:
+        report.unreadable(path)
+    for path, image, lines in judge.images(images):
+        report.photo(path, image, lines)
+        report.overlays(path, lines)
+    videos_judged = 0
+    for path in videos:
+        judged = judge_video(judge, path)
+        if judged is None:
+            report.unreadable(path)
+            continue
+        lines, frames, thumbnails = judged
+        # Every sighting of a face, judged or not: a face that shrinks for a while is still
+        # followed; a face that was scored somewhere comes before a small one in the background.
+        followed = main_face([line for line in lines if line.face is not None], counts=lambda line: line.p_fake is not None)
+        report.video(path, lines, followed, frames, thumbnails)
+        report.overlays(path, lines)
+        videos_judged += 1
+    return videos_judged
 
 
 def judge_video(judge, path):
@@ -824,7 +834,8 @@ class MediaJudge:
         """The lines of one upright image or video frame: its faces, or the whole picture with --faces off.
 
         The models know faces framed as the dataset frames them, nothing else: a picture
-        without a face, or a face too small to judge, is listed with its note, not scored.
+        without a face, a face too small to judge, or one whose frame lies too far past the
+        picture's edge (MIRRORED_SHARE_AT_MOST) is listed with its note, not scored.
         """
         if self.finder is None:
             return [Line(path, frame, picture=picture)]
@@ -1171,7 +1182,7 @@ def start_or_resume(run_dir, args):
             "with those to resume it, or delete that folder to start a new run"
         )
     backed_up = epochs_backed_up(backup_dir)
-    if backed_up > args.epochs:
+    if backed_up > args.epochs and not training_finished(run_dir):
         raise UserError(
             f"{run_dir} holds an interrupted run that has trained {backed_up} epochs, more than --epochs {args.epochs}; "
             f"run it again with --epochs {backed_up} or more to resume it, or delete {backup_dir} to train anew"
@@ -1201,7 +1212,7 @@ def epochs_backed_up(backup_dir):
         try:
             epochs.append(int(json.loads(metadata.read_text())["epoch"]))
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # Cut off by a kill: Keras falls back to the copy beside it.
+            continue  # Cut off by a kill: the phase falls back (PhaseBackup), and counts no epoch here.
     return max(epochs)
 
 
@@ -1344,21 +1355,38 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
         self.model._initial_epoch = None
         try:
             super().on_train_begin(logs)
-        except OSError:
-            self.start_phase_again()
+        except (OSError, ValueError, KeyError) as error:
+            if not self.restored_the_backup_before(logs):
+                self.start_phase_again(error)
 
-    def start_phase_again(self):
+    def restored_the_backup_before(self, logs):
+        """Resume from the backup before the last (.bkp) where the last cannot be read; False if that cannot be read either."""
+        copies = {self._prev_weights_path: self._weights_path, self._prev_training_metadata_path: self._training_metadata_path}
+        if not all(Path(copy).exists() for copy in copies):
+            return False
+        try:
+            for copy, path in copies.items():
+                shutil.copyfile(copy, path)
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError):
+            return False
+        print(f"warning: the last backup in {self.backup_dir} could not be read; resuming from the one before it", file=sys.stderr)
+        return True
+
+    def start_phase_again(self, error):
         """Fall back to the start of this phase, when its backup cannot be read.
 
-        Keras falls back to the backup before the last (.bkp) by itself; a kill while the
-        phase's first backup was written leaves none. The model then holds the last usable
-        state: the warmup's end for the fine-tuning, the new model for the warmup.
+        Keras falls back to the backup before the last (.bkp) by itself where the weights
+        cannot be read; a kill while the phase's first backup was written leaves no such
+        copy, and one while the epoch's number was written leaves a file that is no JSON.
+        The model then holds the last usable state: the warmup's end for the fine-tuning,
+        the new model for the warmup.
         """
         for path in (self._weights_path, self._training_metadata_path, self._prev_weights_path, self._prev_training_metadata_path):
             Path(path).unlink(missing_ok=True)
         self.model._initial_epoch = None
-        print(f"warning: the backup in {self.backup_dir} was cut off before it was whole; "
-              "this phase trains again from its first epoch")
+        print(f"warning: the backup in {self.backup_dir} could not be read ({error}); "
+              "this phase trains again from its first epoch", file=sys.stderr)
 
     def on_epoch_end(self, epoch, logs=None):
         # A backup cut off by a full disk is left for Keras to fall back from, as a kill's is.

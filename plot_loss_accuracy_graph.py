@@ -29,7 +29,6 @@ average of their p(fake), computed from their predictions.csv, with nothing re-r
 
 import contextlib
 import csv
-import errno
 import importlib.metadata
 import json
 import math
@@ -38,6 +37,7 @@ import sys
 import textwrap
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import matplotlib
@@ -59,6 +59,7 @@ from data_preprocessing import (
     DEMO_OUTPUT_DIR,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
+    PICTURES_LOCK,
     SPLITS,
     OneLineArgumentParser,
     UserError,
@@ -68,6 +69,8 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
+    opencv_write_failure,
+    start_anew,
     printable,
     quiet_tensorflow_start,
     write_json_atomically,
@@ -574,15 +577,18 @@ class PredictionReport:
     """What --predict prints and writes, input by input: a line per face, a row of the CSV, and the
     pictures of --annotate and --gradcam; `finish` says what was written.
 
-    Where each output goes was checked with the options, before any image was read. The
-    CSV grows row by row, so that a run stopped halfway keeps the rows of what it judged.
+    Where each output goes was checked with the options, before any image was read; each
+    is locked before the model loads, and the CSV written from the start once it has loaded
+    (`start`). The CSV grows row by row, so that a run stopped halfway keeps what it judged.
     """
 
-    def __init__(self, args, inputs, mark=None):
+    def __init__(self, args, inputs):
         self.args = args
-        self.mark = mark  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
+        self.mark = None  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
         self.names = output_names(inputs)  # What each input's pictures are called.
         self.csv_file, self.csv_rows, self.written = None, 0, Counter()
+        self.taken = set()  # The paths of the pictures written so far.
+        self.csv_created = bool(args.csv) and not Path(args.csv).exists()
         # One run at a time writes each output: a second one, given the same, stops at once.
         self.locks = contextlib.ExitStack()
         try:
@@ -600,23 +606,30 @@ class PredictionReport:
             if folder:
                 folders.setdefault(Path(folder).resolve(), (folder, option))
         for folder, option in folders.values():
-            self.locks.enter_context(one_run_at_a_time(folder, option))
+            self.locks.enter_context(one_run_at_a_time(folder, option, PICTURES_LOCK))
 
     def open_csv(self):
-        """Open --csv, locked, and write its header."""
+        """Open --csv, locked; what it held stays until `start`."""
         try:
             self.csv_file = open_alone(self.args.csv, "--csv")
         except OSError as error:
             raise UserError(f"cannot write --csv {self.args.csv} ({error.strerror}); name another file") from None
-        self.csv_writer = csv.writer(self.csv_file)
-        self.csv_writer.writerow(CSV_COLUMNS)
+
+    def start(self, mark):
+        """Once the model has loaded, with its `mark`: write the CSV anew, from its header."""
+        self.mark = mark
+        if self.csv_file is not None:
+            start_anew(self.csv_file)
+            self.csv_writer = csv.writer(self.csv_file)
+            self.csv_created = False
+            self.add_row(dict(zip(CSV_COLUMNS, CSV_COLUMNS)), header=True)
 
     def photo(self, path, image, lines):
         """Report a photo's lines, and mark its faces (--annotate)."""
         self.print_lines(lines)
         if self.args.annotate and image is not None:
-            marks = [(line.frame, line.face_frame, line.p_fake, line.face) for line in lines]
-            picture = self.args.annotate / f"{self.names[path]}-faces.jpg"
+            marks = [(line.frame, FaceMark(line.face_frame, line.p_fake, line.face, line.note)) for line in lines]
+            picture = self.output_file(self.args.annotate, f"{self.names[path]}-faces.jpg")
             save_annotated_image(image, marks, picture, self.args.verdicts, self.mark)
             self.written["annotated"] += 1
 
@@ -626,8 +639,8 @@ class PredictionReport:
         summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
         print(summary + self.marked_verdict(p_fake))
         if self.args.annotate:
-            marks = [(line.frame, line.face_frame, line.p_fake, line.face) for line in lines]
-            sheet = self.args.annotate / f"{self.names[path]}-frames.png"
+            marks = [(line.frame, FaceMark(line.face_frame, line.p_fake, line.face, line.note)) for line in lines]
+            sheet = self.output_file(self.args.annotate, f"{self.names[path]}-frames.png")
             save_contact_sheet(thumbnails, marks, sheet, self.args.verdicts, p_fake, self.mark)
             self.written["annotated"] += 1
 
@@ -637,6 +650,14 @@ class PredictionReport:
             print(printed_line(line, self.args) + self.marked_verdict(line.p_fake))
             self.add_row(csv_row(line, self.args.verdicts))
 
+    def output_file(self, folder, name):
+        """A picture's path in `folder`, which no other picture of this run has taken: each counted picture is a file."""
+        path, number = folder / name, 2
+        while path in self.taken:
+            path, number = folder / f"{Path(name).stem}~{number}{Path(name).suffix}", number + 1
+        self.taken.add(path)
+        return path
+
     def marked_verdict(self, p_fake):
         """After a verdict of a model without a card, or of the demo's: what its mark says, in short."""
         return f"  ({self.mark.split(':')[0]})" if self.mark and p_fake is not None else ""
@@ -645,20 +666,22 @@ class PredictionReport:
         """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
         self.add_row(dict(path=str(path), note=UNREADABLE))
 
-    def add_row(self, row):
+    def add_row(self, row, header=False):
         """Write a row of --csv: each row is on disk once this returns."""
         if not self.args.csv:
             return
         with writing(self.args.csv):
             self.csv_writer.writerow(csv_cells(row))
             self.csv_file.flush()
-        self.csv_rows += 1
+        self.csv_rows += not header
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
         if self.csv_file is not None and not self.csv_file.closed:
             with contextlib.suppress(OSError):  # A full disk: the rows that fitted are in the file.
                 self.csv_file.close()
+            if self.csv_created:  # Made to be locked, but the run stopped before writing it.
+                Path(self.args.csv).unlink(missing_ok=True)
         self.locks.close()
         return f"{self.args.csv} holds {counted(self.csv_rows, 'row')}." if self.args.csv else ""
 
@@ -667,7 +690,7 @@ class PredictionReport:
         if not self.args.gradcam:
             return
         for line in [line for line in lines if line.heatmap is not None]:
-            overlay = self.args.gradcam / f"{self.names[path]}{gradcam_part(line)}-gradcam.png"
+            overlay = self.output_file(self.args.gradcam, f"{self.names[path]}{gradcam_part(line)}-gradcam.png")
             verdict = self.args.verdicts(line.p_fake)
             save_gradcam_overlay(line.picture, line.heatmap, overlay, line.p_fake, verdict, mark=self.mark)
             self.written["gradcam"] += 1
@@ -743,7 +766,7 @@ def printed_line(line, args):
         judgement = "not judged: the file could no longer be read"
     else:
         judgement = f"p_fake={line.p_fake:.4f}  {args.verdicts(line.p_fake)}"
-        if line.mirrored and line.mirrored >= 0.005:
+        if line.mirrored and line.mirrored >= MIRRORED_SHARE_SHOWN:
             judgement += f"  ({line.mirrored:.0%} of its frame mirrored past the edge)"
     return "  ".join(part for part in (printable(line.path), part_of_input(line), judgement) if part)
 
@@ -752,7 +775,7 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
     """A video's own line, and its p(fake), or None when nothing in it could be judged.
 
     With --faces auto, its p(fake) is the mean over the frames of the face seen most
-    (`followed`: its every sighting, scored or too small); with --faces off, of the whole frames.
+    (`followed`: its every sighting, scored or not); with --faces off, of the whole frames.
     """
     scored = [line for line in (lines if args.faces == "off" else followed) if line.p_fake is not None]
     frames = f"{frames_read} of {frames_wanted} frames read"
@@ -766,9 +789,10 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
     if args.faces == "off":
         basis = "the whole frames"
     else:
-        too_small = len(followed) - len(scored)
         basis = f"the face seen most, in {counted(len(followed), 'frame')}"
-        basis += f", {too_small} of them too small to judge" if too_small else ""
+        for note, why in ((FACE_TOO_SMALL, "too small to judge"), (FACE_AT_BORDER, "cut by the border")):
+            count = sum(line.note == note for line in followed)
+            basis += f", {count} of them {why}" if count else ""
     faces_scored = sum(line.face is not None and line.p_fake is not None for line in lines)
     counts = f"{frames}, {faces_scored} faces scored; {basis}"
     return f"{printable(path)}  video  p_fake={p_fake:.4f}  {args.verdicts(p_fake)}  ({counts})", p_fake
@@ -777,6 +801,9 @@ def video_summary(path, lines, followed, frames_read, frames_wanted, args):
 def counted(count, thing):
     return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
 
+
+# A face's line says how much of its frame was mirrored from this share on (it prints 1% and up).
+MIRRORED_SHARE_SHOWN = 0.005
 
 # Why a line of --predict has no verdict, as the CSV's note column says it.
 NO_FACE = "no face"
@@ -817,8 +844,8 @@ def output_names(paths):
     """A distinct name for each input's outputs: its file name, with its folder's name in front where two share it.
 
     The name keeps its extension (astro.jpg and astro.webp), and what follows it starts with
-    a dash (astro.jpg-faces.jpg): as every input's name ends in an extension, one input's
-    outputs never take the name of another's. Names still shared get ~2, ~3 before the extension.
+    a dash (astro.jpg-faces.jpg). Names still shared get ~2, ~3 before the extension; and
+    PredictionReport.output_file numbers any output whose name is taken all the same.
     """
     file_names = [path.name for path in paths]
     names = {}
@@ -909,19 +936,39 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mar
 
 # RGB: the colour of a model's mark (DEMO_MARK, UNKNOWN_MARK) on its pictures.
 MARK_COLOUR = (200, 0, 120)
-# RGB: green for a face called real, red for fake, amber for uncertain, grey for one too small to judge.
+# RGB: green for a face called real, red for fake, amber for uncertain, grey for one not judged.
 VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), "uncertain": (240, 160, 0), None: (160, 160, 160)}
 
 # An annotated photo is shrunk to this longer side at most, to keep its file small.
 LARGEST_ANNOTATED_SIDE = 1600
 
 
+class FaceMark(NamedTuple):
+    """A face as a picture marks it: where it is, its p(fake) or why it has none, and its number.
+
+    A face frame of None is the whole picture: scored with --faces off, or, without a
+    p_fake, one where no face was found.
+    """
+
+    face_frame: object
+    p_fake: float | None
+    number: int | None = None
+    note: str | None = None  # Why a face has no p_fake: FACE_TOO_SMALL or FACE_AT_BORDER.
+
+
+def face_label(face):
+    """What a face's label says, after its number: its p(fake), or why it was not judged."""
+    if face.p_fake is not None:
+        return f"p_fake {face.p_fake:.2f}" if face.face_frame is not None else f"whole image: p_fake {face.p_fake:.2f}"
+    if face.face_frame is None:
+        return "no face found: not judged"
+    return "cut by the border" if face.note == FACE_AT_BORDER else "too small"
+
+
 def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
     """A copy of an RGB image with each face's square drawn and labelled with its number and p(fake).
 
-    `marks` holds (face frame, p_fake, face number) triples. A face frame of None is the whole
-    image: scored with --faces off, or, without a p_fake, one where no face was found. A face
-    with a p_fake of None was too small to judge. A model's `mark` is written across the bottom.
+    `marks` holds a FaceMark per face, in the image's pixels. A model's `mark` is written across the bottom.
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
@@ -929,17 +976,15 @@ def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, ma
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
     labels = []  # The boxes of the labels drawn so far, which the next one must not cover.
-    for face_frame, p_fake, number in marks:
-        verdict = None if p_fake is None else verdicts(p_fake)
-        label = "too small" if p_fake is None else f"p_fake {p_fake:.2f}"
-        if face_frame is None:
-            label = "no face found: not judged" if p_fake is None else f"whole image: {label}"
+    for face in marks:
+        verdict = None if face.p_fake is None else verdicts(face.p_fake)
+        if face.face_frame is None:
             corner = np.array([thickness, thickness])
         else:
-            corners = np.array(face_frame.scaled(scale).corners())
+            corners = np.array(face.face_frame.scaled(scale).corners())
             cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, VERDICT_COLOURS[verdict], thickness, cv2.LINE_AA)
             corner = corners.min(axis=0)
-        text = label if number is None else f"{number}: {label}"
+        text = face_label(face) if face.number is None else f"{face.number}: {face_label(face)}"
         labels.append(draw_label(marked, text, corner, VERDICT_COLOURS[verdict], thickness, labels))
     if mark:
         draw_banner(marked, mark, MARK_COLOUR)
@@ -990,14 +1035,13 @@ def draw_banner(image, text, colour):
 def save_annotated_image(image, marks, path, verdicts, mark=None):
     """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path.
 
-    `marks` holds (frame index, face frame, p_fake, face number), as for save_contact_sheet.
+    `marks` holds (frame index, FaceMark) pairs, as for save_contact_sheet.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    marked = marked_image(image, [(face_frame, p_fake, number) for _, face_frame, p_fake, number in marks], verdicts, mark=mark)
+    marked = marked_image(image, [face for _, face in marks], verdicts, mark=mark)
     with writing(path, path):
-        # OpenCV says False, without a reason, where the disk is full or the folder gone.
         if not cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
-            raise OSError(errno.ENOSPC, "OpenCV could not write the file")
+            raise opencv_write_failure(path)
     return path
 
 
@@ -1011,8 +1055,8 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
-    CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index, face
-    frame, p_fake, face number), in the frames' pixels; p_fake is the video's own, drawn as a
+    CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index,
+    FaceMark) pairs, in the frames' pixels; p_fake is the video's own, drawn as a
     dashed line; a model's mark, if any, is its title. Writes a PNG; returns its path.
     """
     shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
@@ -1024,14 +1068,14 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
     for position, (index, thumbnail, scale) in enumerate(thumbnails):
-        frame_marks = [(None if face_frame is None else face_frame.scaled(scale), score, number)
-                       for at, face_frame, score, number in marks if at == index]
+        frame_marks = [face._replace(face_frame=None if face.face_frame is None else face.face_frame.scaled(scale))
+                       for at, face in marks if at == index]
         axis = figure.add_subplot(grid[position // columns, position % columns])
         axis.imshow(marked_image(thumbnail, frame_marks, verdicts))
         axis.set_title(f"frame {index}", fontsize=8)
         axis.set_axis_off()
     strip = figure.add_subplot(grid[rows, :])
-    scored = [(at, score) for at, _, score, _ in marks if score is not None]
+    scored = [(at, face.p_fake) for at, face in marks if face.p_fake is not None]
     for verdict in ("real", "uncertain", "fake"):
         points = [(at, score) for at, score in scored if verdicts(score) == verdict]
         if points:

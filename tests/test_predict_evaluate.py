@@ -458,7 +458,7 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
     assert len(error_lines) == 1 and error_lines[0].startswith(f"error: cannot write {target}")
     assert "the disk is full; free some space, then run the same command again" in error_lines[0]
     if option != "--csv":
-        assert [path.name for path in target.iterdir()] == [".lock"]
+        assert [path.name for path in target.iterdir()] == [".predict.lock"]
 
 
 def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys):

@@ -217,13 +217,19 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
     assert (annotate / "clip.mp4-frames.png").is_file()
 
 
-def test_a_video_with_faces_off_is_judged_on_its_whole_frames(output_dir, tmp_path, capsys):
-    (tmp_path / "videos").mkdir()
-    video = tmp_path / "videos" / "wall.avi"
+def write_wall_video(folder):
+    """A video of 12 frames, 96x64, of a plain wall growing lighter: no face in it."""
+    folder.mkdir()
+    video = folder / "wall.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
     for index in range(12):
         writer.write(np.full((64, 96, 3), 20 * index, np.uint8))
     writer.release()
+    return video
+
+
+def test_a_video_with_faces_off_is_judged_on_its_whole_frames(output_dir, tmp_path, capsys):
+    video = write_wall_video(tmp_path / "videos")
     assert predict(output_dir, str(video), "--faces", "off", "--frames", "3", "--csv", str(tmp_path / "w.csv")) == 0
 
     rows = pd.read_csv(tmp_path / "w.csv")
@@ -241,12 +247,7 @@ def test_grad_cam_keeps_no_whole_frame_of_a_video(output_dir, tmp_path, monkeypa
     overlays = plot_loss_accuracy_graph.PredictionReport.overlays
     monkeypatch.setattr(plot_loss_accuracy_graph.PredictionReport, "overlays",
                         lambda report, path, lines: kept.extend(lines) or overlays(report, path, lines))
-    (tmp_path / "videos").mkdir()
-    video = tmp_path / "videos" / "wall.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
-    for index in range(12):
-        writer.write(np.full((64, 96, 3), 20 * index, np.uint8))
-    writer.release()
+    video = write_wall_video(tmp_path / "videos")
     maps = tmp_path / "maps"
     assert predict(output_dir, str(video), "--faces", "off", "--frames", "3", "--gradcam", str(maps)) == 0
     assert len(kept) == 3 and all(max(line.picture.shape[:2]) <= 40 and line.heatmap is not None for line in kept)
@@ -389,7 +390,7 @@ def test_annotations_and_heat_maps_go_to_their_folders_only(output_dir, tmp_path
 
     assert [path.name for path in images.iterdir()] == ["astronaut.png"]
     # Beside the pictures, only the hidden lock that keeps a second run from writing there too.
-    assert sorted(path.name for path in gradcam.iterdir()) == [".lock", "astronaut.png-face1-gradcam.png"]
+    assert sorted(path.name for path in gradcam.iterdir()) == [".predict.lock", "astronaut.png-face1-gradcam.png"]
     marked = cv2.imread(str(annotate / "astronaut.png-faces.jpg"))[..., ::-1].astype(int)
     assert marked.shape == (512, 512, 3)
     # The square is drawn in the verdict's colour, green or red.

@@ -433,8 +433,15 @@ def test_a_phase_backup_cut_off_before_it_was_whole_trains_that_phase_again(tmp_
     counter = CountEpochs()
     model.fit(images, labels, initial_epoch=1, epochs=3, verbose=0, callbacks=[phase_backup(tmp_path / "backup"), counter])
     assert counter.epochs_begun == [1, 2]
-    assert "was cut off before it was whole; this phase trains again from its first epoch" in capsys.readouterr().out
+    assert "could not be read (" in capsys.readouterr().err
     assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"] == 3
+
+    # A kill while an epoch's number was written leaves it empty: the backup before it is whole.
+    (tmp_path / "backup" / "training_metadata.json").write_text("")
+    counter = CountEpochs()
+    model.fit(images, labels, initial_epoch=1, epochs=4, verbose=0, callbacks=[phase_backup(tmp_path / "backup"), counter])
+    assert counter.epochs_begun == [2, 3]  # From the .bkp of epoch 2, not from the phase's start.
+    assert "resuming from the one before it" in capsys.readouterr().err
 
 
 def test_a_run_whose_val_loss_is_never_finite_ends_with_one_line(tmp_path):
@@ -469,8 +476,8 @@ def test_a_second_predict_run_with_the_same_output_stops_at_once(image_file, tmp
         holder = open(target, "a")
     else:
         target.mkdir()
-        (target / data_preprocessing.RUN_LOCK).touch()
-        holder = open(target / data_preprocessing.RUN_LOCK, "r+")
+        (target / data_preprocessing.PICTURES_LOCK).touch()
+        holder = open(target / data_preprocessing.PICTURES_LOCK, "r+")
     with holder:
         assert data_preprocessing.lock(holder, wait=False)  # The first run, still writing.
         status = run_script("VGG16", None, tmp_path / "outputs", "--model", str(model_file),
