@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 import plot_loss_accuracy_graph as figures
-from data_augmentation import Face, in_reading_order, read_upright
+from data_augmentation import Face, FaceFrame, in_reading_order, read_upright
 
 
 def make_history(val_losses, phases=None):
@@ -256,6 +256,14 @@ def test_faces_are_numbered_in_reading_order():
 
     bottom_left, top_right, top_left, bottom_right = face(0, 300), face(300, 30), face(10, 0, 140), face(320, 290)
     assert in_reading_order([bottom_left, top_right, top_left, bottom_right]) == [top_left, top_right, bottom_left, bottom_right]
+
+
+def test_a_face_label_says_why_the_face_was_not_judged():
+    frame = FaceFrame(50, 50, 40)
+    assert figures.face_label(figures.FaceMark(frame, 0.734, 1)) == "p_fake 0.73"
+    assert figures.face_label(figures.FaceMark(frame, None, 2, figures.FACE_TOO_SMALL)) == "too small"
+    assert figures.face_label(figures.FaceMark(frame, None, 3, figures.FACE_AT_BORDER)) == "cut by the border"
+    assert figures.face_label(figures.FaceMark(None, None)) == "no face found: not judged"
 
 
 def test_labels_of_faces_side_by_side_do_not_cover_each_other():

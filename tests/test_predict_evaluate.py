@@ -467,10 +467,14 @@ def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys)
     for suffix in (".gif", ".webp"):
         faces[0].save(tmp_path / f"moving{suffix}", save_all=True, append_images=faces[1:], duration=100, loop=0)
     faces[0].save(tmp_path / "still.gif")
+    whole = (tmp_path / "moving.gif").read_bytes()
+    (tmp_path / "cut.gif").write_bytes(whole[: len(whole) // 2])
     status = apply("VGG16", output_dir, "--predict", str(tmp_path / "moving.gif"), str(tmp_path / "moving.webp"),
-                   str(tmp_path / "still.gif"), "--faces", "off", "--frames", "4")
+                   str(tmp_path / "still.gif"), str(tmp_path / "cut.gif"), "--faces", "off", "--frames", "4")
     assert status == 0
-    output = capsys.readouterr().out
+    captured = capsys.readouterr()
+    output = captured.out
+    assert f"warning: skipping {tmp_path / 'cut.gif'}: its frames cannot be read" in captured.err
     for suffix in (".gif", ".webp"):
         assert re.search(rf"moving\{suffix}  video  p_fake=\S+  \w+  \(4 of 4 frames read", output), output
         assert len(re.findall(rf"moving\{suffix}  frame \d+  p_fake=", output)) == 4
