@@ -109,7 +109,6 @@ from plot_loss_accuracy_graph import (
     classification_metrics,
     read_ensemble,
     read_history,
-    shown_copy,
     whose_verdicts,
     write_results_table,
     write_run_outputs,
@@ -736,7 +735,7 @@ def judge_all(judge, report, images, videos, unreadable):
         report.overlays(path, lines)
     videos_judged = 0
     for path in videos:
-        judged = judge_video(judge, path)
+        judged = judge_video(judge, path, functools.partial(report.overlays, path))
         if judged is None:
             report.unreadable(path)
             continue
@@ -745,15 +744,17 @@ def judge_all(judge, report, images, videos, unreadable):
         # followed; a face that was scored somewhere comes before a small one in the background.
         followed = main_face([line for line in lines if line.face is not None], counts=lambda line: line.p_fake is not None)
         report.video(path, lines, followed, frames, thumbnails)
-        report.overlays(path, lines)
         videos_judged += 1
     return videos_judged
 
 
-def judge_video(judge, path):
-    """A video's lines, (frames read, frames wanted) and thumbnails; None, with a warning, if it cannot be read."""
+def judge_video(judge, path, draw_overlays):
+    """A video's lines, (frames read, frames wanted) and thumbnails; None, with a warning, if it cannot be read.
+
+    `draw_overlays` draws the Grad-CAM overlays of a batch of lines as soon as they are scored.
+    """
     try:
-        lines, read, wanted, thumbnails = judge.video(path)
+        lines, read, wanted, thumbnails = judge.video(path, draw_overlays)
     except UnreadableVideo as problem:
         warn_skipping(path, problem)
         return None
@@ -904,11 +905,12 @@ class MediaJudge:
                 yield from batch
                 batch = []
 
-    def video(self, path):
+    def video(self, path, draw_overlays):
         """A video's sampled frames, judged: (lines, frames read, frames wanted, thumbnails).
 
-        Only with --annotate are the frames kept, as (index, thumbnail, scale) triples: a
-        frame of 4K video takes 25 MB, its thumbnail a fraction of one.
+        No frame, face or heat map is kept once it is scored and `draw_overlays` has drawn its
+        Grad-CAM overlays; only with --annotate are the frames kept, as (index, thumbnail,
+        scale) triples: a frame of 4K video takes 25 MB, its thumbnail a fraction of one.
         """
         lines, thumbnails, read, wanted = [], [], 0, 0
         reading = read_video_frames(path, self.args.frames)
@@ -928,17 +930,17 @@ class MediaJudge:
                 scale = THUMBNAIL_WIDTH / frame.shape[1]
                 thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
             if sum(line.picture is not None for line in unscored) >= self.args.batch_size:
-                lines += self.score_and_let_go(unscored)
+                lines += self.score_and_let_go(unscored, draw_overlays)
                 unscored = []
-        lines = sorted(lines + self.score_and_let_go(unscored), key=lambda line: line.frame)
+        lines = sorted(lines + self.score_and_let_go(unscored, draw_overlays), key=lambda line: line.frame)
         return lines, read, wanted, thumbnails
 
-    def score_and_let_go(self, lines):
-        """Score the lines, then let their whole frames go: Grad-CAM keeps a copy of each as small as its overlay shows it."""
+    def score_and_let_go(self, lines, draw_overlays):
+        """Score the lines, draw their overlays, then let their pictures and heat maps go."""
         self.score(lines)
+        draw_overlays(lines)
         for line in lines:
-            if line.face is None and line.picture is not None:
-                line.picture = shown_copy(line.picture) if self.args.gradcam else None
+            line.picture, line.heatmap = None, None
         return lines
 
 
