@@ -195,6 +195,19 @@ def test_evaluate_writes_its_own_folder_and_leaves_the_training_run_alone(traine
         assert evaluated[key] == pytest.approx(trained_on[key], abs=1e-5), key
 
 
+def test_ctrl_c_while_evaluating_is_one_line_and_exits_130(trained, tmp_path, monkeypatch, capsys):
+    split_root, output_dir = trained
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load_pre_trained_models, "write_evaluation", interrupted)
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(split_root)) == 130
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == "Interrupted; run the same command again to evaluate afresh"
+    assert "Traceback" not in captured.err
+
+
 def test_evaluate_takes_a_folder_of_real_and_fake_and_perturbs_it(trained, tmp_path):
     split_root, output_dir = trained
     other = tmp_path / "other-generator"
