@@ -735,7 +735,7 @@ def judge_all(judge, report, images, videos, unreadable):
         report.overlays(path, lines)
     videos_judged = 0
     for path in videos:
-        judged = judge_video(judge, path, functools.partial(report.overlays, path))
+        judged = judge_video(judge, path, functools.partial(report.frames, path))
         if judged is None:
             report.unreadable(path)
             continue
@@ -748,13 +748,13 @@ def judge_all(judge, report, images, videos, unreadable):
     return videos_judged
 
 
-def judge_video(judge, path, draw_overlays):
+def judge_video(judge, path, report_frames):
     """A video's lines, (frames read, frames wanted) and thumbnails; None, with a warning, if it cannot be read.
 
-    `draw_overlays` draws the Grad-CAM overlays of a batch of lines as soon as they are scored.
+    `report_frames` reports a batch of lines (prints them, writes their rows and overlays) as soon as they are judged.
     """
     try:
-        lines, read, wanted, thumbnails = judge.video(path, draw_overlays)
+        lines, read, wanted, thumbnails = judge.video(path, report_frames)
     except UnreadableVideo as problem:
         warn_skipping(path, problem)
         return None
@@ -905,12 +905,13 @@ class MediaJudge:
                 yield from batch
                 batch = []
 
-    def video(self, path, draw_overlays):
+    def video(self, path, report_frames):
         """A video's sampled frames, judged: (lines, frames read, frames wanted, thumbnails).
 
-        No frame, face or heat map is kept once it is scored and `draw_overlays` has drawn its
-        Grad-CAM overlays; only with --annotate are the frames kept, as (index, thumbnail,
-        scale) triples: a frame of 4K video takes 25 MB, its thumbnail a fraction of one.
+        Each batch of lines goes to `report_frames` as soon as it is judged, in frame order,
+        and no frame, face or heat map is kept after; only with --annotate are the frames
+        kept, as (index, thumbnail, scale) triples: a frame of 4K video takes 25 MB, its
+        thumbnail a fraction of one.
         """
         lines, thumbnails, read, wanted = [], [], 0, 0
         reading = read_video_frames(path, self.args.frames)
@@ -922,7 +923,7 @@ class MediaJudge:
                 break
             wanted += 1
             if frame is None:
-                lines.append(Line(path, index, note=FRAME_NOT_DECODED))
+                unscored.append(Line(path, index, note=FRAME_NOT_DECODED))
                 continue
             read += 1
             unscored += self.lines_of(frame, path, index)
@@ -930,15 +931,15 @@ class MediaJudge:
                 scale = THUMBNAIL_WIDTH / frame.shape[1]
                 thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
             if sum(line.picture is not None for line in unscored) >= self.args.batch_size:
-                lines += self.score_and_let_go(unscored, draw_overlays)
+                lines += self.score_and_let_go(unscored, report_frames)
                 unscored = []
-        lines = sorted(lines + self.score_and_let_go(unscored, draw_overlays), key=lambda line: line.frame)
+        lines += self.score_and_let_go(unscored, report_frames)
         return lines, read, wanted, thumbnails
 
-    def score_and_let_go(self, lines, draw_overlays):
-        """Score the lines, draw their overlays, then let their pictures and heat maps go."""
+    def score_and_let_go(self, lines, report_frames):
+        """Score the lines and report them, then let their pictures and heat maps go."""
         self.score(lines)
-        draw_overlays(lines)
+        report_frames(lines)
         for line in lines:
             line.picture, line.heatmap = None, None
         return lines

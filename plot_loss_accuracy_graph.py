@@ -633,9 +633,13 @@ class PredictionReport:
             save_annotated_image(image, marks, picture, self.args.verdicts, self.mark)
             self.written["annotated"] += 1
 
-    def video(self, path, lines, followed, frames, thumbnails):
-        """Report a video's lines and its own; `frames` is (frames read, frames wanted), `followed` its main face."""
+    def frames(self, path, lines):
+        """Report a batch of a video's lines as soon as they are judged, and draw their overlays (--gradcam)."""
         self.print_lines(lines)
+        self.overlays(path, lines)
+
+    def video(self, path, lines, followed, frames, thumbnails):
+        """Report a video's own line, once its frames are reported; `frames` is (frames read, frames wanted), `followed` its main face."""
         summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
         print(summary + self.marked_verdict(p_fake))
         if self.args.annotate:

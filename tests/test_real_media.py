@@ -239,6 +239,23 @@ def test_a_video_with_faces_off_is_judged_on_its_whole_frames(output_dir, tmp_pa
     assert summary.endswith("(3 of 3 frames read, 0 faces scored; the whole frames)")
 
 
+def test_ctrl_c_in_a_video_keeps_the_rows_of_the_frames_judged(output_dir, tmp_path, monkeypatch, capsys):
+    read_frames = load_pre_trained_models.read_video_frames
+
+    def interrupted_at_the_third_frame(path, frames):
+        for position, frame in enumerate(read_frames(path, frames)):
+            if position == 2:
+                raise KeyboardInterrupt
+            yield frame
+
+    monkeypatch.setattr(load_pre_trained_models, "read_video_frames", interrupted_at_the_third_frame)
+    video, csv_file = write_wall_video(tmp_path / "videos"), tmp_path / "w.csv"
+    status = predict(output_dir, str(video), "--faces", "off", "--frames", "3", "--batch-size", "1", "--csv", str(csv_file))
+    assert status == 130
+    assert capsys.readouterr().out.splitlines()[-1] == f"Interrupted. {csv_file} holds 2 rows."
+    assert pd.read_csv(csv_file)["frame"].tolist() == [2, 6]
+
+
 def test_grad_cam_keeps_no_whole_frame_of_a_video(output_dir, tmp_path, monkeypatch, capsys):
     """Each frame's overlay is drawn as soon as it is scored, and the frame let go: before, every whole
     1080p frame was held to the end (4.17 GB for 400 frames, 1.14 GB without --gradcam)."""
