@@ -32,6 +32,7 @@ it builds the models without downloading any weights:
 
 import contextlib
 import functools
+import gc
 import importlib
 import json
 import os
@@ -507,8 +508,11 @@ def run(recipe, args):
         try:
             return evaluate_saved_model(recipe, args)
         except KeyboardInterrupt:
-            print("\nInterrupted; run the same command again to evaluate afresh")
-            return 130
+            pass
+        # The interrupted input pipeline is let go now: left to Python's exit, TensorFlow would warn that it could not be.
+        gc.collect()
+        print("\nInterrupted; run the same command again to evaluate afresh")
+        return 130
     if args.distribute == "multiworker":
         check_multiworker_cluster()
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
@@ -930,7 +934,9 @@ class MediaJudge:
             if self.args.annotate:
                 scale = THUMBNAIL_WIDTH / frame.shape[1]
                 thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
-            if sum(line.picture is not None for line in unscored) >= self.args.batch_size:
+            # A batch is full of faces to score, or of frames (which may have none) to report.
+            pictures, frames = sum(line.picture is not None for line in unscored), len({line.frame for line in unscored})
+            if max(pictures, frames) >= self.args.batch_size:
                 lines += self.score_and_let_go(unscored, report_frames)
                 unscored = []
         lines += self.score_and_let_go(unscored, report_frames)
