@@ -68,8 +68,8 @@ from data_preprocessing import (
     positive_int,
     report_bad_files,
     resolve_data_options,
-    writing,
 )
+from plot_loss_accuracy_graph import save_figure
 
 
 # ---------------------------------------------------------------------------
@@ -858,11 +858,7 @@ def save_augmentation_grid(images, path, img_size=224, columns=6, seed=42, pipel
     for axis in axes.flat:
         axis.axis("off")
     figure.suptitle(f"Training augmentation ({pipeline}): rotation, shift, shear, zoom, horizontal flip")
-    figure.tight_layout()
-    with writing(path, path):
-        figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 @exits_on_user_error

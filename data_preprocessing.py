@@ -516,10 +516,7 @@ def make_demo_dataset(folder, images_per_class=None, size=DEMO_IMAGE_SIZE, seed=
             class_dir = Path(folder) / split / class_name
             class_dir.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                image, path = demo_image(rng, class_name, size), class_dir / f"{index:04d}.jpg"
-                with writing(path, path):
-                    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-                        raise opencv_write_failure(path)
+                write_jpeg(class_dir / f"{index:04d}.jpg", demo_image(rng, class_name, size), quality=95)
     return Path(folder)
 
 
@@ -637,8 +634,9 @@ def media_to_predict(paths):
     Unreadable images are reported and skipped, and listed, so that each still gets its row in --csv.
     """
     files = files_to_predict(paths)
-    videos = [path for path in files if is_video(path)]
-    images = [path for path in files if path not in set(videos)]
+    is_a_video = {path: is_video(path) for path in files}  # Each animated image is opened once.
+    videos = [path for path in files if is_a_video[path]]
+    images = [path for path in files if not is_a_video[path]]
     readable = readable_images(images, required=not videos)
     return readable, videos, sorted(set(images) - set(readable))
 
@@ -1138,10 +1136,13 @@ def quiet_tensorflow_start():
                     print(line, file=sys.stderr)
 
 
-def opencv_write_failure(path):
-    """The error where cv2.imwrite says False, without a reason: a full disk, unless the folder has gone."""
-    code = errno.ENOSPC if Path(path).parent.is_dir() else errno.ENOENT
-    return OSError(code, os.strerror(code))
+def write_jpeg(path, bgr_image, quality):
+    """Write a JPEG with OpenCV; a write that fails leaves no part of a file, and says why in one line (see writing)."""
+    with writing(path, path):
+        if not cv2.imwrite(str(path), bgr_image, [cv2.IMWRITE_JPEG_QUALITY, quality]):
+            # OpenCV says False, without a reason: the disk is full, unless the folder has gone.
+            code = errno.ENOSPC if Path(path).parent.is_dir() else errno.ENOENT
+            raise OSError(code, os.strerror(code))
 
 
 def write_text_atomically(path, text):

@@ -736,7 +736,6 @@ def judge_all(judge, report, images, videos, unreadable):
         report.unreadable(path)
     for path, image, lines in judge.images(images):
         report.photo(path, image, lines)
-        report.overlays(path, lines)
     videos_judged = 0
     for path in videos:
         judged = judge_video(judge, path, functools.partial(report.frames, path))
@@ -1360,11 +1359,14 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
     or at the one its own backup restores.
     """
 
+    # What reading a cut-off backup raises: h5py an OSError, a cut-off epoch number a ValueError or KeyError.
+    UNREADABLE = (OSError, ValueError, KeyError)
+
     def on_train_begin(self, logs=None):
         self.model._initial_epoch = None
         try:
             super().on_train_begin(logs)
-        except (OSError, ValueError, KeyError) as error:
+        except self.UNREADABLE as error:
             if not self.restored_the_backup_before(logs):
                 self.start_phase_again(error)
 
@@ -1377,7 +1379,7 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
             for copy, path in copies.items():
                 shutil.copyfile(copy, path)
             super().on_train_begin(logs)
-        except (OSError, ValueError, KeyError):
+        except self.UNREADABLE:
             return False
         print(f"warning: the last backup in {self.backup_dir} could not be read; resuming from the one before it", file=sys.stderr)
         return True

@@ -69,11 +69,11 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
-    opencv_write_failure,
     start_anew,
     printable,
     quiet_tensorflow_start,
     write_json_atomically,
+    write_jpeg,
     write_text_atomically,
     writing,
 )
@@ -586,8 +586,8 @@ class PredictionReport:
         self.args = args
         self.mark = None  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
         self.names = output_names(inputs)  # What each input's pictures are called.
-        self.csv_file, self.csv_rows, self.written = None, 0, Counter()
-        self.taken = set()  # The paths of the pictures written so far.
+        self.csv_file, self.csv_rows = None, 0
+        self.pictures = {}  # The path of each picture written so far, and its kind: "annotated" or "gradcam".
         self.csv_created = bool(args.csv) and not Path(args.csv).exists()
         # One run at a time writes each output: a second one, given the same, stops at once.
         self.locks = contextlib.ExitStack()
@@ -622,16 +622,15 @@ class PredictionReport:
             start_anew(self.csv_file)
             self.csv_writer = csv.writer(self.csv_file)
             self.csv_created = False
-            self.add_row(dict(zip(CSV_COLUMNS, CSV_COLUMNS)), header=True)
+            self.write_csv_cells(CSV_COLUMNS)
 
     def photo(self, path, image, lines):
-        """Report a photo's lines, and mark its faces (--annotate)."""
+        """Report a photo's lines, mark its faces (--annotate) and draw their overlays (--gradcam)."""
         self.print_lines(lines)
         if self.args.annotate and image is not None:
-            marks = [(line.frame, FaceMark(line.face_frame, line.p_fake, line.face, line.note)) for line in lines]
-            picture = self.output_file(self.args.annotate, f"{self.names[path]}-faces.jpg")
-            save_annotated_image(image, marks, picture, self.args.verdicts, self.mark)
-            self.written["annotated"] += 1
+            picture = self.output_file(self.args.annotate, f"{self.names[path]}-faces.jpg", "annotated")
+            save_annotated_image(image, [face_mark(line) for line in lines], picture, self.args.verdicts, self.mark)
+        self.overlays(path, lines)
 
     def frames(self, path, lines):
         """Report a batch of a video's lines as soon as they are judged, and draw their overlays (--gradcam)."""
@@ -643,10 +642,9 @@ class PredictionReport:
         summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
         print(summary + self.marked_verdict(p_fake))
         if self.args.annotate:
-            marks = [(line.frame, FaceMark(line.face_frame, line.p_fake, line.face, line.note)) for line in lines]
-            sheet = self.output_file(self.args.annotate, f"{self.names[path]}-frames.png")
+            marks = [(line.frame, face_mark(line)) for line in lines]
+            sheet = self.output_file(self.args.annotate, f"{self.names[path]}-frames.png", "annotated")
             save_contact_sheet(thumbnails, marks, sheet, self.args.verdicts, p_fake, self.mark)
-            self.written["annotated"] += 1
 
     def print_lines(self, lines):
         """Print each line, and keep it as a row of the CSV."""
@@ -654,12 +652,13 @@ class PredictionReport:
             print(printed_line(line, self.args) + self.marked_verdict(line.p_fake))
             self.add_row(csv_row(line, self.args.verdicts))
 
-    def output_file(self, folder, name):
-        """A picture's path in `folder`, which no other picture of this run has taken: each counted picture is a file."""
+    def output_file(self, folder, name, kind):
+        """The path in `folder` of a picture of `kind`, which no other picture of this run has taken:
+        each picture counted is a file (a failed write ends the run)."""
         path, number = folder / name, 2
-        while path in self.taken:
+        while path in self.pictures:
             path, number = folder / f"{Path(name).stem}~{number}{Path(name).suffix}", number + 1
-        self.taken.add(path)
+        self.pictures[path] = kind
         return path
 
     def marked_verdict(self, p_fake):
@@ -670,14 +669,16 @@ class PredictionReport:
         """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
         self.add_row(dict(path=str(path), note=UNREADABLE))
 
-    def add_row(self, row, header=False):
+    def add_row(self, row):
         """Write a row of --csv: each row is on disk once this returns."""
-        if not self.args.csv:
-            return
+        if self.args.csv:
+            self.write_csv_cells(csv_cells(row))
+            self.csv_rows += 1
+
+    def write_csv_cells(self, cells):
         with writing(self.args.csv):
-            self.csv_writer.writerow(csv_cells(row))
+            self.csv_writer.writerow(cells)
             self.csv_file.flush()
-        self.csv_rows += not header
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
@@ -694,20 +695,20 @@ class PredictionReport:
         if not self.args.gradcam:
             return
         for line in [line for line in lines if line.heatmap is not None]:
-            overlay = self.output_file(self.args.gradcam, f"{self.names[path]}{gradcam_part(line)}-gradcam.png")
+            overlay = self.output_file(self.args.gradcam, f"{self.names[path]}{gradcam_part(line)}-gradcam.png", "gradcam")
             verdict = self.args.verdicts(line.p_fake)
             save_gradcam_overlay(line.picture, line.heatmap, overlay, line.p_fake, verdict, mark=self.mark)
-            self.written["gradcam"] += 1
 
     def finish(self):
         """Close the CSV, and say what was written where."""
         self.stop()
         if self.args.csv:
             print(f"Wrote {self.args.csv}")
+        written = Counter(self.pictures.values())
         if self.args.annotate:
-            print(f"Wrote {counted(self.written['annotated'], 'annotated picture')} to {self.args.annotate}")
+            print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {self.args.annotate}")
         if self.args.gradcam:
-            print(f"Wrote {counted(self.written['gradcam'], 'Grad-CAM overlay')} to {self.args.gradcam}")
+            print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {self.args.gradcam}")
 
 
 @dataclass(frozen=True)
@@ -960,6 +961,11 @@ class FaceMark(NamedTuple):
     note: str | None = None  # Why a face has no p_fake: FACE_TOO_SMALL or FACE_AT_BORDER.
 
 
+def face_mark(line):
+    """How a line of --predict marks its face on a picture."""
+    return FaceMark(line.face_frame, line.p_fake, line.face, line.note)
+
+
 def face_label(face):
     """What a face's label says, after its number: its p(fake), or why it was not judged."""
     if face.p_fake is not None:
@@ -1037,15 +1043,10 @@ def draw_banner(image, text, colour):
 
 
 def save_annotated_image(image, marks, path, verdicts, mark=None):
-    """Write an RGB image with its faces marked (see marked_image) as a JPEG; return its path.
-
-    `marks` holds (frame index, FaceMark) pairs, as for save_contact_sheet.
-    """
+    """Write an RGB image with its faces (FaceMarks) marked (see marked_image) as a JPEG; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    marked = marked_image(image, [face for _, face in marks], verdicts, mark=mark)
-    with writing(path, path):
-        if not cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
-            raise opencv_write_failure(path)
+    marked = marked_image(image, marks, verdicts, mark=mark)
+    write_jpeg(path, cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), quality=90)
     return path
 
 

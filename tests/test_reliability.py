@@ -298,12 +298,18 @@ def test_an_evaluation_folder_is_made_only_once_its_inputs_are_read(capsys, tiny
 # --- Resuming, and the best model --------------------------------------------------------
 
 
+def begun_checkpoint(model, model_file, record_file, **options):
+    """A SaveBestModel for a tiny model, as a fit that has begun holds it."""
+    checkpoint = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss", **options)
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    return checkpoint
+
+
 def test_a_kill_while_saving_the_best_model_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model_file, record_file = tmp_path / "model.keras", tmp_path / "backup" / "best-model.json"
-    checkpoint = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss")
-    checkpoint.set_model(model)
-    checkpoint.on_train_begin()
+    checkpoint = begun_checkpoint(model, model_file, record_file)
     checkpoint.on_epoch_end(0, {"val_loss": 0.6})
     saved = model_file.read_bytes()
     assert json.loads(record_file.read_text()) == {"epoch": 1, "val_loss": 0.6}
@@ -321,20 +327,14 @@ def test_a_kill_while_saving_the_best_model_leaves_the_previous_one_whole(tmp_pa
     assert json.loads(record_file.read_text())["val_loss"] == 0.6
 
     # The resumed run must beat the model that model.keras holds; the half-saved file is not it.
-    resumed = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss",
-                                                    initial_value_threshold=0.6)
-    resumed.set_model(model)
-    resumed.on_train_begin()
+    resumed = begun_checkpoint(model, model_file, record_file, initial_value_threshold=0.6)
     resumed.on_epoch_end(1, {"val_loss": 0.9})
     assert model_file.read_bytes() == saved
 
 
 def test_a_full_disk_while_saving_the_best_model_is_one_line_and_leaves_no_part_of_it(tmp_path, monkeypatch):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model_file, record_file = tmp_path / "model.keras", tmp_path / "backup" / "best-model.json"
-    checkpoint = load_pre_trained_models.SaveBestModel(model_file, record_file, monitor="val_loss")
-    checkpoint.set_model(model)
-    checkpoint.on_train_begin()
+    checkpoint = begun_checkpoint(model, tmp_path / "model.keras", tmp_path / "backup" / "best-model.json")
 
     def disk_fills(path, *args, **kwargs):
         Path(path).write_bytes(b"the first 100 MB of a model")
@@ -398,22 +398,24 @@ def test_a_backup_with_no_finished_epoch_lets_a_corrected_command_start_afresh(t
     assert (run_dir / "unfinished" / "history.csv").exists()
 
 
-def test_a_finished_training_is_not_tested_under_another_epochs(tmp_path):
+@pytest.mark.parametrize(
+    "backup_file, content, refused_epochs, refusal, resumed_epochs",
+    [
+        # A run that finished training is not tested under other epochs.
+        ("training-finished", "3", 5, "finished training with --epochs 3.*again with --epochs 3", 3),
+        # A resume with fewer epochs than were trained would train none, silently.
+        ("training_metadata.json", '{"epoch": 3, "batch": 0}', 2,
+         "has trained 3 epochs, more than --epochs 2; run it again with --epochs 3 or more", 5),
+    ],
+)
+def test_a_resume_with_epochs_its_backup_cannot_serve_is_refused(
+    tmp_path, backup_file, content, refused_epochs, refusal, resumed_epochs
+):
     run_dir = tmp_path / "vgg16"
-    backup = back_up(run_dir, resumable_args())
-    (backup / "training-finished").write_text("3")
-    with pytest.raises(UserError, match="finished training with --epochs 3.*again with --epochs 3"):
-        load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=5))
-    load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=3))
-
-
-def test_a_resume_with_fewer_epochs_than_were_trained_is_refused(tmp_path):
-    run_dir = tmp_path / "vgg16"
-    backup = back_up(run_dir, resumable_args())
-    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
-    with pytest.raises(UserError, match="has trained 3 epochs, more than --epochs 2; run it again with --epochs 3 or more"):
-        load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=2))
-    load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=5))
+    (back_up(run_dir, resumable_args()) / backup_file).write_text(content)
+    with pytest.raises(UserError, match=refusal):
+        load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=refused_epochs))
+    load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=resumed_epochs))
 
 
 def test_a_phase_backup_cut_off_before_it_was_whole_trains_that_phase_again(tmp_path, capsys):
