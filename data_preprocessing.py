@@ -1019,13 +1019,14 @@ def check_prediction_outputs(args):
         # Said before TensorFlow and the model load; a missing path among others is a warning, later.
         raise UserError(f"--predict {args.predict[0]}: no such file or folder; check the path")
     if args.csv:
+        refuse_a_folder(args.csv, "--csv")
         if any(args.csv.resolve() == image.resolve() for image in files_given):
             raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")
         # A run folder holds a model and what its training wrote; --csv must not replace any of it.
         if any((args.csv.parent / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json")) or args.csv.suffix == ".keras":
             raise UserError(f"--csv {args.csv} would write over a trained model's files; name a file outside its folder")
         refuse_output_inside(args.csv, folders_given, "--csv")
-        check_output_file(args.csv, "--csv")
+        ensure_writable_folder(args.csv.parent, "--csv")
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
         if folder:
             # These are images: beside an image given as a file, they would be scored the next time.
@@ -1176,15 +1177,14 @@ def ensure_writable_folder(folder, option="--output-dir"):
     return folder
 
 
-def check_output_file(path, option):
-    """Check, before any long work, that the file `option` names can be written."""
+def refuse_a_folder(path, option):
+    """Refuse a folder where `option` names a file, before any other check, which would read the folder's parent."""
     try:
         is_folder = path.is_dir()
     except OSError as error:  # A folder on the way that this user may not enter.
         raise UserError(f"cannot reach {path} ({error.strerror}); choose another {option}") from None
     if is_folder:
         raise UserError(f"{option} {path} is a folder; name a file")
-    ensure_writable_folder(path.parent, option)
 
 
 def refuse_output_inside(output, image_folders, option):
