@@ -12,8 +12,10 @@ model needs no preprocessing code of ours. In order, this module holds:
      augmentations (rotation, shift, shear, zoom, flip) as one projective warp per image;
 3. the images that --evaluate scores, perhaps blurred or JPEG-compressed first;
 4. faces: the frame the dataset cuts a face out in (measured on the dataset; see
-   FRAME_SIDE_PER_FACE_SCALE), MTCNN that finds them, and the overlap of their squares
-   that follows a face across a video's frames;
+   FRAME_SIDE_PER_FACE_SCALE), MTCNN that finds them in a copy no larger than the search
+   needs, and the face followed across a video's frames (main_face: a sighting joins the
+   nearest face last seen within twice its square's side, so that a face that shrinks,
+   grows or is missed for a while stays one face);
 5. a video's frames, sampled evenly;
 6. the command below, which draws what the model trains on.
 
@@ -68,8 +70,8 @@ from data_preprocessing import (
     positive_int,
     report_bad_files,
     resolve_data_options,
+    save_figure,
 )
-from plot_loss_accuracy_graph import save_figure
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +109,20 @@ def read_upright(path):
     """An image file's pixels as uint8 RGB, upright (see upright_rgb)."""
     with Image.open(path) as image:
         return np.asarray(upright_rgb(image))
+
+
+def rgb_pixels(image):
+    """An image handed over in memory, a PIL image or a numpy array of uint8 (height x width x 3, or grey),
+    as upright 8-bit RGB pixels (see upright_rgb)."""
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+            raise UserError(
+                f"an image in memory must be RGB pixels, height x width x 3, of type uint8 (0 to 255); "
+                f"this one is {'x'.join(map(str, array.shape))} of {array.dtype}"
+            )
+        image = Image.fromarray(array)
+    return np.asarray(upright_rgb(image))
 
 
 def model_input(image, img_size):
@@ -460,12 +476,6 @@ def perturb(image, jpeg_quality=None, blur_sigma=None):
     return pixels.astype(np.float32)
 
 
-def prediction_flow(paths, img_size, batch_size):
-    """A flow of unlabelled images that reads them exactly as the test flow does (see load_pixels),
-    so that a model gives an image the same p(fake) here as in its predictions.csv."""
-    return ImageFlow(paths, None, img_size, batch_size)
-
-
 def evaluation_flow(images, img_size, batch_size, perturbation=None, frames=None):
     """An unshuffled, labelled flow like the test flow, with an optional test-time perturbation of each image.
 
@@ -700,15 +710,6 @@ class FaceFinder:
             if found["confidence"] >= min_confidence
         ]
         return in_reading_order(faces)
-
-
-def square_iou(first, second):
-    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
-    (x1, y1, size1), (x2, y2, size2) = first, second
-    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
-    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
-    overlap = overlap_x * overlap_y
-    return overlap / (size1**2 + size2**2 - overlap)
 
 
 # Sampled frames can be seconds apart, and a face may shrink, grow, or be missed for a

@@ -18,6 +18,7 @@ Run it on its own to see what the scripts would train on:
     python data_preprocessing.py                  # finds the dataset by itself
     python data_preprocessing.py --data-dir D     # a split root, or the Kaggle download's root
     python data_preprocessing.py --demo           # the small synthetic demo dataset
+    python data_preprocessing.py --sample-media outputs/media   # a photo, a faceless photo and a clip to judge
 
 It prints how many images each split and class holds, lists every file that cannot
 be decoded (and any subfolder or broken link in a class folder), and exits with status 1
@@ -38,7 +39,9 @@ we never read them.)
 """
 
 import argparse
+import ast
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -48,7 +51,6 @@ import math
 import os
 import random
 import re
-import runpy
 import socket
 import sys
 import tempfile
@@ -94,10 +96,23 @@ MODEL_SCRIPTS = {
 def load_recipes():
     """The four recipes, in the order of MODEL_SCRIPTS, each read from its script.
 
-    A script's file is run for its RECIPE rather than imported: its main imports the
-    trainer, which uses this module, and no module of ours imports one that imports it back.
+    A script's RECIPE is read as the data it is, not run: the scripts import the helpers,
+    and imports run one way, from the scripts down to this module.
     """
-    return [runpy.run_path(str(REPOSITORY_DIR / script))["RECIPE"] for script in MODEL_SCRIPTS.values()]
+    return [read_recipe(REPOSITORY_DIR / script) for script in MODEL_SCRIPTS.values()]
+
+
+def read_recipe(script):
+    """The ModelRecipe that a per-model script declares as `RECIPE = ModelRecipe(...)`, each value a literal."""
+    for node in ast.walk(ast.parse(Path(script).read_text())):
+        if isinstance(node, ast.Assign) and [target.id for target in node.targets if isinstance(target, ast.Name)] == ["RECIPE"]:
+            return ModelRecipe(**{keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords})
+    raise ValueError(f"{script} declares no RECIPE")
+
+
+def recipe_named(name):
+    """The recipe of the model whose output folder is `name` ("vgg16"); None if no script makes it."""
+    return next((recipe for recipe in load_recipes() if recipe.name == name), None)
 
 
 # ---------------------------------------------------------------------------
@@ -641,6 +656,54 @@ def media_to_predict(paths):
     return readable, videos, sorted(set(images) - set(readable))
 
 
+# Sample media to try --predict on: scikit-image's public-domain astronaut portrait (NASA) and
+# coffee cup, which its wheel ships, and a clip made from the portrait.
+SAMPLE_CLIP_SECONDS, SAMPLE_CLIP_FPS, SAMPLE_CLIP_SIZE = 10, 25, (640, 360)
+
+
+def write_sample_media(folder):
+    """Write astronaut.jpg (a face), coffee.jpg (no face) and clip.mp4 (10 s, the astronaut crossing a wall) into folder."""
+    import skimage.data  # Only here: the portraits ship in its wheel.
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    astronaut, written = skimage.data.astronaut(), []
+    for name, image in (("astronaut.jpg", astronaut), ("coffee.jpg", skimage.data.coffee())):
+        write_jpeg(folder / name, image[..., ::-1], quality=92)
+        written.append(folder / name)
+    written.append(write_sample_clip(folder / "clip.mp4", astronaut))
+    return written
+
+
+# The astronaut's head and shoulders in the 512x512 portrait: (left, top, side).
+SAMPLE_CLIP_HEAD = (97, 0, 256)
+
+
+def write_sample_clip(path, portrait):
+    """A clip of the portrait's head, its face about 100 px wide, sliding across a grey wall; written whole, then renamed."""
+    width, height = SAMPLE_CLIP_SIZE
+    side = height - 40
+    left, top, head_side = SAMPLE_CLIP_HEAD
+    head = portrait[top : top + head_side, left : left + head_side, ::-1]
+    portrait = cv2.resize(head, (side, side), interpolation=cv2.INTER_AREA)
+    frames = SAMPLE_CLIP_SECONDS * SAMPLE_CLIP_FPS
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.mp4")
+    with writing(path, temporary):
+        writer = cv2.VideoWriter(str(temporary), cv2.VideoWriter_fourcc(*"mp4v"), SAMPLE_CLIP_FPS, (width, height))
+        try:
+            for index in range(frames):
+                frame = np.full((height, width, 3), 150, np.uint8)
+                x = int((width - side) * index / (frames - 1))
+                frame[(height - side) // 2 : (height - side) // 2 + side, x : x + side] = portrait
+                writer.write(frame)
+        finally:
+            writer.release()
+        if not temporary.is_file() or temporary.stat().st_size == 0:
+            raise OSError(errno.EIO, "OpenCV's video writer wrote nothing")
+    os.replace(temporary, path)
+    return path
+
+
 # ---------------------------------------------------------------------------
 # The scripts' command line
 # ---------------------------------------------------------------------------
@@ -911,41 +974,61 @@ def add_prediction_arguments(parser):
     group.add_argument("--blur", type=blur_sigma, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
 
 
-def check_option_combinations(args):
-    """Refuse the combinations of options that would be silently ignored or cannot work."""
-    applying = args.predict or args.evaluate
+# The mode each option belongs to, declared once: "training", "predict" or "evaluate", and
+# what to say when it is given to another. parse_arguments refuses such an option, so that
+# none is silently ignored; the rules after it concern options that depend on each other.
+OPTION_MODES = {
+    "gradcam": (("predict",), "--gradcam draws heat maps of --predict's images; add --predict PATH"),
+    "csv": (("predict",), "--csv writes --predict's lines; add --predict PATH"),
+    "annotate": (("predict",), "--annotate marks the faces of --predict's images and videos; add --predict PATH"),
+    "frames": (("predict",), "--frames samples the videos given to --predict; add --predict PATH"),
+    "faces": (("predict", "evaluate"), "--faces says how --predict or --evaluate reads images; add one of them"),
+    "jpeg_quality": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
+    "blur": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
+    "model": (("predict", "evaluate"), "--model names the model for --predict or --evaluate; add one of them"),
+    "tensorboard": (("training",), "--tensorboard logs training; --predict and --evaluate train nothing"),
+    "warmup_epochs": (
+        ("training",),
+        "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
+    ),
+    "fine_tune_learning_rate": (
+        ("training",),
+        "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
+    ),
+}
+
+
+def mode_of(args):
+    """What a command does: "predict", "evaluate" or "training"."""
+    return "predict" if args.predict else "evaluate" if args.evaluate else "training"
+
+
+def check_option_combinations(args, defaults):
+    """Refuse the combinations of options that would be silently ignored or cannot work.
+
+    `defaults` holds each option's value when it is not given, so that a given one is told from it.
+    """
+    if args.predict and args.evaluate:
+        raise UserError("--predict and --evaluate are separate runs; give one of them")
+    for option, (modes, message) in OPTION_MODES.items():
+        if getattr(args, option) not in (None, False, defaults[option]) and mode_of(args) not in modes:
+            raise UserError(message)
     mistakes = [
-        (args.predict and args.evaluate, "--predict and --evaluate are separate runs; give one of them"),
-        (args.gradcam and not args.predict, "--gradcam draws heat maps of --predict's images; add --predict PATH"),
-        (args.csv and not args.predict, "--csv writes --predict's lines; add --predict PATH"),
-        (args.annotate and not args.predict, "--annotate marks the faces of --predict's images and videos; add --predict PATH"),
-        (args.frames is not None and not args.predict, "--frames samples the videos given to --predict; add --predict PATH"),
-        (args.faces and not applying, "--faces says how --predict or --evaluate reads images; add one of them"),
         (
             args.min_face is not None and (args.faces or default_faces(args)) == "off",
             "--min-face is the smallest face that --faces auto scores; use it with --predict, or with --evaluate --faces auto",
         ),
         (
-            (args.jpeg_quality is not None or args.blur is not None) and not args.evaluate,
-            "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate",
-        ),
-        (args.model and not applying, "--model names the model for --predict or --evaluate; add one of them"),
-        (
             args.model == ENSEMBLE and (args.gradcam or args.evaluate),
             "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
             "test figures are in the results table",
-        ),
-        (applying and args.tensorboard, "--tensorboard logs training; --predict and --evaluate train nothing"),
-        (
-            applying and (args.warmup_epochs or args.fine_tune_learning_rate is not None),
-            "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
         ),
         (
             args.fine_tune_learning_rate is not None and not args.warmup_epochs,
             "--fine-tune-learning-rate is the rate after the warmup; add --warmup-epochs K, or set --learning-rate",
         ),
         (
-            args.warmup_epochs >= args.epochs and not applying,
+            args.warmup_epochs >= args.epochs and mode_of(args) == "training",
             f"--warmup-epochs {args.warmup_epochs} leaves no epoch to fine-tune in --epochs {args.epochs}; "
             "make --epochs larger than --warmup-epochs",
         ),
@@ -962,7 +1045,9 @@ def default_faces(args):
 
 def parse_arguments(recipe, argv=None):
     """Parse a script's options and check them all, so that a mistake stops the run before any long work."""
-    args = build_parser(recipe).parse_args(argv)
+    parser = build_parser(recipe)
+    args = parser.parse_args(argv)
+    unset = {option: parser.get_default(option) for option in OPTION_MODES}
     defaults = dict(DEMO_DEFAULTS, img_size=max(DEMO_DEFAULTS["img_size"], recipe.min_img_size))
     for option, value in (defaults if args.demo else DOCUMENTED_DEFAULTS).items():
         if getattr(args, option) is None:
@@ -976,7 +1061,7 @@ def parse_arguments(recipe, argv=None):
         )
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
-    check_option_combinations(args)
+    check_option_combinations(args, unset)
     if args.faces is None:
         args.faces = default_faces(args)
     if args.min_face is None:
@@ -1003,6 +1088,42 @@ def parse_arguments(recipe, argv=None):
                 "apart, so that a results folder can be shared or deleted whole: choose an output folder beside it"
             )
     return args
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How a training run goes, as its options gave it: its data, the detector it builds, and how it trains.
+
+    Each field is the option of the same name (see --help), filled in and checked by
+    parse_arguments; `demo_data` says that the run trains on the synthetic demo faces.
+    """
+
+    data_dir: Path
+    output_dir: Path
+    demo: bool = False
+    demo_data: bool = False
+    subset: int | None = None
+    seed: int = 42
+    img_size: int = 224
+    weights: str = "imagenet"
+    preprocessing: str = "native"
+    unfreeze_rule: str = "conv"
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    warmup_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-4
+    patience: int | None = None
+    pipeline: str = "idg"
+    mixed_precision: bool = False
+    distribute: str = "none"
+    tensorboard: bool = False
+
+    @classmethod
+    def from_options(cls, args):
+        """The settings of a script's checked options (parse_arguments)."""
+        given = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls) if field.name != "demo_data"}
+        return cls(**given, demo_data=args.uses_demo_data)
 
 
 def check_prediction_outputs(args):
@@ -1144,6 +1265,19 @@ def write_jpeg(path, bgr_image, quality):
             # OpenCV says False, without a reason: the disk is full, unless the folder has gone.
             code = errno.ENOSPC if Path(path).parent.is_dir() else errno.ENOENT
             raise OSError(code, os.strerror(code))
+
+
+def save_figure(figure, path):
+    """Write a matplotlib figure and let it go; a write that fails (a full disk) leaves no part of a file."""
+    from matplotlib import pyplot  # Loaded already by whoever drew the figure.
+
+    figure.tight_layout()
+    try:
+        with writing(path, path):
+            figure.savefig(path, dpi=100)
+    finally:
+        pyplot.close(figure)
+    return path
 
 
 def write_text_atomically(path, text):
@@ -1318,7 +1452,17 @@ def main(argv=None):
         "It writes only its cache of verdicts, in OUTPUT_DIR/.cache/, so that the scripts start at once."
     )
     add_data_arguments(parser)
+    parser.add_argument(
+        "--sample-media", type=Path, metavar="DIR",
+        help="write a photo with a face (astronaut.jpg), one without (coffee.jpg) and a 10-second clip (clip.mp4) "
+        "into DIR, to try --predict on, and check no dataset",
+    )
     args = resolve_data_options(parser.parse_args(argv))
+    if args.sample_media:
+        ensure_writable_folder(args.sample_media, "--sample-media")
+        for path in write_sample_media(args.sample_media):
+            print(f"Wrote {path}")
+        return 0
     if args.uses_demo_data:
         ensure_demo_dataset(args.data_dir)
 

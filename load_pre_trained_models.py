@@ -15,9 +15,11 @@ In order, this module then holds:
 
 - the functions of the steps, in the order the lesson calls them, and what a detector is
   made of;
-- `run`, what a per-model script runs once its options are read: train, or apply a model;
-- applying a trained model: loading it (or the ensemble), Grad-CAM, --predict (which
-  finds, cuts out and scores the faces of photos and videos) and --evaluate;
+- `run`, what a per-model script runs once its options are read: train, or apply a model.
+  The parsed options stop there: below it, functions take named values and settings;
+- applying a trained model: loading it (or the ensemble) and Grad-CAM; the `Detector`,
+  which finds, cuts out and scores the faces of photos and videos, from Python as from
+  --predict; --predict, which prints and writes the detector's results; and --evaluate;
 - the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
   an interrupted run, and Ctrl-C, with the callbacks that lose nothing;
 - the command below.
@@ -28,9 +30,16 @@ Run this file on its own to see, for each model, which layers each freezing rule
 it builds the models without downloading any weights:
 
     python load_pre_trained_models.py
+
+From Python, a trained detector judges photos and videos:
+
+    from load_pre_trained_models import Detector
+    detector = Detector.load("outputs/vgg16")     # a model's folder, a .keras file, or "ensemble"
+    photo = detector.judge("photo.jpg")           # a path, an RGB numpy array or a PIL image
 """
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib
@@ -46,7 +55,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from scipy import optimize, special
@@ -60,7 +68,6 @@ with quiet_tensorflow_start():
 
 from data_augmentation import (
     FaceFinder,
-    FaceFrame,
     MIRRORED_SHARE_AT_MOST,
     UnreadableVideo,
     evaluation_flow,
@@ -70,25 +77,34 @@ from data_augmentation import (
     perturb,
     read_upright,
     read_video_frames,
+    rgb_pixels,
     smallest_searched_face,
 )
 from data_preprocessing import (
     CLASSES,
+    DEFAULT_FRAMES,
+    DEFAULT_MIN_FACE,
     DEMO_OUTPUT_DIR,
     ENSEMBLE,
     MODEL_SCRIPTS,
+    OUTPUT_DIR,
+    SMALLEST_FINDABLE_FACE,
     OneLineArgumentParser,
     ProgressBar,
+    TrainingSettings,
     UserError,
     ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
+    image_problem,
+    is_video,
     load_dataset,
     load_evaluation_images,
     load_recipes,
     media_to_predict,
     one_run_at_a_time,
     printable,
+    recipe_named,
     report_bad_files,
     warn_skipping,
     write_json_atomically,
@@ -101,11 +117,14 @@ from plot_loss_accuracy_graph import (
     FACE_TOO_SMALL,
     FRAME_NOT_DECODED,
     NO_FACE,
-    UNREADABLE,
     RUN_OUTPUTS,
-    THUMBNAIL_WIDTH,
     UNKNOWN_MARK,
+    UNREADABLE,
+    FaceResult,
+    PictureResult,
     PredictionReport,
+    ReportSettings,
+    VideoResult,
     Verdicts,
     classification_metrics,
     read_ensemble,
@@ -129,47 +148,47 @@ TEMPERATURE_SCALING = "temperature_scaling"
 # ---------------------------------------------------------------------------
 
 
-def fine_tune(recipe, args, run_dir):
+def fine_tune(recipe, data, run_dir, training):
     """Fine-tune `recipe`'s pre-trained base to tell real faces from fakes, then test it.
 
     The script's main has checked the options, and the harness (`run`, below) has seeded
-    the random generators, set the precision policy and the distribution strategy, and prepared
-    run_dir, which may hold an interrupted run to resume.
+    the random generators, set the precision policy and the distribution strategy, checked
+    the images, and prepared run_dir, which may hold an interrupted run to resume.
 
     Args:
         recipe: a per-model script's ModelRecipe: which base, and how many conv layers to train.
-        args: the checked command-line options (data_preprocessing.parse_arguments).
+        data: the checked images and their train, valid and test inputs (load_images).
         run_dir: the folder for this model's outputs, OUTPUT_DIR/<model>/.
+        training: how to train (data_preprocessing.TrainingSettings): the base's weights and
+            image size, the epochs, the learning rates, the freezing rule, and the rest.
 
     Returns:
         The test metrics, as written to run_dir/metrics.json.
     """
     # 1. Load the pre-trained base: convolutional features learned on ImageNet, without its classifier.
-    base = load_base(recipe, args.weights, args.img_size)
+    base = load_base(recipe, training.weights, training.img_size)
     # 2. Freeze it but for its last conv layers: the early, generic features stay as ImageNet made them.
-    freeze_all_but_last_conv_layers(base, recipe, args.unfreeze_rule)
+    freeze_all_but_last_conv_layers(base, recipe, training.unfreeze_rule)
     # 3. Add the head: pixel scaling in front of the base, and a real/fake classifier on top.
-    model = add_classification_head(base, recipe, args.preprocessing)
-    # The images: checked once, then fed as raw pixels, augmented for training.
-    dataset, flows = load_images(args)
+    model = add_classification_head(base, recipe, training.preprocessing)
     # (On a resume both fits run again, and each skips the epochs that its backup holds.)
-    if args.warmup_epochs:
+    if training.warmup_epochs:
         # Optionally, train the new head alone first, with the whole base frozen: its random
         # weights would otherwise send large gradients into the pre-trained features.
         base.trainable = False
-        compile_model(model, args.learning_rate)
-        model.fit(flows["train"], validation_data=flows["valid"], epochs=args.warmup_epochs,
-                  callbacks=training_callbacks(run_dir, args, phase="warmup"))
+        compile_model(model, training.learning_rate)
+        model.fit(data.train, validation_data=data.valid, epochs=training.warmup_epochs,
+                  callbacks=training_callbacks(run_dir, training, phase="warmup"))
         # Then back to step 2: the last conv layers train again, now beside a trained head.
-        freeze_all_but_last_conv_layers(base, recipe, args.unfreeze_rule)
+        freeze_all_but_last_conv_layers(base, recipe, training.unfreeze_rule)
     # 4. Compile: a change of the trainable layers takes effect only when the model is compiled.
-    compile_model(model, args.fine_tune_learning_rate)
+    compile_model(model, training.fine_tune_learning_rate)
     # 5. Fit, counting epochs on from the warmup's: ModelCheckpoint keeps the model of the epoch
     # with the lowest validation loss.
-    model.fit(flows["train"], validation_data=flows["valid"], initial_epoch=args.warmup_epochs, epochs=args.epochs,
-              callbacks=training_callbacks(run_dir, args, phase="fine-tune"))
+    model.fit(data.train, validation_data=data.valid, initial_epoch=training.warmup_epochs, epochs=training.epochs,
+              callbacks=training_callbacks(run_dir, training, phase="fine-tune"))
     # 6. Evaluate that best model on the test split, and write every output.
-    return evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=model)
+    return evaluate_best_model(recipe, data, run_dir, training, last_model=model)
 
 
 # ---------------------------------------------------------------------------
@@ -337,21 +356,31 @@ def compile_model(model, learning_rate):
     return model
 
 
-def load_images(args):
-    """The checked dataset and its train, valid and test inputs (data_augmentation.make_flows)."""
-    dataset = load_dataset(args.data_dir, args.output_dir / ".cache", args.subset, args.seed)
+@dataclass(frozen=True)
+class TrainingData:
+    """The checked images of a run, and the inputs model.fit reads them from: train and valid, and test for step 6."""
+
+    dataset: object  # A data_preprocessing.Dataset.
+    train: object
+    valid: object
+    test: object
+
+
+def load_images(training):
+    """The checked dataset of a run's TrainingSettings and its train, valid and test inputs (data_augmentation.make_flows)."""
+    dataset = load_dataset(training.data_dir, training.output_dir / ".cache", training.subset, training.seed)
     report_bad_files(dataset.bad_files)
-    if args.demo:
+    if training.demo:
         print("Demo run on synthetic faces: its figures show that the pipeline works, they are not a benchmark.")
-    return dataset, make_flows(dataset, args.img_size, args.batch_size, args.seed, args.pipeline)
+    flows = make_flows(dataset, training.img_size, training.batch_size, training.seed, training.pipeline)
+    return TrainingData(dataset, flows["train"], flows["valid"], flows["test"])
 
 
-def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
+def evaluate_best_model(recipe, data, run_dir, training, last_model=None):
     """Test the model that ModelCheckpoint kept, and write every output and the results table.
 
     Args:
-        recipe, args, run_dir: as for fine_tune.
-        dataset, flows: the images and their inputs, from load_images.
+        recipe, data, run_dir, training: as for fine_tune.
         last_model: the model as training left it, kept (with a warning) if model.keras is
             missing or damaged although some epoch had a finite val_loss.
 
@@ -359,17 +388,18 @@ def evaluate_best_model(recipe, args, run_dir, dataset, flows, last_model=None):
         The test metrics, as written to run_dir/metrics.json.
     """
     best_model = load_best_model(run_dir, last_model)
-    valid_logits = predict_logits(best_model, flows["valid"])
-    temperature = calibrate(best_model, valid_logits, dataset.images["valid"])
+    images = data.dataset.images
+    valid_logits = predict_logits(best_model, data.valid)
+    temperature = calibrate(best_model, valid_logits, images["valid"])
     save_whole(best_model, run_dir / "model.keras")  # Calibrated, as it is shared.
-    test_logits = predict_logits(best_model, flows["test"])
-    test_predictions = predictions_table(dataset.images["test"], special.expit(test_logits / temperature))
+    test_logits = predict_logits(best_model, data.test)
+    test_predictions = predictions_table(images["test"], special.expit(test_logits / temperature))
     # The ensemble weighs each model by its validation AUC, and --predict's band comes from the
     # validation split too: the test split must not choose them.
-    valid_predictions = predictions_table(dataset.images["valid"], special.expit(valid_logits / temperature))
+    valid_predictions = predictions_table(images["valid"], special.expit(valid_logits / temperature))
     calibration = {"temperature": temperature, "test_p_fake_before": special.expit(test_logits)}
-    metrics = write_run_outputs(run_dir, recipe, args, dataset, test_predictions, valid_predictions, calibration)
-    write_results_table(args.output_dir)
+    metrics = write_run_outputs(run_dir, recipe, training, data.dataset, test_predictions, valid_predictions, calibration)
+    write_results_table(training.output_dir)
     return metrics
 
 
@@ -496,49 +526,70 @@ def count_trainable_parameters(model):
 def run(recipe, args):
     """Run a per-model script with its checked options; return the process exit status.
 
-    With --predict or --evaluate, apply the saved model and train nothing. Otherwise
+    The parsed options stop here: each kind of run gets the plain values and settings it
+    needs. With --predict or --evaluate, apply the saved model and train nothing. Otherwise
     prepare the run (its data, folder, seeds, precision and strategy), then tell the
     lesson, `fine_tune`, or finish an interrupted run's evaluation.
     """
-    if args.uses_demo_data and not args.predict:
-        ensure_demo_dataset(args.data_dir)
     if args.predict:
-        return predict_media(recipe, args)
+        judging = JudgingOptions(
+            faces=args.faces, min_face=args.min_face, threshold=args.threshold, gradcam=bool(args.gradcam), batch_size=args.batch_size
+        )
+        outputs = ReportSettings(csv=args.csv, annotate=args.annotate, gradcam=args.gradcam)
+        return predict_media(recipe, args.predict, args.model, args.output_dir, args.demo, judging, args.frames, outputs)
+    if args.uses_demo_data:
+        ensure_demo_dataset(args.data_dir)
     if args.evaluate:
-        try:
-            return evaluate_saved_model(recipe, args)
-        except KeyboardInterrupt:
-            pass
-        # The interrupted input pipeline is let go now: left to Python's exit, TensorFlow would warn that it could not be.
-        gc.collect()
-        print("\nInterrupted; run the same command again to evaluate afresh")
-        return 130
-    if args.distribute == "multiworker":
+        settings = EvaluationSettings(
+            folder=args.evaluation_folder, data_dir=args.data_dir, output_dir=args.output_dir, model=args.model,
+            demo=args.demo, subset=args.subset, seed=args.seed, batch_size=args.batch_size, faces=args.faces,
+            min_face=args.min_face, threshold=args.threshold, jpeg_quality=args.jpeg_quality, blur=args.blur,
+        )
+        return evaluate_or_stop(recipe, settings)
+    return train(recipe, TrainingSettings.from_options(args))
+
+
+def evaluate_or_stop(recipe, settings):
+    """--evaluate, which Ctrl-C ends with one line."""
+    try:
+        return evaluate_saved_model(recipe, settings)
+    except KeyboardInterrupt:
+        pass
+    # The interrupted input pipeline is let go now: left to Python's exit, TensorFlow would warn that it could not be.
+    gc.collect()
+    print("\nInterrupted; run the same command again to evaluate afresh")
+    return 130
+
+
+def train(recipe, training):
+    """Train and test `recipe`'s detector with its TrainingSettings, one run at a time in its folder, and say what it wrote."""
+    if training.distribute == "multiworker":
         check_multiworker_cluster()
     # First, as MultiWorkerMirroredStrategy must be made before TensorFlow does any work.
-    strategy = distribution_strategy(args.distribute)
-    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
+    strategy = distribution_strategy(training.distribute)
+    run_dir = ensure_writable_folder(training.output_dir / recipe.name)
     # A second run into the same folder would mix its epochs, history and model with this one's.
     with one_run_at_a_time(run_dir):
-        metrics = train_and_test(recipe, args, run_dir, strategy)
+        metrics = train_and_test(recipe, training, run_dir, strategy)
     if metrics is None:  # Interrupted: the same command resumes it.
         return 130
+    results = training.output_dir / "results.md"
     print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
     print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
-    print(f"Results so far ({args.output_dir / 'results.md'}):\n{(args.output_dir / 'results.md').read_text()}")
-    if args.demo:
-        print_next_demo_step(recipe, args, run_dir)
+    print(f"Results so far ({results}):\n{results.read_text()}")
+    if training.demo:
+        print_next_demo_step(recipe, training.output_dir, run_dir)
     return 0
 
 
-def print_next_demo_step(recipe, args, run_dir):
+def print_next_demo_step(recipe, output_dir, run_dir):
     """After the demo, the command that applies its model to a face, with Grad-CAM."""
     face = pd.read_csv(run_dir / "predictions.csv").query("label == 'fake'")["path"].iloc[0]
     command = ["python", os.path.relpath(Path(__file__).with_name(MODEL_SCRIPTS[recipe.name])), "--demo"]
-    if args.output_dir != DEMO_OUTPUT_DIR:
-        command += ["--output-dir", str(args.output_dir)]
+    if output_dir != DEMO_OUTPUT_DIR:
+        command += ["--output-dir", str(output_dir)]
     # The demo's faces are drawn, and cropped as the dataset's: no face finder would find them.
-    command += ["--predict", os.path.relpath(face), "--gradcam", str(args.output_dir / "gradcam"), "--faces", "off"]
+    command += ["--predict", os.path.relpath(face), "--gradcam", str(output_dir / "gradcam"), "--faces", "off"]
     print(f"Next, score a demo face and see which regions drove the score (Grad-CAM):\n  {shlex.join(command)}")
 
 
@@ -552,8 +603,12 @@ def image_size(model):
     return model.input_shape[1]
 
 
-def load_saved_model(model_file, name, title):
-    """Load a detector that the script of the model `name` (its title, for messages) saved; refuse anything else with one line."""
+# The name every detector of these scripts ends in: "vgg16_deepfake_detector", after its recipe's name.
+DETECTOR_SUFFIX = "_deepfake_detector"
+
+
+def load_saved_model(model_file, recipe=None):
+    """Load a detector that one of the scripts saved (`recipe`'s, if given); refuse anything else with one line."""
     if Path(model_file).suffix == ".keras" and not is_complete_model_file(model_file):
         raise UserError(
             f"{model_file} is not a complete .keras file (it was cut off, perhaps while it was copied or saved); "
@@ -564,14 +619,17 @@ def load_saved_model(model_file, name, title):
         model = keras.models.load_model(model_file, compile=False)
     except Exception as error:  # Keras raises several kinds for a file that is not a model.
         raise UserError(f"could not load the model {model_file} ({error}); pass a .keras file that a run saved") from None
-    if model.name != f"{name}_deepfake_detector":
+    if recipe is not None and model.name != f"{recipe.name}{DETECTOR_SUFFIX}":
         raise UserError(
-            f"{model_file} holds the model {model.name!r}, not {title}'s; "
+            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
             "pass it to its own script, or a model that this script trained"
         )
+    if recipe is None and not model.name.endswith(DETECTOR_SUFFIX):
+        raise UserError(f"{model_file} holds the model {model.name!r}, not a detector that these scripts trained")
     # A model saved before the scaling moved into the model expects scaled pixels; fed raw
     # ones, it would print wrong scores without a warning.
     if PIXEL_SCALING not in [layer.name for layer in model.layers]:
+        title = recipe.title if recipe else "it"
         raise UserError(
             f"{model_file} was saved by an earlier version of these scripts, whose models took scaled pixels; "
             f"train {title} again to get a model that takes raw pixels"
@@ -579,15 +637,21 @@ def load_saved_model(model_file, name, title):
     return model
 
 
-def saved_model_file(recipe, args):
+def title_of(model):
+    """A detector's title, as its script's recipe gives it ("VGG16"), from the model's name."""
+    name = model.name.removesuffix(DETECTOR_SUFFIX)
+    return next((recipe.title for recipe in load_recipes() if recipe.name == name), name)
+
+
+def saved_model_file(recipe, model, output_dir, demo=False):
     """--model FILE, --model FOLDER (its model.keras, beside its card), or the model that training wrote into OUTPUT_DIR/<model>/."""
-    model_file = Path(args.model) if args.model else args.output_dir / recipe.name / "model.keras"
+    model_file = Path(model) if model else Path(output_dir) / recipe.name / "model.keras"
     if model_file.is_dir():
         model_file = model_file / "model.keras"
     if model_file.is_file():
         return model_file
     demo_model = DEMO_OUTPUT_DIR / recipe.name / "model.keras"
-    if not args.model and not args.demo and demo_model.is_file():
+    if not model and not demo and demo_model.is_file():
         raise UserError(
             f"there is no model at {model_file}, but the demo's model is at {demo_model}: add --demo to use it"
         )
@@ -597,54 +661,47 @@ def saved_model_file(recipe, args):
     )
 
 
+@dataclass(frozen=True)
+class Member:
+    """A model a detector scores with, its weight in the average, and what its card says of it (WhoseVerdicts)."""
+
+    title: str
+    model: object  # A keras.Model, from raw RGB pixels to p(fake).
+    file: Path
+    card: object
+    weight: float = 1.0
+
+
+def load_member(model_file, recipe=None, weight=1.0):
+    """A Member from a model file and the card beside it."""
+    model = load_saved_model(model_file, recipe)
+    title = recipe.title if recipe else title_of(model)
+    return Member(title, model, Path(model_file), whose_verdicts(title, model_file), weight)
+
+
 def load_ensemble(output_dir):
-    """The (title, model) pairs of the results table's Ensemble row, and their weights."""
+    """The Members of the results table's Ensemble row, each with its weight."""
     members, weights = read_ensemble(output_dir)
     if len(members) < 2:
         raise UserError(
             f"the ensemble needs two or more models trained into {output_dir} on the same test images; "
             "train another model with the same --data-dir, --subset and --output-dir"
         )
-    models, files = [], []
-    for metrics in members:
+    loaded = []
+    for metrics, weight in zip(members, weights):
         # A run folder is named after its model (recipe.name), unless it was renamed since.
-        run_dir, title = Path(metrics["run_dir"]), metrics["model"]
-        name = metrics.get("name", run_dir.name)
-        files.append(run_dir / "model.keras")
-        models.append((title, load_saved_model(files[-1], name, title)))
-    return models, weights, files
+        run_dir = Path(metrics["run_dir"])
+        recipe = recipe_named(metrics.get("name", run_dir.name))
+        loaded.append(load_member(run_dir / "model.keras", recipe, weight))
+    return loaded
 
 
-def prediction_models(recipe, args):
-    """The (title, model) pairs to score with, their weights, a line per model that says whose verdicts
-    these are (from its card), the mark its pictures carry (DEMO_MARK, UNKNOWN_MARK or None), and how
-    p(fake) becomes a verdict: --threshold, or else the band of the model's card (none for an ensemble)."""
-    if args.model == ENSEMBLE:
-        models, weights, files = load_ensemble(args.output_dir)
-    else:
-        files = [saved_model_file(recipe, args)]
-        models, weights = [(recipe.title, load_saved_model(files[0], recipe.name, recipe.title))], [1.0]
-    described = [whose_verdicts(title, model_file) for (title, _), model_file in zip(models, files)]
-    lines = [line for line, _, _ in described]
-    if len(models) > 1:
-        lines = [f"{line} (weight {weight:.2f})" for line, weight in zip(lines, weights)]
-    marks = [mark for _, mark, _ in described if mark]
-    # One member without a card, or trained on the demo, is enough to mark the ensemble's verdicts.
-    mark = UNKNOWN_MARK if UNKNOWN_MARK in marks else (marks[0] if marks else None)
-    if args.threshold is not None:
-        verdicts = Verdicts(args.threshold, args.threshold)
-    else:
-        # No band was chosen for the ensemble's average: every face is uncertain without --threshold.
-        verdicts = described[0][2] if len(models) == 1 else Verdicts(None, None, "no band was chosen for an ensemble")
-    return models, weights, lines, mark, verdicts
-
-
-def p_fake_of_pictures(models, weights, pictures):
+def p_fake_of_pictures(members, pictures):
     """The weighted p(fake) of uint8 RGB pictures of any size, each model reading them at its own size."""
     p_fake = np.zeros(len(pictures))
-    for (_, model), weight in zip(models, weights):
-        batch = np.stack([model_input(picture, image_size(model)) for picture in pictures])
-        p_fake += weight * model.predict_on_batch(batch).ravel()
+    for member in members:
+        batch = np.stack([model_input(picture, image_size(member.model)) for picture in pictures])
+        p_fake += member.weight * member.model.predict_on_batch(batch).ravel()
     return p_fake
 
 
@@ -692,113 +749,295 @@ def grad_cam(model, batch):
 
 
 # ---------------------------------------------------------------------------
-# --predict on photos and videos: find the faces, cut them out, score them
+# The detector: find the faces of photos and videos, cut them out, score them
 # ---------------------------------------------------------------------------
 
 
-def predict_media(recipe, args):
-    """--predict: print p(fake) and a verdict for each face in each photo and video; train nothing.
+@dataclass(frozen=True)
+class JudgingOptions:
+    """How a Detector judges, with the command line's defaults (see --help).
 
-    The order of work: list the photos and videos, take the outputs (locked, so that a
-    second run given the same stops at once), load the model (or the ensemble), then judge
-    each (find its faces, cut them out, score them) and report it as it is judged.
-    """
-    report = None
-    try:
-        images, videos, unreadable = media_to_predict(args.predict)
-        report = PredictionReport(args, images + videos)
-        models, weights, model_lines, mark, args.verdicts = prediction_models(recipe, args)
-        report.start(mark)
-        judge = MediaJudge(models, weights, args)
-        faces = "each face found" if args.faces == "auto" else "each whole image"
-        by = "the model" if len(models) == 1 else "the weighted ensemble of"
-        print(f"p(fake) of {faces}; verdicts: {args.verdicts}; by {by}:")
-        for line in model_lines:
-            print(f"  {line}")
-        videos_judged = judge_all(judge, report, images, videos, unreadable)
-    except KeyboardInterrupt:
-        # Ctrl-C: what was judged is printed, and in the CSV, which grows as it goes.
-        print(f"\nInterrupted. {report.stop() if report else ''}".rstrip())
-        return 130
-    finally:
-        if report:
-            report.stop()
-    if not images and not videos_judged:
-        raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
-    report.finish()
-    print(f"Time: {judge.stopwatch.summary()}")
-    return 0
-
-
-def judge_all(judge, report, images, videos, unreadable):
-    """Judge the photos, then the videos, reporting each as it is judged; return how many videos could be judged."""
-    for path in unreadable:
-        report.unreadable(path)
-    for path, image, lines in judge.images(images):
-        report.photo(path, image, lines)
-    videos_judged = 0
-    for path in videos:
-        judged = judge_video(judge, path, functools.partial(report.frames, path))
-        if judged is None:
-            report.unreadable(path)
-            continue
-        lines, frames, thumbnails = judged
-        # Every sighting of a face, judged or not: a face that shrinks for a while is still
-        # followed; a face that was scored somewhere comes before a small one in the background.
-        followed = main_face([line for line in lines if line.face is not None], counts=lambda line: line.p_fake is not None)
-        report.video(path, lines, followed, frames, thumbnails)
-        videos_judged += 1
-    return videos_judged
-
-
-def judge_video(judge, path, report_frames):
-    """A video's lines, (frames read, frames wanted) and thumbnails; None, with a warning, if it cannot be read.
-
-    `report_frames` reports a batch of lines (prints them, writes their rows and overlays) as soon as they are judged.
-    """
-    try:
-        lines, read, wanted, thumbnails = judge.video(path, report_frames)
-    except UnreadableVideo as problem:
-        warn_skipping(path, problem)
-        return None
-    if not read:
-        warn_skipping(path, "none of its frames could be decoded")
-        return None
-    if read < wanted:
-        # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
-        print(f"warning: {printable(path)}: only {read} of {wanted} sampled frames could be decoded; "
-              "the file may be cut off, or its frame count an estimate", file=sys.stderr)
-    return lines, (read, wanted), thumbnails
-
-
-@dataclass
-class Line:
-    """One line of --predict: a face, a whole image or frame with --faces off, or a picture with no face.
-
-    A line without a p_fake says why in its note. `picture` is what was scored: the face cut out
-    at the dataset's 256x256, or the whole image.
+    faces: "auto" finds each face and judges it; "off" scores whole pictures, for faces
+        already cropped as the dataset crops them.
+    min_face: a face narrower than this many pixels is listed as too small, not scored.
+    threshold: None gives the band of the model's card (real, uncertain, fake); a value T,
+        two-way verdicts at T.
+    gradcam: also compute each score's Grad-CAM heat map.
+    batch_size: faces, or pictures, scored at once.
     """
 
-    path: Path
-    frame: int | None = None  # The frame's index in a video; None for a photo.
-    face: int | None = None  # 1, 2, ... within the image or frame; None for the whole image.
-    face_frame: FaceFrame | None = None
-    confidence: float | None = None
-    width: float | None = None  # The face's width, as MTCNN's box gives it.
-    mirrored: float | None = None  # The share of the face's frame outside the picture, which the crop mirrors.
-    picture: np.ndarray | None = None
-    p_fake: float | None = None
-    heatmap: np.ndarray | None = None  # With --gradcam, the first model's Grad-CAM map of the picture.
-    note: str | None = None  # Why the line has no p_fake: NO_FACE, FACE_TOO_SMALL, FACE_AT_BORDER, FRAME_NOT_DECODED or UNREADABLE.
+    faces: str = "auto"
+    min_face: int = DEFAULT_MIN_FACE
+    threshold: float | None = None
+    gradcam: bool = False
+    batch_size: int = 32
+
+    def __post_init__(self):
+        mistakes = [
+            (self.faces not in ("auto", "off"), f"faces={self.faces!r}: use 'auto' or 'off'"),
+            (self.min_face < SMALLEST_FINDABLE_FACE, f"min_face={self.min_face}: the face finder finds no face narrower than {SMALLEST_FINDABLE_FACE} px"),
+            (self.threshold is not None and not 0 <= self.threshold <= 1, f"threshold={self.threshold}: a p(fake) is between 0 and 1"),
+            (self.batch_size < 1, f"batch_size={self.batch_size}: use 1 or more"),
+        ]
+        for is_wrong, message in mistakes:
+            if is_wrong:
+                raise UserError(message)
 
 
-def read_when_still_there(path):
-    """An image that was checked with the others, read upright; None, with a warning, if it has gone or changed since."""
-    try:
-        return read_upright(path)
-    except Exception as error:  # Moved, deleted or rewritten mid-run: Pillow raises many kinds.
-        warn_skipping(path, f"it can no longer be read ({error})")
-        return None
+# A detector holds at most about this many pixels of photos at once (600 MB in RGB).
+HELD_PIXELS = 200_000_000
+
+
+class Detector:
+    """A trained deepfake detector, loaded once, that judges photos and videos.
+
+        detector = Detector.load("outputs/vgg16")     # a model's folder, a .keras file, or "ensemble"
+        photo = detector.judge("photo.jpg")           # a path, an RGB numpy array or a PIL image
+        clip = detector.judge_video("clip.mp4", frames=32)
+
+    The models know faces framed as the dataset frames them, nothing else: each face is
+    found with MTCNN, levelled, cut out as the dataset cuts its faces and scored. A picture
+    without a face, a face too small to judge or cut by the border, and an unreadable input
+    get no p_fake, only the note that says why. Results are PictureResult and VideoResult
+    (plot_loss_accuracy_graph.py), which also carry the model's mark (a demo model, or one
+    without a card) and the band their verdicts were given with. A detector prints nothing,
+    writes nothing and keeps no global state: what a command line prints as a warning is in
+    a result's `warnings`.
+    """
+
+    def __init__(self, members, judging=JudgingOptions()):
+        if judging.gradcam and len(members) > 1:
+            raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
+        self.members, self.options = members, judging
+        marks = [member.card.mark for member in members if member.card.mark]
+        # One member without a card, or trained on the demo, is enough to mark the ensemble's verdicts.
+        self.mark = UNKNOWN_MARK if UNKNOWN_MARK in marks else (marks[0] if marks else None)
+        if judging.threshold is not None:
+            self.band = Verdicts(judging.threshold, judging.threshold)
+        elif len(members) == 1:
+            self.band = members[0].card.band
+        else:
+            self.band = Verdicts(None, None, "no band was chosen for an ensemble")
+        self.finder = FaceFinder() if judging.faces == "auto" else None
+        self.stopwatch = Stopwatch()
+
+    @classmethod
+    def load(cls, model, *, output_dir=OUTPUT_DIR, recipe=None, **options):
+        """Load a trained detector.
+
+        Args:
+            model: a model's folder (its model.keras beside its card, README.md), a .keras
+                file, or "ensemble": every model trained into `output_dir`, weighted by its
+                validation AUC (see plot_loss_accuracy_graph.ensemble_weights).
+            output_dir: where "ensemble" finds its models.
+            recipe: a script's ModelRecipe, to refuse a model of another script.
+            **options: JudgingOptions: faces, min_face, threshold, gradcam, batch_size.
+
+        Returns:
+            A Detector.
+
+        Raises:
+            UserError: no model there, a file that is not a whole detector of these scripts,
+                or an option out of range; its message says what to do.
+        """
+        judging = JudgingOptions(**options)
+        if str(model) == ENSEMBLE:
+            return cls(load_ensemble(Path(output_dir)), judging)
+        model_file = Path(model) / "model.keras" if Path(model).is_dir() else Path(model)
+        if not model_file.is_file():
+            raise UserError(f"there is no model at {model_file}; give a model's folder or its .keras file")
+        return cls([load_member(model_file, recipe)], judging)
+
+    def header(self):
+        """The lines that say how the verdicts are given, and whose they are (from each model's card)."""
+        faces = "each face found" if self.finder else "each whole image"
+        by = "the model" if len(self.members) == 1 else "the weighted ensemble of"
+        lines = [member.card.line for member in self.members]
+        if len(self.members) > 1:
+            lines = [f"{line} (weight {member.weight:.2f})" for line, member in zip(lines, self.members)]
+        return [f"p(fake) of {faces}; verdicts: {self.band}; by {by}:", *(f"  {line}" for line in lines)]
+
+    def judge(self, image):
+        """Judge one photo: a path, an RGB numpy array (height x width x 3, uint8, 0 to 255) or a PIL image.
+
+        Returns a PictureResult: a FaceResult per face found, in reading order (or one for the
+        whole picture with faces="off"), or the note that says why nothing was judged.
+        """
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            if not path.exists():
+                raise UserError(f"{printable(path)}: no such file or folder; check the path")
+            if path.is_dir() or is_video(path):
+                kind = "a folder" if path.is_dir() else "a video"
+                raise UserError(f"{printable(path)} is {kind}; judge() takes one photo (judge_video() takes a video)")
+            problem = image_problem(path)
+            return self.unreadable(path, problem) if problem else next(self.judge_photos([path]))
+        picture = self.found(rgb_pixels(image), path=None)
+        self.score(picture.faces)
+        return picture
+
+    def judge_photos(self, paths):
+        """Yield a PictureResult for each photo file, in order, scoring the faces of several photos in one batch.
+
+        Photos are held until their faces are scored, so a batch also ends once it holds
+        HELD_PIXELS: a folder of phone photos would otherwise fill the memory.
+        """
+        paths, batch = list(paths), []
+        for position, path in enumerate(paths):
+            with self.stopwatch.timing("reading"):
+                try:
+                    image = read_upright(path)
+                except Exception as error:  # Moved, deleted or rewritten since it was listed: Pillow raises many kinds.
+                    image = self.unreadable(path, f"it can no longer be read ({error})")
+            batch.append(image if isinstance(image, PictureResult) else self.found(image, path))
+            held = sum(picture.image.size // 3 for picture in batch if picture.image is not None)
+            faces_to_score = sum(face.crop is not None for picture in batch for face in picture.faces)
+            if faces_to_score >= self.options.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
+                self.score([face for picture in batch for face in picture.faces])
+                yield from batch
+                batch = []
+
+    def judge_video(self, path, frames=DEFAULT_FRAMES, on_batch=None):
+        """Judge a video, or an animated GIF or WebP, on `frames` frames spread evenly over it.
+
+        Returns a VideoResult: a PictureResult per sampled frame, and the video's p_fake and
+        verdict. `on_batch`, if given, is called with each batch of frames (PictureResults)
+        as soon as they are judged, with their pixels, crops and heat maps, which are let go
+        after it: a command line reports them as it goes, and memory stays flat.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{printable(path)}: no such file or folder; check the path")
+        video = VideoResult(path, [], self.band, self.mark, min_face=self.min_face())
+        try:
+            self.judge_frames(video, read_video_frames(path, frames), on_batch or (lambda pictures: None))
+        except UnreadableVideo as problem:
+            video.note, video.reason = UNREADABLE, str(problem)
+            return video
+        if not video.frames_read:
+            video.note, video.reason = UNREADABLE, "none of its frames could be decoded"
+            return video
+        if video.frames_read < video.frames_wanted:
+            # OpenCV estimates some containers' frame counts (mkv, webm) from their duration.
+            video.warnings.append(f"only {video.frames_read} of {video.frames_wanted} sampled frames could be decoded; "
+                                  "the file may be cut off, or its frame count an estimate")
+        self.sum_up(video)
+        return video
+
+    def judge_frames(self, video, reading, on_batch):
+        """Judge the frames that `reading` yields, a batch at a time, into `video`."""
+        waiting = []
+        while True:
+            with self.stopwatch.timing("seeking and decoding"):
+                index, frame = next(reading, (None, None))
+            if index is None:
+                break
+            video.frames_wanted += 1
+            if frame is None:
+                waiting.append(PictureResult(video.path, [], self.band, self.mark, note=FRAME_NOT_DECODED, frame=index))
+                continue
+            video.frames_read += 1
+            waiting.append(self.found(frame, video.path, index))
+            # A batch is full of faces to score, or of frames (which may have none) to report.
+            faces_to_score = sum(face.crop is not None for picture in waiting for face in picture.faces)
+            if max(faces_to_score, len(waiting)) >= self.options.batch_size:
+                video.frames += self.scored_and_let_go(waiting, on_batch)
+                waiting = []
+        video.frames += self.scored_and_let_go(waiting, on_batch)
+
+    def scored_and_let_go(self, pictures, on_batch):
+        """Score the pictures' faces and hand them to on_batch, then let their pixels, crops and heat maps go."""
+        self.score([face for picture in pictures for face in picture.faces])
+        on_batch(pictures)
+        for picture in pictures:
+            picture.image = None
+            for face in picture.faces:
+                face.crop, face.heatmap = None, None
+        return pictures
+
+    def sum_up(self, video):
+        """A video's p(fake) and verdict: the mean over the frames of the face seen most, or of the whole frames."""
+        faces = [face for picture in video.frames for face in picture.faces]
+        if self.finder is None:
+            scored = [face for face in faces if face.p_fake is not None]
+        else:
+            # Every sighting of a face, judged or not: a face that shrinks for a while is still
+            # followed; a face that was scored somewhere comes before a small one in the background.
+            video.followed = main_face(faces, counts=lambda face: face.p_fake is not None)
+            scored = [face for face in video.followed if face.p_fake is not None]
+        if not scored:
+            video.note = FACE_TOO_SMALL if video.followed else NO_FACE
+            return
+        video.p_fake = float(np.mean([face.p_fake for face in scored]))
+        video.verdict = self.band(video.p_fake)
+
+    def min_face(self):
+        """The narrowest face judged; None where faces are not searched."""
+        return self.options.min_face if self.finder else None
+
+    def unreadable(self, path, reason):
+        return PictureResult(path, [], self.band, self.mark, note=UNREADABLE, reason=reason)
+
+    def found(self, image, path, frame=None):
+        """A PictureResult of an upright RGB picture, not yet scored: its faces (or the whole picture), cut out."""
+        picture = PictureResult(path, [], self.band, self.mark, frame=frame, min_face=self.min_face(), image=image)
+        if self.finder is None:
+            picture.faces = [FaceResult(None, frame=frame, crop=image)]
+            return picture
+        picture.warnings += search_warnings(image, self.options.min_face)
+        with self.stopwatch.timing("finding faces"):
+            picture.faces = faces_to_judge(self.finder, image, self.options.min_face, frame)
+        if not picture.faces:
+            picture.note = NO_FACE
+        return picture
+
+    def score(self, faces):
+        """Fill in the p(fake) and verdict of every face that was cut out, a batch at a time, and with Grad-CAM its heat map."""
+        scorable = [face for face in faces if face.crop is not None]
+        for start in range(0, len(scorable), self.options.batch_size):
+            batch = scorable[start : start + self.options.batch_size]
+            crops = [face.crop for face in batch]
+            with self.stopwatch.timing("scoring"):
+                p_fake = p_fake_of_pictures(self.members, crops)
+            heatmaps = [None] * len(batch)
+            if self.options.gradcam:
+                with self.stopwatch.timing("Grad-CAM"):
+                    model = self.members[0].model
+                    heatmaps = grad_cam(model, np.stack([model_input(crop, image_size(model)) for crop in crops]))
+            for face, value, heatmap in zip(batch, p_fake, heatmaps):
+                face.p_fake, face.verdict, face.heatmap = float(value), self.band(float(value)), heatmap
+
+
+def faces_to_judge(finder, image, min_face, frame=None, cut_out=True):
+    """The faces MTCNN finds in an upright RGB image, in reading order, as FaceResults not yet scored.
+
+    A face that can be judged is cut out as the dataset frames its faces (unless not
+    `cut_out`); one narrower than `min_face`, or whose frame lies too far past the image's
+    edge (MIRRORED_SHARE_AT_MOST), keeps the note that says why it is not judged.
+    """
+    faces = []
+    for number, face in enumerate(finder.find(image, min_face), start=1):
+        face_frame = face.frame()
+        result = FaceResult(number, box=face.box, face_frame=face_frame, confidence=face.confidence,
+                            mirrored=face_frame.share_outside(*image.shape[:2]), frame=frame)
+        if face.width < min_face:
+            result.note = FACE_TOO_SMALL
+        elif result.mirrored > MIRRORED_SHARE_AT_MOST:
+            result.note = FACE_AT_BORDER
+        elif cut_out:
+            result.crop = face_frame.crop(image)
+        faces.append(result)
+    return faces
+
+
+def search_warnings(image, min_face):
+    """What to say where an image is too large to search for faces as narrow as `min_face`: nothing, or one warning."""
+    height, width = image.shape[:2]
+    smallest = smallest_searched_face(height, width, min_face)
+    if smallest <= min_face:
+        return []
+    return [f"in its {width}x{height} pixels, faces narrower than {smallest} px are not searched for, not {min_face} px "
+            "as --min-face asks, to keep memory within bounds"]
 
 
 class Stopwatch:
@@ -819,135 +1058,78 @@ class Stopwatch:
         return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
 
 
-# --predict holds at most about this many pixels of photos at once (600 MB in RGB).
-HELD_PIXELS = 200_000_000
+# ---------------------------------------------------------------------------
+# --predict: the detector's results, printed and written as they come
+# ---------------------------------------------------------------------------
 
 
-class MediaJudge:
-    """Scores photos and video frames with the chosen models: each face found, or each whole picture."""
+def predict_media(recipe, paths, model, output_dir, demo, judging, frames, outputs):
+    """--predict: print p(fake) and a verdict for each face in each photo and video; train nothing.
 
-    def __init__(self, models, weights, args):
-        self.models = models
-        self.weights = weights
-        self.args = args
-        self.finder = FaceFinder() if args.faces == "auto" else None
-        self.stopwatch = Stopwatch()
-        self.warned = set()  # The inputs warned of a larger --min-face.
+    The order of work: list the photos and videos, take the outputs (`outputs`, a
+    ReportSettings; locked, so that a second run given the same stops at once), load the
+    detector (--model, the ensemble of `output_dir`'s models, or the model trained there),
+    then judge each input with `frames` frames a video and `judging`'s JudgingOptions, and report it as it is judged.
+    """
+    report = None
+    try:
+        images, videos, unreadable = media_to_predict(paths)
+        report = PredictionReport(outputs, images + videos)
+        model_file = ENSEMBLE if model == ENSEMBLE else saved_model_file(recipe, model, output_dir, demo)
+        detector = Detector.load(model_file, output_dir=output_dir, recipe=recipe, **dataclasses.asdict(judging))
+        report.start()
+        print("\n".join(detector.header()))
+        videos_judged = judge_all(detector, report, images, videos, unreadable, frames)
+    except KeyboardInterrupt:
+        # Ctrl-C: what was judged is printed, and in the CSV, which grows as it goes.
+        print(f"\nInterrupted. {report.stop() if report else ''}".rstrip())
+        return 130
+    finally:
+        if report:
+            report.stop()
+    if not images and not videos_judged:
+        raise UserError("none of the files given to --predict is a readable image or video; see the warnings above")
+    report.finish()
+    print(f"Time: {detector.stopwatch.summary()}")
+    return 0
 
-    def lines_of(self, picture, path, frame=None):
-        """The lines of one upright image or video frame: its faces, or the whole picture with --faces off.
 
-        The models know faces framed as the dataset frames them, nothing else: a picture
-        without a face, a face too small to judge, or one whose frame lies too far past the
-        picture's edge (MIRRORED_SHARE_AT_MOST) is listed with its note, not scored.
-        """
-        if self.finder is None:
-            return [Line(path, frame, picture=picture)]
-        self.warn_of_a_larger_min_face(picture, path)
-        with self.stopwatch.timing("finding faces"):
-            faces = self.finder.find(picture, self.args.min_face)
-        if not faces:
-            return [Line(path, frame, note=NO_FACE)]
-        lines = []
-        for number, face in enumerate(faces, start=1):
-            face_frame = face.frame()
-            line = Line(path, frame, face=number, face_frame=face_frame, confidence=face.confidence, width=face.width,
-                        mirrored=face_frame.share_outside(*picture.shape[:2]))
-            if face.width < self.args.min_face:
-                line.note = FACE_TOO_SMALL
-            elif line.mirrored > MIRRORED_SHARE_AT_MOST:
-                line.note = FACE_AT_BORDER
-            else:
-                with self.stopwatch.timing("cutting out faces"):
-                    line.picture = face_frame.crop(picture)
-            lines.append(line)
-        return lines
+def judge_all(detector, report, images, videos, unreadable, frames):
+    """Judge the photos, then the videos, reporting each as it is judged; return how many videos could be judged."""
+    for path in unreadable:
+        report.unreadable(path)
+    for picture in detector.judge_photos(images):
+        warn_of(picture)
+        if picture.note == UNREADABLE:
+            warn_skipping(picture.path, picture.reason)
+        report.photo(picture)
+    videos_judged = 0
+    for path in videos:
+        warned = set()
 
-    def warn_of_a_larger_min_face(self, picture, path):
-        """Say, once an input, where a picture is too large to search for faces as narrow as --min-face."""
-        height, width = picture.shape[:2]
-        smallest = smallest_searched_face(height, width, self.args.min_face)
-        if smallest > self.args.min_face and path not in self.warned:
-            self.warned.add(path)
-            print(f"warning: {printable(path)}: in its {width}x{height} pixels, faces narrower than {smallest} px are not searched "
-                  f"for, not {self.args.min_face} px as --min-face asks, to keep memory within bounds", file=sys.stderr)
+        def report_frames(pictures, warned=warned):
+            for picture in pictures:
+                warn_of(picture, warned)
+            report.frames(pictures)
 
-    def score(self, lines):
-        """Fill in the p(fake) of every line that has a picture, a batch at a time, and with --gradcam its heat map."""
-        scorable = [line for line in lines if line.picture is not None]
-        for start in range(0, len(scorable), self.args.batch_size):
-            batch = scorable[start : start + self.args.batch_size]
-            pictures = [line.picture for line in batch]
-            with self.stopwatch.timing("scoring"):
-                p_fake = p_fake_of_pictures(self.models, self.weights, pictures)
-            heatmaps = [None] * len(batch)
-            if self.args.gradcam:
-                with self.stopwatch.timing("Grad-CAM"):
-                    model = self.models[0][1]
-                    heatmaps = grad_cam(model, np.stack([model_input(picture, image_size(model)) for picture in pictures]))
-            for line, value, heatmap in zip(batch, p_fake, heatmaps):
-                line.p_fake, line.heatmap = float(value), heatmap
-        return lines
+        video = detector.judge_video(path, frames, on_batch=report_frames)
+        if video.note == UNREADABLE:
+            warn_skipping(path, video.reason)
+            report.unreadable(path)
+            continue
+        warn_of(video)
+        report.video(video)
+        videos_judged += 1
+    return videos_judged
 
-    def images(self, paths):
-        """Yield (path, upright image, its lines, scored), scoring a batch of faces at a time.
 
-        Images are held until their faces are scored, so a batch also ends once it holds
-        HELD_PIXELS: a folder of phone photos would otherwise fill the memory.
-        """
-        batch = []
-        for position, path in enumerate(paths):
-            with self.stopwatch.timing("reading"):
-                image = read_when_still_there(path)
-            batch.append((path, image, [Line(path, note=UNREADABLE)] if image is None else self.lines_of(image, path)))
-            batch_lines = [line for _, _, image_lines in batch for line in image_lines]
-            held = sum(held_image.shape[0] * held_image.shape[1] for _, held_image, _ in batch if held_image is not None)
-            faces_to_score = sum(line.picture is not None for line in batch_lines)
-            if faces_to_score >= self.args.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
-                self.score(batch_lines)
-                yield from batch
-                batch = []
-
-    def video(self, path, report_frames):
-        """A video's sampled frames, judged: (lines, frames read, frames wanted, thumbnails).
-
-        Each batch of lines goes to `report_frames` as soon as it is judged, in frame order,
-        and no frame, face or heat map is kept after; only with --annotate are the frames
-        kept, as (index, thumbnail, scale) triples: a frame of 4K video takes 25 MB, its
-        thumbnail a fraction of one.
-        """
-        lines, thumbnails, read, wanted = [], [], 0, 0
-        reading = read_video_frames(path, self.args.frames)
-        unscored = []
-        while True:
-            with self.stopwatch.timing("seeking and decoding"):
-                index, frame = next(reading, (None, None))
-            if index is None:
-                break
-            wanted += 1
-            if frame is None:
-                unscored.append(Line(path, index, note=FRAME_NOT_DECODED))
-                continue
-            read += 1
-            unscored += self.lines_of(frame, path, index)
-            if self.args.annotate:
-                scale = THUMBNAIL_WIDTH / frame.shape[1]
-                thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
-            # A batch is full of faces to score, or of frames (which may have none) to report.
-            pictures, frames = sum(line.picture is not None for line in unscored), len({line.frame for line in unscored})
-            if max(pictures, frames) >= self.args.batch_size:
-                lines += self.score_and_let_go(unscored, report_frames)
-                unscored = []
-        lines += self.score_and_let_go(unscored, report_frames)
-        return lines, read, wanted, thumbnails
-
-    def score_and_let_go(self, lines, report_frames):
-        """Score the lines and report them, then let their pictures and heat maps go."""
-        self.score(lines)
-        report_frames(lines)
-        for line in lines:
-            line.picture, line.heatmap = None, None
-        return lines
+def warn_of(result, warned=None):
+    """Print a result's warnings, each once per input (`warned` holds those said already)."""
+    for warning in result.warnings:
+        if warned is None or warning not in warned:
+            print(f"warning: {printable(result.path)}: {warning}", file=sys.stderr)
+            if warned is not None:
+                warned.add(warning)
 
 
 # ---------------------------------------------------------------------------
@@ -955,33 +1137,51 @@ class MediaJudge:
 # ---------------------------------------------------------------------------
 
 
-def evaluation_labels(recipe, args, folder):
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What --evaluate measures, and how: the folder of real/ and fake/ faces, perhaps perturbed, and the model."""
+
+    folder: Path  # Holds real/ and fake/: a folder given with --data-dir, or a dataset's test/.
+    data_dir: Path | None  # As given, to name the evaluation.
+    output_dir: Path
+    model: str | None = None  # --model, or None for OUTPUT_DIR/<model>/model.keras.
+    demo: bool = False
+    subset: int | None = None
+    seed: int = 42
+    batch_size: int = 32
+    faces: str = "off"
+    min_face: int = DEFAULT_MIN_FACE
+    threshold: float | None = None
+    jpeg_quality: int | None = None
+    blur: float | None = None
+
+
+def evaluation_labels(recipe, settings):
     """An evaluation's folder name, eval-<data>[-jpeg<Q>][-blur<SIGMA>][-faces], and its figures' title."""
     # The --data-dir folder's name, or the name of the dataset around the test/ it holds.
-    data = (Path(args.data_dir) if args.data_dir is not None else folder.parent).resolve().name
+    data = (Path(settings.data_dir) if settings.data_dir is not None else settings.folder.parent).resolve().name
     perturbations = []
-    if args.jpeg_quality is not None:
-        perturbations.append((f"jpeg{args.jpeg_quality}", f"JPEG quality {args.jpeg_quality}"))
-    if args.blur is not None:
-        perturbations.append((f"blur{args.blur}", f"blur {args.blur}"))
-    if args.faces == "auto":
+    if settings.jpeg_quality is not None:
+        perturbations.append((f"jpeg{settings.jpeg_quality}", f"JPEG quality {settings.jpeg_quality}"))
+    if settings.blur is not None:
+        perturbations.append((f"blur{settings.blur}", f"blur {settings.blur}"))
+    if settings.faces == "auto":
         perturbations.append(("faces", "faces cut out"))
     name = "-".join([f"{EVALUATION_PREFIX}{data}", *(short for short, _ in perturbations)])
     title = ", ".join([f"{recipe.title} on {data}", *(spelled_out for _, spelled_out in perturbations)])
     return name, title
 
 
-def evaluate_saved_model(recipe, args):
+def evaluate_saved_model(recipe, settings):
     """--evaluate: measure a saved model on another folder of real and fake faces, perhaps perturbed."""
-    model_file = saved_model_file(recipe, args)
-    folder = args.evaluation_folder  # Found, and checked, with the options.
-    images = load_evaluation_images(folder, args.output_dir / ".cache", args.subset, args.seed)
-    model = load_saved_model(model_file, recipe.name, recipe.title)
-    faces = find_evaluation_faces(images, args.min_face) if args.faces == "auto" else None
-    eval_name, eval_title = evaluation_labels(recipe, args, folder)
-    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
+    model_file = saved_model_file(recipe, settings.model, settings.output_dir, settings.demo)
+    images = load_evaluation_images(settings.folder, settings.output_dir / ".cache", settings.subset, settings.seed)
+    model = load_saved_model(model_file, recipe)
+    faces = find_evaluation_faces(images, settings.min_face) if settings.faces == "auto" else None
+    eval_name, eval_title = evaluation_labels(recipe, settings)
+    run_dir = ensure_writable_folder(settings.output_dir / recipe.name)
     with one_run_at_a_time(run_dir):
-        return write_evaluation(recipe, args, model, model_file, images, run_dir / eval_name, eval_title, faces)
+        return write_evaluation(recipe, settings, model, model_file, images, run_dir / eval_name, eval_title, faces)
 
 
 @dataclass
@@ -994,15 +1194,16 @@ class EvaluationFaces:
 
 
 def find_evaluation_faces(images, min_face):
-    """Find each labelled image's face, the widest where there are several; count the images with none to judge."""
+    """Find each labelled image's face by the detector's own face path (the widest it can judge, where
+    there are several); count the images with none to judge."""
     finder, found, frames, no_face = FaceFinder(), [], [], []
     print(f"Finding the faces in {len(images)} images")
     progress = ProgressBar(len(images), unit="image")
     for done, (path, class_name) in enumerate(images, start=1):
-        faces = [face for face in finder.find(read_upright(path), min_face) if face.width >= min_face]
+        faces = [face for face in faces_to_judge(finder, read_upright(path), min_face, cut_out=False) if face.note is None]
         if faces:
             found.append((path, class_name))
-            frames.append(max(faces, key=lambda face: face.width).frame())
+            frames.append(max(faces, key=lambda face: face.width).face_frame)
         else:
             no_face.append(str(path))
         progress.update(done)
@@ -1016,32 +1217,31 @@ def find_evaluation_faces(images, min_face):
     return EvaluationFaces(found, frames, no_face)
 
 
-def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_title, faces=None):
+def write_evaluation(recipe, settings, model, model_file, images, eval_dir, eval_title, faces=None):
     """Score the images (or their faces), perhaps perturbed, and write the evaluation's outputs into eval_dir."""
-    folder = args.evaluation_folder
     perturbation = None
-    if args.jpeg_quality is not None or args.blur:
-        perturbation = functools.partial(perturb, jpeg_quality=args.jpeg_quality, blur_sigma=args.blur)
+    if settings.jpeg_quality is not None or settings.blur:
+        perturbation = functools.partial(perturb, jpeg_quality=settings.jpeg_quality, blur_sigma=settings.blur)
     if faces is not None:
         images = faces.images
-    flow = evaluation_flow(images, image_size(model), args.batch_size, perturbation, None if faces is None else faces.frames)
+    flow = evaluation_flow(images, image_size(model), settings.batch_size, perturbation, None if faces is None else faces.frames)
     predictions = predict_split(model, flow, images)
     metrics = {
         "model": recipe.title,
         "model_file": str(model_file),
-        "data_dir": str(folder),
-        "jpeg_quality": args.jpeg_quality,
-        "blur_sigma": args.blur,
-        "faces": args.faces,
-        **classification_metrics(predictions, 0.5 if args.threshold is None else args.threshold),
+        "data_dir": str(settings.folder),
+        "jpeg_quality": settings.jpeg_quality,
+        "blur_sigma": settings.blur,
+        "faces": settings.faces,
+        **classification_metrics(predictions, 0.5 if settings.threshold is None else settings.threshold),
     }
     if faces is not None:
-        metrics.update(min_face=args.min_face, n_no_face=len(faces.no_face), no_face=faces.no_face)
+        metrics.update(min_face=settings.min_face, n_no_face=len(faces.no_face), no_face=faces.no_face)
     eval_dir.mkdir(exist_ok=True)
     figures = write_test_outputs(eval_dir, eval_title, predictions, metrics)
     how_many = f"{metrics['n_test']} images" if faces is None else f"the faces of {metrics['n_test']} images"
     print(
-        f"\n{recipe.title} on {folder} ({how_many}): accuracy {metrics['test_accuracy']:.4f}, "
+        f"\n{recipe.title} on {settings.folder} ({how_many}): accuracy {metrics['test_accuracy']:.4f}, "
         f"AUC {metrics['test_auc']:.4f}, AP {metrics['test_ap']:.4f}, EER {metrics['test_eer']:.4f}"
     )
     print(f"Wrote {eval_dir}/: metrics.json, predictions.csv, {', '.join(path.name for path in figures)}")
@@ -1053,21 +1253,23 @@ def write_evaluation(recipe, args, model, model_file, images, eval_dir, eval_tit
 # ---------------------------------------------------------------------------
 
 
-def train_and_test(recipe, args, run_dir, strategy):
+def train_and_test(recipe, training, run_dir, strategy):
     """Start, or resume, the run in run_dir, and tell the lesson; return its test metrics, or None if interrupted."""
-    keras.utils.set_random_seed(args.seed)
-    keras.mixed_precision.set_global_policy(precision_policy(args.mixed_precision))
+    keras.utils.set_random_seed(training.seed)
+    keras.mixed_precision.set_global_policy(precision_policy(training.mixed_precision))
     # Each input pipeline shuffles its own training images; Keras need not say it leaves them be.
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
     try:
-        start_or_resume(run_dir, args)
+        start_or_resume(run_dir, training)
         # Made in the strategy's scope, the model's variables are mirrored on every replica.
         with strategy.scope():
+            # The images: checked once, then fed as raw pixels, augmented for training.
+            data = load_images(training)
             if training_finished(run_dir):
                 print("Training finished in an earlier session; evaluating its best model.")
-                metrics = evaluate_best_model(recipe, args, run_dir, *load_images(args))
+                metrics = evaluate_best_model(recipe, data, run_dir, training)
             else:
-                metrics = fine_tune(recipe, args, run_dir)
+                metrics = fine_tune(recipe, data, run_dir, training)
     except KeyboardInterrupt:
         if len(read_history(run_dir / "history.csv")):
             print("\nInterrupted. Run the same command again to resume after the last finished epoch.")
@@ -1080,7 +1282,7 @@ def train_and_test(recipe, args, run_dir, strategy):
         raise
     except (tf.errors.ResourceExhaustedError, MemoryError):
         raise UserError(
-            f"out of memory with --batch-size {args.batch_size} and --img-size {args.img_size}; "
+            f"out of memory with --batch-size {training.batch_size} and --img-size {training.img_size}; "
             "run again with a smaller --batch-size (or --img-size)"
         ) from None
     # Every output is written: the run is complete, and neither its backup nor a save cut
@@ -1165,9 +1367,9 @@ def set_aside_previous_run(run_dir):
     write_results_table(run_dir.parent)  # Its row leaves the results table with them.
 
 
-def start_or_resume(run_dir, args):
-    """Start a new run in run_dir, or check that the interrupted run there may be resumed with these options."""
-    settings = {name: str(getattr(args, name)) for name in RESUMABLE_SETTINGS}
+def start_or_resume(run_dir, training):
+    """Start a new run in run_dir, or check that the interrupted run there may be resumed with these TrainingSettings."""
+    settings = {name: str(getattr(training, name)) for name in RESUMABLE_SETTINGS}
     backup_dir = run_dir / "backup"
     settings_file = backup_dir / "settings.json"
     if settings_file.exists() and not finished_an_epoch(backup_dir):
@@ -1190,13 +1392,13 @@ def start_or_resume(run_dir, args):
             "with those to resume it, or delete that folder to start a new run"
         )
     backed_up = epochs_backed_up(backup_dir)
-    if backed_up > args.epochs and not training_finished(run_dir):
+    if backed_up > training.epochs and not training_finished(run_dir):
         raise UserError(
-            f"{run_dir} holds an interrupted run that has trained {backed_up} epochs, more than --epochs {args.epochs}; "
+            f"{run_dir} holds an interrupted run that has trained {backed_up} epochs, more than --epochs {training.epochs}; "
             f"run it again with --epochs {backed_up} or more to resume it, or delete {backup_dir} to train anew"
         )
     finished_epochs = epochs_of_finished_training(run_dir)
-    if finished_epochs not in (None, args.epochs):
+    if finished_epochs not in (None, training.epochs):
         raise UserError(
             f"{run_dir} holds a run that finished training with --epochs {finished_epochs} and was stopped while "
             f"testing; run it again with --epochs {finished_epochs} to test it, or delete {backup_dir} to train anew"
@@ -1452,12 +1654,12 @@ class MarkTrainingFinished(keras.callbacks.Callback):
         write_text_atomically(self.mark_file, str(self.epochs))
 
 
-def training_callbacks(run_dir, args, phase):
+def training_callbacks(run_dir, training, phase):
     """The callbacks of one phase's fit, which lose nothing: the history, the best model, and a backup to resume from.
 
     Args:
         run_dir: OUTPUT_DIR/<model>/.
-        args: the options; --patience adds early stopping to the fine-tuning phase.
+        training: the TrainingSettings; --patience adds early stopping to the fine-tuning phase.
         phase: "warmup" (the head alone) or "fine-tune".
 
     Returns:
@@ -1466,7 +1668,7 @@ def training_callbacks(run_dir, args, phase):
     backup_dir, best_so_far = run_dir / "backup", best_val_loss_so_far(run_dir)
     model_file = run_dir / "model.keras"
     callbacks = [
-        HistoryLogger(run_dir / "history.csv", phase, args.unfreeze_rule),
+        HistoryLogger(run_dir / "history.csv", phase, training.unfreeze_rule),
         StopOnNaN(),
         # A later phase, or a resumed run, only replaces model.keras with a better model.
         SaveBestModel(
@@ -1475,15 +1677,15 @@ def training_callbacks(run_dir, args, phase):
         ),
     ]
     if phase == "fine-tune":
-        if args.patience:
+        if training.patience:
             # After a resume, the patience counts again from the resumed epoch.
             callbacks.append(
-                EarlyStoppingFromBest(best_so_far, monitor="val_loss", patience=args.patience, verbose=1)
+                EarlyStoppingFromBest(best_so_far, monitor="val_loss", patience=training.patience, verbose=1)
             )
-        callbacks.append(MarkTrainingFinished(backup_dir / "training-finished", args.epochs))
+        callbacks.append(MarkTrainingFinished(backup_dir / "training-finished", training.epochs))
     else:
         backup_dir = backup_dir / "warmup"
-    if args.tensorboard:
+    if training.tensorboard:
         # A folder per phase, so that TensorBoard shows the warmup and the fine-tuning as two
         # runs; epochs count on across both, and across a resume.
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs" / phase)))

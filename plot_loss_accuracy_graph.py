@@ -5,14 +5,19 @@ videos. In order, it holds:
 
 1. the training curves, history.png, with the kept epoch marked and any warmup shaded;
 2. the test metrics (accuracy, loss, AUC, AP, EER) and their figures: roc.png,
-   precision_recall.png and confusion_matrix.png;
-3. the run's output files: metrics.json, predictions.csv and those figures;
-4. what --predict prints and writes (PredictionReport): its lines, its CSV, and the
-   names of its pictures;
-5. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
-6. the faces marked on photos, and the contact sheets of videos, of --annotate;
-7. the ensemble's weights, and the results table;
-8. the command below.
+   precision_recall.png and confusion_matrix.png; the reliability diagram, calibration.png,
+   and its expected calibration error; and the band of verdicts (real, uncertain, fake)
+   chosen on the validation split;
+3. the run's output files: metrics.json, predictions.csv, those figures, and the model
+   card, README.md, that a model hub shows and --predict reads back;
+4. what the detector finds (FaceResult, PictureResult, VideoResult, with their notes and
+   Verdicts) and the words and CSV rows that say it;
+5. what --predict prints and writes from those results (PredictionReport): its lines, its
+   CSV, and the names of its pictures;
+6. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
+7. the faces marked on photos, and the contact sheets of videos, of --annotate;
+8. the ensemble's weights, and the results table;
+9. the command below.
 
 Run on its own, it redraws OUTPUT_DIR/<model>/history.png for every trained model (every
 folder with a history.csv), then rewrites OUTPUT_DIR/results.csv and
@@ -35,9 +40,9 @@ import math
 import shlex
 import sys
 import textwrap
+import dataclasses
 from collections import Counter
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -72,22 +77,12 @@ from data_preprocessing import (
     start_anew,
     printable,
     quiet_tensorflow_start,
+    save_figure,
     write_json_atomically,
     write_jpeg,
     write_text_atomically,
     writing,
 )
-
-
-def save_figure(figure, path):
-    """Write a figure and let it go; a write that fails (a full disk) leaves no part of a file."""
-    figure.tight_layout()
-    try:
-        with writing(path, path):
-            figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)
-    return path
 
 
 # At 12 points and 100 dpi, about this many characters of a title fit in an inch of figure.
@@ -397,33 +392,33 @@ def write_test_outputs(folder, title, predictions, metrics):
     return plot_evaluation(predictions, metrics, folder, title)
 
 
-def write_run_outputs(run_dir, recipe, args, dataset, predictions, valid_predictions, calibration):
+def write_run_outputs(run_dir, recipe, training, dataset, predictions, valid_predictions, calibration):
     """metrics.json, predictions.csv, history.png, the test figures and the model card for one run; return the metrics.
 
-    The predictions are calibrated; `calibration` gives the temperature, and the test split's
+    `training` is the run's TrainingSettings. The predictions are calibrated; `calibration` gives the temperature, and the test split's
     p(fake) before it was applied.
     """
     history = read_history(run_dir / "history.csv")
     metrics = {
         "model": recipe.title,
         "name": recipe.name,
-        "trained_on": "the synthetic demo faces" if args.uses_demo_data else dataset_name(dataset.split_root),
+        "trained_on": "the synthetic demo faces" if training.demo_data else dataset_name(dataset.split_root),
         "images": {split: len(dataset.images[split]) for split in SPLITS},
-        "demo_model": bool(args.uses_demo_data),
-        **({"warning": DEMO_MARK} if args.uses_demo_data else {}),
+        "demo_model": bool(training.demo_data),
+        **({"warning": DEMO_MARK} if training.demo_data else {}),
         **classification_metrics(predictions),
         "valid_auc": float(sklearn_metrics.roc_auc_score(true_labels(valid_predictions), valid_predictions["p_fake"])),
         "epochs_run": int(len(history)),
-        "img_size": args.img_size,
-        "weights": args.weights,
-        "preprocessing": args.preprocessing,
-        "unfreeze_rule": args.unfreeze_rule,
-        "learning_rate": args.learning_rate,
-        "warmup_epochs": args.warmup_epochs,
-        "fine_tune_learning_rate": args.fine_tune_learning_rate,
-        "pipeline": args.pipeline,
-        "mixed_precision": args.mixed_precision,
-        "distribute": args.distribute,
+        "img_size": training.img_size,
+        "weights": training.weights,
+        "preprocessing": training.preprocessing,
+        "unfreeze_rule": training.unfreeze_rule,
+        "learning_rate": training.learning_rate,
+        "warmup_epochs": training.warmup_epochs,
+        "fine_tune_learning_rate": training.fine_tune_learning_rate,
+        "pipeline": training.pipeline,
+        "mixed_precision": training.mixed_precision,
+        "distribute": training.distribute,
         # Summed over the epochs in history.csv, so a resumed run counts every session.
         "train_seconds": round(float(history["seconds"].sum()), 1),
         **calibration_metrics(predictions, valid_predictions, calibration),
@@ -432,7 +427,7 @@ def write_run_outputs(run_dir, recipe, args, dataset, predictions, valid_predict
     plot_history(history, run_dir / "history.png", recipe.title)
     labels = true_labels(predictions)
     plot_calibration(labels, calibration["test_p_fake_before"], predictions["p_fake"], run_dir / "calibration.png", recipe.title)
-    write_text_atomically(run_dir / MODEL_CARD, model_card(recipe, args, metrics))
+    write_text_atomically(run_dir / MODEL_CARD, model_card(recipe, training, metrics))
     return metrics
 
 
@@ -449,7 +444,7 @@ def calibration_metrics(predictions, valid_predictions, calibration):
     }
 
 
-def model_card(recipe, args, metrics):
+def model_card(recipe, training, metrics):
     """The model card: YAML front matter that a model hub reads, then what the model is, what it was
     trained on, how it scored on its test split, what it cannot judge, and how it was made."""
     test_metrics = [
@@ -474,8 +469,8 @@ def model_card(recipe, args, metrics):
         },
     }
     images = ", ".join(f"{count} {split}" for split, count in metrics["images"].items())
-    warmup = f"the head alone for {counted(args.warmup_epochs, 'epoch')} at {args.learning_rate}, then " if args.warmup_epochs else ""
-    fine_tuning_epochs = counted(metrics["epochs_run"] - args.warmup_epochs, "epoch")
+    warmup = f"the head alone for {counted(training.warmup_epochs, 'epoch')} at {training.learning_rate}, then " if training.warmup_epochs else ""
+    fine_tuning_epochs = counted(metrics["epochs_run"] - training.warmup_epochs, "epoch")
     trained = (
         f"its last {recipe.trainable_conv_layers} conv layers trained and batch normalization frozen"
         if metrics["unfreeze_rule"] == "conv"
@@ -491,7 +486,7 @@ def model_card(recipe, args, metrics):
         f"- Input: {metrics['img_size']}x{metrics['img_size']} RGB pixels, 0 to 255, scaled inside the model "
         f"({metrics['preprocessing']} preprocessing).",
         "- Head: average pooling, Dense 1024 ReLU, dropout 0.5, a logit divided by the temperature T, a sigmoid p(fake).",
-        f"- Training with Adam: {warmup}{fine_tuning_epochs} at {args.fine_tune_learning_rate}; "
+        f"- Training with Adam: {warmup}{fine_tuning_epochs} at {training.fine_tune_learning_rate}; "
         "the kept model has the lowest validation loss.", "",
         "## Trained on", "",
         f"{images} images of {metrics['trained_on']}.", "",
@@ -517,7 +512,9 @@ def model_card(recipe, args, metrics):
         "## Use", "",
         f"`python {MODEL_SCRIPTS[recipe.name]} --predict photo.jpg --model FOLDER`, FOLDER holding this card and "
         "model.keras;",
-        "or, in plain Keras, `keras.models.load_model(\"model.keras\")`, fed RGB pixels 0 to 255.", "",
+        "from Python, `Detector.load(\"FOLDER\").judge(\"photo.jpg\")` (load_pre_trained_models.py, beside the script);",
+        "or, in plain Keras, `keras.models.load_model(\"model.keras\")`, fed face crops framed as the dataset frames them, "
+        "RGB pixels 0 to 255.", "",
     ]
     return "\n".join(lines)
 
@@ -556,164 +553,22 @@ def read_model_card(model_file):
     return front.get("deepfake_detector") if isinstance(front, dict) else None
 
 
-def whose_verdicts(title, model_file):
-    """What the model's card says: a line on whose verdicts these are, the mark its pictures carry
-    (DEMO_MARK, UNKNOWN_MARK or None), and the band of its verdicts (Verdicts)."""
-    card = read_model_card(model_file)
-    if card is None:
-        return f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None)
-    auc = "-" if card.get("test_auc") is None else f"{card['test_auc']:.3f}"
-    line = f"{title} ({model_file}), trained on {card['trained_on']}, test AUC {auc}"
-    band = Verdicts(card.get("real_below"), card.get("fake_from"))
-    return (f"{line}. {DEMO_MARK}", DEMO_MARK, band) if card.get("demo_model") else (line, None, band)
-
-
 # ---------------------------------------------------------------------------
-# What --predict prints and writes
+# What the detector finds: its results, and the words and rows that say them
 # ---------------------------------------------------------------------------
 
 
-class PredictionReport:
-    """What --predict prints and writes, input by input: a line per face, a row of the CSV, and the
-    pictures of --annotate and --gradcam; `finish` says what was written.
-
-    Where each output goes was checked with the options, before any image was read; each
-    is locked before the model loads, and the CSV written from the start once it has loaded
-    (`start`). The CSV grows row by row, so that a run stopped halfway keeps what it judged.
-    """
-
-    def __init__(self, args, inputs):
-        self.args = args
-        self.mark = None  # DEMO_MARK or UNKNOWN_MARK, written on every picture; None for a model with a card.
-        self.names = output_names(inputs)  # What each input's pictures are called.
-        self.csv_file, self.csv_rows = None, 0
-        self.pictures = {}  # The path of each picture written so far, and its kind: "annotated" or "gradcam".
-        self.csv_created = bool(args.csv) and not Path(args.csv).exists()
-        # One run at a time writes each output: a second one, given the same, stops at once.
-        self.locks = contextlib.ExitStack()
-        try:
-            self.lock_picture_folders()
-            if args.csv:
-                self.open_csv()
-        except BaseException:
-            self.locks.close()
-            raise
-
-    def lock_picture_folders(self):
-        """Hold the lock of each folder of pictures (--annotate and --gradcam may name one folder)."""
-        folders = {}
-        for folder, option in ((self.args.annotate, "--annotate"), (self.args.gradcam, "--gradcam")):
-            if folder:
-                folders.setdefault(Path(folder).resolve(), (folder, option))
-        for folder, option in folders.values():
-            self.locks.enter_context(one_run_at_a_time(folder, option, PICTURES_LOCK))
-
-    def open_csv(self):
-        """Open --csv, locked; what it held stays until `start`."""
-        try:
-            self.csv_file = open_alone(self.args.csv, "--csv")
-        except OSError as error:
-            raise UserError(f"cannot write --csv {self.args.csv} ({error.strerror}); name another file") from None
-
-    def start(self, mark):
-        """Once the model has loaded, with its `mark`: write the CSV anew, from its header."""
-        self.mark = mark
-        if self.csv_file is not None:
-            start_anew(self.csv_file)
-            self.csv_writer = csv.writer(self.csv_file)
-            self.csv_created = False
-            self.write_csv_cells(CSV_COLUMNS)
-
-    def photo(self, path, image, lines):
-        """Report a photo's lines, mark its faces (--annotate) and draw their overlays (--gradcam)."""
-        self.print_lines(lines)
-        if self.args.annotate and image is not None:
-            picture = self.output_file(self.args.annotate, f"{self.names[path]}-faces.jpg", "annotated")
-            save_annotated_image(image, [face_mark(line) for line in lines], picture, self.args.verdicts, self.mark)
-        self.overlays(path, lines)
-
-    def frames(self, path, lines):
-        """Report a batch of a video's lines as soon as they are judged, and draw their overlays (--gradcam)."""
-        self.print_lines(lines)
-        self.overlays(path, lines)
-
-    def video(self, path, lines, followed, frames, thumbnails):
-        """Report a video's own line, once its frames are reported; `frames` is (frames read, frames wanted), `followed` its main face."""
-        summary, p_fake = video_summary(path, lines, followed, *frames, self.args)
-        print(summary + self.marked_verdict(p_fake))
-        if self.args.annotate:
-            marks = [(line.frame, face_mark(line)) for line in lines]
-            sheet = self.output_file(self.args.annotate, f"{self.names[path]}-frames.png", "annotated")
-            save_contact_sheet(thumbnails, marks, sheet, self.args.verdicts, p_fake, self.mark)
-
-    def print_lines(self, lines):
-        """Print each line, and keep it as a row of the CSV."""
-        for line in lines:
-            print(printed_line(line, self.args) + self.marked_verdict(line.p_fake))
-            self.add_row(csv_row(line, self.args.verdicts))
-
-    def output_file(self, folder, name, kind):
-        """The path in `folder` of a picture of `kind`, which no other picture of this run has taken:
-        each picture counted is a file (a failed write ends the run)."""
-        path, number = folder / name, 2
-        while path in self.pictures:
-            path, number = folder / f"{Path(name).stem}~{number}{Path(name).suffix}", number + 1
-        self.pictures[path] = kind
-        return path
-
-    def marked_verdict(self, p_fake):
-        """After a verdict of a model without a card, or of the demo's: what its mark says, in short."""
-        return f"  ({self.mark.split(':')[0]})" if self.mark and p_fake is not None else ""
-
-    def unreadable(self, path):
-        """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
-        self.add_row(dict(path=str(path), note=UNREADABLE))
-
-    def add_row(self, row):
-        """Write a row of --csv: each row is on disk once this returns."""
-        if self.args.csv:
-            self.write_csv_cells(csv_cells(row))
-            self.csv_rows += 1
-
-    def write_csv_cells(self, cells):
-        with writing(self.args.csv):
-            self.csv_writer.writerow(cells)
-            self.csv_file.flush()
-
-    def stop(self):
-        """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
-        if self.csv_file is not None and not self.csv_file.closed:
-            with contextlib.suppress(OSError):  # A full disk: the rows that fitted are in the file.
-                self.csv_file.close()
-            if self.csv_created:  # Made to be locked, but the run stopped before writing it.
-                Path(self.args.csv).unlink(missing_ok=True)
-        self.locks.close()
-        return f"{self.args.csv} holds {counted(self.csv_rows, 'row')}." if self.args.csv else ""
-
-    def overlays(self, path, lines):
-        """--gradcam: draw each scored line's heat map over its picture."""
-        if not self.args.gradcam:
-            return
-        for line in [line for line in lines if line.heatmap is not None]:
-            overlay = self.output_file(self.args.gradcam, f"{self.names[path]}{gradcam_part(line)}-gradcam.png", "gradcam")
-            verdict = self.args.verdicts(line.p_fake)
-            save_gradcam_overlay(line.picture, line.heatmap, overlay, line.p_fake, verdict, mark=self.mark)
-
-    def finish(self):
-        """Close the CSV, and say what was written where."""
-        self.stop()
-        if self.args.csv:
-            print(f"Wrote {self.args.csv}")
-        written = Counter(self.pictures.values())
-        if self.args.annotate:
-            print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {self.args.annotate}")
-        if self.args.gradcam:
-            print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {self.args.gradcam}")
+# Why a face, or a whole picture, has no verdict, as a result's note and the CSV say it.
+NO_FACE = "no face"
+FACE_TOO_SMALL = "face too small"
+FACE_AT_BORDER = "face cut by the border"
+FRAME_NOT_DECODED = "frame not decoded"
+UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
 class Verdicts:
-    """How --predict turns a p(fake) into a verdict: real below `real_below`, fake from `fake_from`, uncertain between.
+    """How a p(fake) becomes a verdict: real below `real_below`, fake from `fake_from`, uncertain between.
 
     --threshold T gives the two-way verdict, Verdicts(T, T). Otherwise the band comes from
     the model's card, chosen on its validation split (uncertain_band); a side without a
@@ -744,63 +599,164 @@ class Verdicts:
         return f"{real}, {fake}, uncertain between"
 
 
-def part_of_input(line):
-    """Which part of the input a line is about, as --predict prints it; empty for a whole photo with --faces off.
+@dataclass
+class FaceResult:
+    """A face found in a picture and its verdict; or, where faces are not searched, the whole picture.
 
-    A scored face gives the side of the square it was cut out in; a face too small to
-    judge gives only where it is, as its line gives its width.
+    A face without a p_fake says why in its note: FACE_TOO_SMALL or FACE_AT_BORDER.
     """
-    frame = [] if line.frame is None else [f"frame {line.frame}"]
-    if line.face is None:
-        return " ".join(frame)
-    x, y, size = line.face_frame.square
-    return " ".join([*frame, f"face {line.face} ({size} px at {x},{y})" if line.p_fake is not None else f"face {line.face} at {x},{y}"])
+
+    number: int | None  # 1, 2, ... in reading order (see data_augmentation.in_reading_order); None for a whole picture.
+    box: tuple | None = None  # MTCNN's box around the face, (x, y, width, height) in the picture's pixels.
+    face_frame: object = None  # The FaceFrame the face is cut out in, as the dataset frames its faces.
+    confidence: float | None = None  # MTCNN's.
+    mirrored: float | None = None  # The share of the face's frame past the picture's edge, which the crop mirrors.
+    p_fake: float | None = None
+    verdict: str | None = None  # "real", "uncertain" or "fake", from the detector's band.
+    note: str | None = None
+    frame: int | None = None  # The index of the video frame it was seen in; None in a photo.
+    crop: np.ndarray | None = field(default=None, repr=False)  # What was scored: the face cut out at 256x256, or the picture.
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # With Grad-CAM: its map of the crop, 0 to 1.
+
+    @property
+    def width(self):
+        """The face's width in pixels, as MTCNN's box gives it; None for a whole picture."""
+        return None if self.box is None else self.box[2]
 
 
-def printed_line(line, args):
+@dataclass
+class PictureResult:
+    """A photo, or one frame of a video, judged: a result per face found (or one for the whole picture), or
+    the note that says why nothing in it was judged (NO_FACE, UNREADABLE or FRAME_NOT_DECODED).
+
+    It also carries whose verdicts these are: the model's `mark` (DEMO_MARK or UNKNOWN_MARK,
+    None for a model with a card), and the `band` they were given with.
+    """
+
+    path: Path | None  # None for pixels handed over in memory.
+    faces: list
+    band: Verdicts
+    mark: str | None = None
+    note: str | None = None
+    reason: str | None = None  # Why an UNREADABLE input could not be read.
+    frame: int | None = None  # Its index in a video; None for a photo.
+    min_face: int | None = None  # The narrowest face judged; None where faces are not searched.
+    warnings: list = field(default_factory=list)  # What a command line prints as a warning.
+    image: np.ndarray | None = field(default=None, repr=False)  # The upright RGB pixels judged, to draw on.
+
+    def rows(self):
+        """Its rows of the CSV: one per face, or one that gives its note."""
+        return [csv_row(self, face) for face in self.faces] or [csv_row(self, None)]
+
+    def lines(self):
+        """Its lines, as --predict prints them: one per face, or one that says why nothing was judged."""
+        return [printed_line(self, face) for face in self.faces] or [printed_line(self, None)]
+
+
+@dataclass
+class VideoResult:
+    """A video, or an animated GIF or WebP, judged on sampled frames.
+
+    Its p_fake is the mean over the frames of the face seen most (`followed`, each of its
+    sightings, judged or not), or of the whole frames where faces are not searched; None,
+    with a `note` (NO_FACE, FACE_TOO_SMALL, FACE_AT_BORDER, UNREADABLE), where nothing in it could be judged.
+    """
+
+    path: Path
+    frames: list  # A PictureResult per frame sampled, in order, without its pixels.
+    band: Verdicts
+    mark: str | None = None
+    followed: list = field(default_factory=list)
+    p_fake: float | None = None
+    verdict: str | None = None
+    note: str | None = None
+    reason: str | None = None  # Why an UNREADABLE video could not be read.
+    frames_read: int = 0
+    frames_wanted: int = 0
+    min_face: int | None = None
+    warnings: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WhoseVerdicts:
+    """What a model's card says of it: a line on whose verdicts these are, the mark they carry
+    (DEMO_MARK, UNKNOWN_MARK or None), and the band they are given with."""
+
+    line: str
+    mark: str | None
+    band: Verdicts
+
+
+def whose_verdicts(title, model_file):
+    """WhoseVerdicts of a model, from the card beside its file (or from its absence)."""
+    card = read_model_card(model_file)
+    if card is None:
+        return WhoseVerdicts(f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None))
+    auc = "-" if card.get("test_auc") is None else f"{card['test_auc']:.3f}"
+    line = f"{title} ({model_file}), trained on {card['trained_on']}, test AUC {auc}"
+    band = Verdicts(card.get("real_below"), card.get("fake_from"))
+    return WhoseVerdicts(f"{line}. {DEMO_MARK}", DEMO_MARK, band) if card.get("demo_model") else WhoseVerdicts(line, None, band)
+
+
+def part_of_input(frame, face):
+    """Which part of the input a line is about: the frame, and the face (the side and place of the square it
+    was cut out in, where it was scored; only its place, where it was not); empty for a whole photo."""
+    parts = [] if frame is None else [f"frame {frame}"]
+    if face is None or face.number is None:
+        return " ".join(parts)
+    x, y, size = face.face_frame.square
+    parts.append(f"face {face.number} ({size} px at {x},{y})" if face.p_fake is not None else f"face {face.number} at {x},{y}")
+    return " ".join(parts)
+
+
+def judgement(picture, face):
+    """What a line says of a face (or of the picture, for face None): p_fake and the verdict, or why it was not judged."""
+    if face is None:
+        return {
+            NO_FACE: "no face found: not judged (--faces off scores the whole image)",
+            FRAME_NOT_DECODED: "not judged: the frame could not be decoded",
+            UNREADABLE: "not judged: the file could no longer be read",
+        }[picture.note]
+    if face.note == FACE_TOO_SMALL:
+        return f"too small to judge: {face.width:.0f} px wide, under --min-face {picture.min_face}"
+    if face.note == FACE_AT_BORDER:
+        return f"not judged: {face.mirrored:.0%} of its frame is past the picture's edge, too much to fill by mirroring"
+    said = f"p_fake={face.p_fake:.4f}  {face.verdict}"
+    if face.mirrored and face.mirrored >= MIRRORED_SHARE_SHOWN:
+        said += f"  ({face.mirrored:.0%} of its frame mirrored past the edge)"
+    return said + marked_verdict(picture.mark)
+
+
+def marked_verdict(mark):
+    """After a verdict of a model without a card, or of the demo's: what its mark says, in short."""
+    return f"  ({mark.split(':')[0]})" if mark else ""
+
+
+def printed_line(picture, face):
     """A line as --predict prints it: path, what part, p_fake=..., verdict; or why it was not judged."""
-    if line.note == FACE_TOO_SMALL:
-        judgement = f"too small to judge: {line.width:.0f} px wide, under --min-face {args.min_face}"
-    elif line.note == FACE_AT_BORDER:
-        judgement = f"not judged: {line.mirrored:.0%} of its frame is past the picture's edge, too much to fill by mirroring"
-    elif line.note == NO_FACE:
-        judgement = "no face found: not judged (--faces off scores the whole image)"
-    elif line.note == FRAME_NOT_DECODED:
-        judgement = "not judged: the frame could not be decoded"
-    elif line.note == UNREADABLE:
-        judgement = "not judged: the file could no longer be read"
-    else:
-        judgement = f"p_fake={line.p_fake:.4f}  {args.verdicts(line.p_fake)}"
-        if line.mirrored and line.mirrored >= MIRRORED_SHARE_SHOWN:
-            judgement += f"  ({line.mirrored:.0%} of its frame mirrored past the edge)"
-    return "  ".join(part for part in (printable(line.path), part_of_input(line), judgement) if part)
+    path = "" if picture.path is None else printable(picture.path)
+    return "  ".join(part for part in (path, part_of_input(picture.frame, face), judgement(picture, face)) if part)
 
 
-def video_summary(path, lines, followed, frames_read, frames_wanted, args):
-    """A video's own line, and its p(fake), or None when nothing in it could be judged.
-
-    With --faces auto, its p(fake) is the mean over the frames of the face seen most
-    (`followed`: its every sighting, scored or not); with --faces off, of the whole frames.
-    """
-    scored = [line for line in (lines if args.faces == "off" else followed) if line.p_fake is not None]
-    frames = f"{frames_read} of {frames_wanted} frames read"
-    if not scored:
-        if not followed:
-            why = "no face found in any frame" if args.faces == "auto" else "no frame could be scored"
-        else:
-            why = f"the face seen most was under --min-face {args.min_face} or cut by the border in every frame"
-        return f"{printable(path)}  video  not judged: {why} ({frames})", None
-    p_fake = float(np.mean([line.p_fake for line in scored]))
-    if args.faces == "off":
+def video_line(video):
+    """A video's own line: its p_fake and verdict, and what they rest on; or why it was not judged."""
+    frames = f"{video.frames_read} of {video.frames_wanted} frames read"
+    if video.p_fake is None:
+        why = {
+            NO_FACE: "no face found in any frame" if video.min_face is not None else "no frame could be scored",
+            FACE_TOO_SMALL: f"the face seen most was under --min-face {video.min_face} or cut by the border in every frame",
+        }[video.note]
+        return f"{printable(video.path)}  video  not judged: {why} ({frames})"
+    if video.min_face is None:
         basis = "the whole frames"
     else:
-        basis = f"the face seen most, in {counted(len(followed), 'frame')}"
+        basis = f"the face seen most, in {counted(len(video.followed), 'frame')}"
         for note, why in ((FACE_TOO_SMALL, "too small to judge"), (FACE_AT_BORDER, "cut by the border")):
-            count = sum(line.note == note for line in followed)
+            count = sum(face.note == note for face in video.followed)
             basis += f", {count} of them {why}" if count else ""
-    faces_scored = sum(line.face is not None and line.p_fake is not None for line in lines)
+    faces_scored = sum(face.number is not None and face.p_fake is not None for frame in video.frames for face in frame.faces)
     counts = f"{frames}, {faces_scored} faces scored; {basis}"
-    return f"{printable(path)}  video  p_fake={p_fake:.4f}  {args.verdicts(p_fake)}  ({counts})", p_fake
+    return f"{printable(video.path)}  video  p_fake={video.p_fake:.4f}  {video.verdict}  ({counts})" + marked_verdict(video.mark)
 
 
 def counted(count, thing):
@@ -810,39 +766,185 @@ def counted(count, thing):
 # A face's line says how much of its frame was mirrored from this share on (it prints 1% and up).
 MIRRORED_SHARE_SHOWN = 0.005
 
-# Why a line of --predict has no verdict, as the CSV's note column says it.
-NO_FACE = "no face"
-FACE_TOO_SMALL = "face too small"
-FACE_AT_BORDER = "face cut by the border"
-FRAME_NOT_DECODED = "frame not decoded"
-UNREADABLE = "unreadable"
-
 # The CSV that --csv writes, in this order: a row per face, per picture without one, and per
 # input that could not be read, so that every input is accounted for.
 CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "mirrored", "confidence", "p_fake", "verdict", "note")
 
 
-
-def csv_row(line, verdicts):
-    crop_x, crop_y, crop_size = (None, None, None) if line.face_frame is None else line.face_frame.square
+def csv_row(picture, face):
+    """A row of the CSV, for a face of a picture, or for the picture itself (face None), which then gives its note."""
+    if face is None:
+        return dict(path=str(picture.path), frame=picture.frame, note=picture.note)
+    crop_x, crop_y, crop_size = (None, None, None) if face.face_frame is None else face.face_frame.square
     return dict(
-        path=str(line.path),
-        frame=line.frame,
-        face=line.face,
+        path=str(picture.path),
+        frame=picture.frame,
+        face=face.number,
         crop_x=crop_x,
         crop_y=crop_y,
         crop_size=crop_size,
-        mirrored=None if line.mirrored is None else round(line.mirrored, 3),
-        confidence=line.confidence,
-        p_fake=line.p_fake,
-        verdict=None if line.p_fake is None else verdicts(line.p_fake),
-        note=line.note,
+        mirrored=None if face.mirrored is None else round(face.mirrored, 3),
+        confidence=face.confidence,
+        p_fake=face.p_fake,
+        verdict=face.verdict,
+        note=face.note,
     )
 
 
 def csv_cells(row):
     """A row of --csv in the order of CSV_COLUMNS: whole numbers as such, every digit of a float, empty for None."""
     return ["" if row.get(column) is None else row[column] for column in CSV_COLUMNS]
+
+
+# ---------------------------------------------------------------------------
+# What --predict prints and writes
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """Where --predict writes, besides its lines: the CSV, the folder of annotated pictures, the folder of Grad-CAM overlays."""
+
+    csv: Path | None = None
+    annotate: Path | None = None
+    gradcam: Path | None = None
+
+
+class PredictionReport:
+    """What --predict prints and writes, input by input, from the detector's results: a line per face,
+    a row of the CSV, and the pictures of --annotate and --gradcam; `finish` says what was written.
+
+    Where each output goes was checked with the options, before any image was read; each
+    is locked before the model loads, and the CSV written from the start once it has loaded
+    (`start`). The CSV grows row by row, so that a run stopped halfway keeps what it judged.
+    """
+
+    def __init__(self, settings, inputs):
+        self.settings = settings
+        self.names = output_names(inputs)  # What each input's pictures are called.
+        self.csv_file, self.csv_rows = None, 0
+        self.pictures = {}  # The path of each picture written so far, and its kind: "annotated" or "gradcam".
+        self.thumbnails = {}  # With --annotate: each video's sampled frames, small, for its contact sheet.
+        self.csv_created = bool(settings.csv) and not Path(settings.csv).exists()
+        # One run at a time writes each output: a second one, given the same, stops at once.
+        self.locks = contextlib.ExitStack()
+        try:
+            self.lock_picture_folders()
+            if settings.csv:
+                self.open_csv()
+        except BaseException:
+            self.locks.close()
+            raise
+
+    def lock_picture_folders(self):
+        """Hold the lock of each folder of pictures (--annotate and --gradcam may name one folder)."""
+        folders = {}
+        for folder, option in ((self.settings.annotate, "--annotate"), (self.settings.gradcam, "--gradcam")):
+            if folder:
+                folders.setdefault(Path(folder).resolve(), (folder, option))
+        for folder, option in folders.values():
+            self.locks.enter_context(one_run_at_a_time(folder, option, PICTURES_LOCK))
+
+    def open_csv(self):
+        """Open --csv, locked; what it held stays until `start`."""
+        try:
+            self.csv_file = open_alone(self.settings.csv, "--csv")
+        except OSError as error:
+            raise UserError(f"cannot write --csv {self.settings.csv} ({error.strerror}); name another file") from None
+
+    def start(self):
+        """Once the model has loaded: write the CSV anew, from its header."""
+        if self.csv_file is not None:
+            start_anew(self.csv_file)
+            self.csv_writer = csv.writer(self.csv_file)
+            self.csv_created = False
+            self.write_csv_cells(CSV_COLUMNS)
+
+    def photo(self, picture):
+        """Report a photo's lines, mark its faces (--annotate) and draw their overlays (--gradcam)."""
+        self.print_lines(picture)
+        if self.settings.annotate and picture.image is not None:
+            marked = self.output_file(self.settings.annotate, f"{self.names[picture.path]}-faces.jpg", "annotated")
+            save_annotated_image(picture.image, picture, marked)
+        self.overlays(picture)
+
+    def frames(self, pictures):
+        """Report a batch of a video's frames as soon as they are judged: their lines, their overlays (--gradcam),
+        and with --annotate a small copy of each frame for the contact sheet."""
+        for picture in pictures:
+            self.print_lines(picture)
+            self.overlays(picture)
+            if self.settings.annotate and picture.image is not None:
+                scale = THUMBNAIL_WIDTH / picture.image.shape[1]
+                thumbnail = cv2.resize(picture.image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+                self.thumbnails.setdefault(picture.path, []).append((picture.frame, thumbnail, scale))
+
+    def video(self, video):
+        """Report a video's own line, once its frames are reported, and draw its contact sheet (--annotate)."""
+        print(video_line(video))
+        if self.settings.annotate:
+            sheet = self.output_file(self.settings.annotate, f"{self.names[video.path]}-frames.png", "annotated")
+            save_contact_sheet(self.thumbnails.pop(video.path, []), video, sheet)
+
+    def print_lines(self, picture):
+        """Print a picture's lines, and keep each as a row of the CSV."""
+        for line in picture.lines():
+            print(line)
+        for row in picture.rows():
+            self.add_row(row)
+
+    def output_file(self, folder, name, kind):
+        """The path in `folder` of a picture of `kind`, which no other picture of this run has taken:
+        each picture counted is a file (a failed write ends the run)."""
+        path, number = folder / name, 2
+        while path in self.pictures:
+            path, number = folder / f"{Path(name).stem}~{number}{Path(name).suffix}", number + 1
+        self.pictures[path] = kind
+        return path
+
+    def unreadable(self, path):
+        """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
+        self.add_row(dict(path=str(path), note=UNREADABLE))
+
+    def add_row(self, row):
+        """Write a row of --csv: each row is on disk once this returns."""
+        if self.settings.csv:
+            self.write_csv_cells(csv_cells(row))
+            self.csv_rows += 1
+
+    def write_csv_cells(self, cells):
+        with writing(self.settings.csv):
+            self.csv_writer.writerow(cells)
+            self.csv_file.flush()
+
+    def stop(self):
+        """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
+        if self.csv_file is not None and not self.csv_file.closed:
+            with contextlib.suppress(OSError):  # A full disk: the rows that fitted are in the file.
+                self.csv_file.close()
+            if self.csv_created:  # Made to be locked, but the run stopped before writing it.
+                Path(self.settings.csv).unlink(missing_ok=True)
+        self.locks.close()
+        return f"{self.settings.csv} holds {counted(self.csv_rows, 'row')}." if self.settings.csv else ""
+
+    def overlays(self, picture):
+        """--gradcam: draw each scored face's heat map over what was scored."""
+        if not self.settings.gradcam:
+            return
+        for face in [face for face in picture.faces if face.heatmap is not None]:
+            overlay = self.output_file(self.settings.gradcam, f"{self.names[picture.path]}{gradcam_part(picture.frame, face)}-gradcam.png", "gradcam")
+            save_gradcam_overlay(face.crop, face.heatmap, overlay, face.p_fake, face.verdict, mark=picture.mark)
+
+    def finish(self):
+        """Close the CSV, and say what was written where."""
+        self.stop()
+        if self.settings.csv:
+            print(f"Wrote {self.settings.csv}")
+        written = Counter(self.pictures.values())
+        if self.settings.annotate:
+            print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {self.settings.annotate}")
+        if self.settings.gradcam:
+            print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {self.settings.gradcam}")
 
 
 def output_names(paths):
@@ -863,12 +965,11 @@ def output_names(paths):
     return names
 
 
-def gradcam_part(line):
+def gradcam_part(frame, face):
     """What tells a heat map's file from the others of the same input: -frame12-face1, -face2, or nothing."""
-    frame = "" if line.frame is None else f"-frame{line.frame}"
-    face = "" if line.face is None else f"-face{line.face}"
-    return frame + face
-
+    frame_part = "" if frame is None else f"-frame{frame}"
+    face_part = "" if face.number is None else f"-face{face.number}"
+    return frame_part + face_part
 
 # ---------------------------------------------------------------------------
 # Grad-CAM overlays
@@ -948,22 +1049,9 @@ VERDICT_COLOURS = {"real": (30, 200, 60), "fake": (230, 30, 30), "uncertain": (2
 LARGEST_ANNOTATED_SIDE = 1600
 
 
-class FaceMark(NamedTuple):
-    """A face as a picture marks it: where it is, its p(fake) or why it has none, and its number.
-
-    A face frame of None is the whole picture: scored with --faces off, or, without a
-    p_fake, one where no face was found.
-    """
-
-    face_frame: object
-    p_fake: float | None
-    number: int | None = None
-    note: str | None = None  # Why a face has no p_fake: FACE_TOO_SMALL or FACE_AT_BORDER.
-
-
-def face_mark(line):
-    """How a line of --predict marks its face on a picture."""
-    return FaceMark(line.face_frame, line.p_fake, line.face, line.note)
+def marks_of(picture):
+    """The faces a picture's marks show: its faces, or, where it has none, one for the whole picture that gives its note."""
+    return picture.faces or [FaceResult(None, note=picture.note)]
 
 
 def face_label(face):
@@ -975,10 +1063,10 @@ def face_label(face):
     return "cut by the border" if face.note == FACE_AT_BORDER else "too small"
 
 
-def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
-    """A copy of an RGB image with each face's square drawn and labelled with its number and p(fake).
+def marked_image(image, faces, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
+    """A copy of an RGB image with each face's square drawn and labelled with its number and p(fake), in its verdict's colour.
 
-    `marks` holds a FaceMark per face, in the image's pixels. A model's `mark` is written across the bottom.
+    `faces` holds a FaceResult per face, in the image's pixels. A model's `mark` is written across the bottom.
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
@@ -986,16 +1074,16 @@ def marked_image(image, marks, verdicts, largest_side=LARGEST_ANNOTATED_SIDE, ma
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
     labels = []  # The boxes of the labels drawn so far, which the next one must not cover.
-    for face in marks:
-        verdict = None if face.p_fake is None else verdicts(face.p_fake)
+    for face in faces:
+        colour = VERDICT_COLOURS[face.verdict]
         if face.face_frame is None:
             corner = np.array([thickness, thickness])
         else:
             corners = np.array(face.face_frame.scaled(scale).corners())
-            cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, VERDICT_COLOURS[verdict], thickness, cv2.LINE_AA)
+            cv2.polylines(marked, [np.round(corners).astype(np.int32)], True, colour, thickness, cv2.LINE_AA)
             corner = corners.min(axis=0)
         text = face_label(face) if face.number is None else f"{face.number}: {face_label(face)}"
-        labels.append(draw_label(marked, text, corner, VERDICT_COLOURS[verdict], thickness, labels))
+        labels.append(draw_label(marked, text, corner, colour, thickness, labels))
     if mark:
         draw_banner(marked, mark, MARK_COLOUR)
     return marked
@@ -1042,10 +1130,10 @@ def draw_banner(image, text, colour):
     cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
-def save_annotated_image(image, marks, path, verdicts, mark=None):
-    """Write an RGB image with its faces (FaceMarks) marked (see marked_image) as a JPEG; return its path."""
+def save_annotated_image(image, picture, path):
+    """Write an RGB image with the faces of its PictureResult marked (see marked_image) as a JPEG; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    marked = marked_image(image, marks, verdicts, mark=mark)
+    marked = marked_image(image, marks_of(picture), mark=picture.mark)
     write_jpeg(path, cv2.cvtColor(marked, cv2.COLOR_RGB2BGR), quality=90)
     return path
 
@@ -1056,13 +1144,13 @@ CONTACT_SHEET_FRAMES = 64
 CONTACT_SHEET_COLUMNS = 8
 
 
-def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
+def save_contact_sheet(thumbnails, video, path):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
-    CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index,
-    FaceMark) pairs, in the frames' pixels; p_fake is the video's own, drawn as a
-    dashed line; a model's mark, if any, is its title. Writes a PNG; returns its path.
+    CONTACT_SHEET_FRAMES, as many spread evenly are shown. The faces come from the video's
+    VideoResult, in the frames' pixels; its p_fake is drawn as a dashed line, and a model's
+    mark, if any, is the title. Writes a PNG; returns its path.
     """
     shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
     thumbnails = [thumbnails[position] for position in shown]
@@ -1072,32 +1160,36 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     cell_height = 2.0 * height / width
     figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
+    faces_of_frame = {picture.frame: marks_of(picture) for picture in video.frames}
     for position, (index, thumbnail, scale) in enumerate(thumbnails):
-        frame_marks = [face._replace(face_frame=None if face.face_frame is None else face.face_frame.scaled(scale))
-                       for at, face in marks if at == index]
+        frame_faces = [
+            dataclasses.replace(face, face_frame=None if face.face_frame is None else face.face_frame.scaled(scale))
+            for face in faces_of_frame.get(index, [])
+        ]
         axis = figure.add_subplot(grid[position // columns, position % columns])
-        axis.imshow(marked_image(thumbnail, frame_marks, verdicts))
+        axis.imshow(marked_image(thumbnail, frame_faces))
         axis.set_title(f"frame {index}", fontsize=8)
         axis.set_axis_off()
     strip = figure.add_subplot(grid[rows, :])
-    scored = [(at, face.p_fake) for at, face in marks if face.p_fake is not None]
+    scored = [(picture.frame, face) for picture in video.frames for face in picture.faces if face.p_fake is not None]
     for verdict in ("real", "uncertain", "fake"):
-        points = [(at, score) for at, score in scored if verdicts(score) == verdict]
+        points = [(at, face.p_fake) for at, face in scored if face.verdict == verdict]
         if points:
             strip.scatter(*zip(*points), color=np.array(VERDICT_COLOURS[verdict]) / 255, s=14, label=verdict)
-    for threshold in verdicts.thresholds():
+    for threshold in video.band.thresholds():
         strip.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {threshold:.2f}")
-    if p_fake is not None:
-        strip.axhline(p_fake, color="black", linestyle="--", linewidth=1, label=f"video p_fake {p_fake:.2f}")
+    if video.p_fake is not None:
+        strip.axhline(video.p_fake, color="black", linestyle="--", linewidth=1, label=f"video p_fake {video.p_fake:.2f}")
     strip.set_ylim(-0.05, 1.05)
     strip.set_xlabel("frame")
     strip.set_ylabel("p_fake")
     strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    if mark:
-        figure.suptitle(mark, color="crimson")
+    if video.mark:
+        figure.suptitle(video.mark, color="crimson")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(figure, path)
+
 
 
 # ---------------------------------------------------------------------------
@@ -1121,12 +1213,10 @@ def ensemble_weights(valid_aucs):
     return [weight / sum(raw) for weight in raw]
 
 
-# The order of the rows, as in the original README.
-MODEL_ORDER = ("VGG16", "VGG19", "InceptionV3", "ResNet50")
 
 
 def read_runs(output_dir):
-    """(metrics, test predictions or None) for every model with a metrics.json, in MODEL_ORDER.
+    """(metrics, test predictions or None) for every model with a metrics.json, in the order of MODEL_SCRIPTS.
 
     Each metrics also gives its run's folder, as "run_dir".
     """
@@ -1135,8 +1225,10 @@ def read_runs(output_dir):
         predictions_file = metrics_file.with_name("predictions.csv")
         predictions = pd.read_csv(predictions_file) if predictions_file.exists() else None
         runs.append(({**json.loads(metrics_file.read_text()), "run_dir": str(metrics_file.parent)}, predictions))
-    order = {title: position for position, title in enumerate(MODEL_ORDER)}
-    return sorted(runs, key=lambda run: (order.get(run[0]["model"], len(order)), run[0]["model"]))
+    # The order of the results table's rows is the scripts', as in the original README.
+    order = {name: position for position, name in enumerate(MODEL_SCRIPTS)}
+    position = lambda run: order.get(run[0].get("name", Path(run[0]["run_dir"]).name), len(order))  # noqa: E731
+    return sorted(runs, key=lambda run: (position(run), run[0]["model"]))
 
 
 def ensemble_members(runs):
@@ -1187,7 +1279,7 @@ TABLE_COLUMNS = {
 
 
 def read_results(output_dir):
-    """One row per model that has a metrics.json under `output_dir`, in MODEL_ORDER, then the
+    """One row per model that has a metrics.json under `output_dir`, in the scripts' order, then the
     Ensemble row when there is one; and the sentence that names the ensemble's weights, or None."""
     runs = read_runs(output_dir)
     rows = [{key: metrics.get(key) for key in TABLE_COLUMNS} for metrics, _ in runs]

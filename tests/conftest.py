@@ -35,19 +35,23 @@ LESSON_RUNS = ("test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_
                "test_an_interrupted_two_phase_run_resumes_where_it_stopped")
 CHILDREN_AT_ONCE = "2"
 
-# The per-model scripts, by model, with their output folders.
+# The per-model scripts, by model title, as (module, output folder): read from the scripts' recipes.
 SCRIPTS = {
-    "VGG16": ("VGG16_finetuning", "vgg16"),
-    "VGG19": ("VGG19_finetuning", "vgg19"),
-    "InceptionV3": ("inceptionV3_finetuning", "inceptionv3"),
-    "ResNet50": ("resnet50_finetuning", "resnet50"),
+    recipe.title: (Path(data_preprocessing.MODEL_SCRIPTS[recipe.name]).stem, recipe.name)
+    for recipe in data_preprocessing.load_recipes()
 }
 
 # What every run must leave in OUTPUT_DIR/<model>/, as the project documents it.
-RUN_OUTPUTS = [
-    "model.keras", "README.md", "history.csv", "history.png", "metrics.json", "predictions.csv",
-    "roc.png", "precision_recall.png", "confusion_matrix.png",
-]
+RUN_OUTPUTS = list(load_pre_trained_models.RUN_OUTPUTS)
+
+
+def square_iou(first, second):
+    """Intersection over union of two (x, y, size) squares: 1 when they are the same, 0 when apart."""
+    (x1, y1, size1), (x2, y2, size2) = first, second
+    overlap_x = max(0, min(x1 + size1, x2 + size2) - max(x1, x2))
+    overlap_y = max(0, min(y1 + size1, y2 + size2) - max(y1, y2))
+    overlap = overlap_x * overlap_y
+    return overlap / (size1**2 + size2**2 - overlap)
 
 # A handful of 32-pixel images: enough for one epoch of every pipeline step.
 TINY_IMAGES_PER_CLASS = {"train": 4, "valid": 2, "test": 3}

@@ -260,10 +260,11 @@ def test_faces_are_numbered_in_reading_order():
 
 def test_a_face_label_says_why_the_face_was_not_judged():
     frame = FaceFrame(50, 50, 40)
-    assert figures.face_label(figures.FaceMark(frame, 0.734, 1)) == "p_fake 0.73"
-    assert figures.face_label(figures.FaceMark(frame, None, 2, figures.FACE_TOO_SMALL)) == "too small"
-    assert figures.face_label(figures.FaceMark(frame, None, 3, figures.FACE_AT_BORDER)) == "cut by the border"
-    assert figures.face_label(figures.FaceMark(None, None)) == "no face found: not judged"
+    assert figures.face_label(figures.FaceResult(1, face_frame=frame, p_fake=0.734)) == "p_fake 0.73"
+    assert figures.face_label(figures.FaceResult(2, face_frame=frame, note=figures.FACE_TOO_SMALL)) == "too small"
+    assert figures.face_label(figures.FaceResult(3, face_frame=frame, note=figures.FACE_AT_BORDER)) == "cut by the border"
+    faceless = figures.PictureResult(None, [], figures.Verdicts(None, None), note=figures.NO_FACE)
+    assert [figures.face_label(face) for face in figures.marks_of(faceless)] == ["no face found: not judged"]
 
 
 def test_labels_of_faces_side_by_side_do_not_cover_each_other():

@@ -25,7 +25,7 @@ import load_pre_trained_models
 import plot_loss_accuracy_graph
 from conftest import REPOSITORY_DIR, SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
 from data_augmentation import perturb
-from data_preprocessing import load_recipes, make_demo_dataset
+from data_preprocessing import UserError, load_recipes, make_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +290,31 @@ def test_predict_with_the_ensemble_averages_the_models(trained, capsys):
     assert printed_lines(capsys.readouterr().out)[image][0] == pytest.approx(p_fake[image], abs=1e-4)
 
 
+def test_the_ensemble_as_a_detector_averages_the_models_and_two_detectors_live_side_by_side(trained, capfd):
+    split_root, output_dir = trained
+    weights, p_fake, _ = expected_ensemble(output_dir)
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    Detector = load_pre_trained_models.Detector
+    ensemble = Detector.load("ensemble", output_dir=output_dir, faces="off")
+    assert [member.title for member in ensemble.members] == ["VGG16", "VGG19"]
+    assert [member.weight for member in ensemble.members] == pytest.approx(weights)
+    judged = ensemble.judge(image)
+    assert judged.faces[0].p_fake == pytest.approx(p_fake[image], abs=1e-4)
+    # No band was chosen for the ensemble's average, and the result says so.
+    assert judged.faces[0].verdict == "uncertain" and judged.band.thresholds() == []
+
+    vgg16 = Detector.load(output_dir / "vgg16", faces="off", threshold=0.5)
+    vgg19 = Detector.load(output_dir / "vgg19" / "model.keras", faces="off", threshold=0.5)
+    alone = vgg16.judge(image).faces[0].p_fake
+    assert vgg19.judge(image).faces[0].p_fake != pytest.approx(alone, abs=1e-9)
+    assert vgg16.judge(image).faces[0].p_fake == pytest.approx(alone, abs=1e-9)
+    with pytest.raises(UserError, match="Grad-CAM explains one model"):
+        Detector.load("ensemble", output_dir=output_dir, gradcam=True)
+    with pytest.raises(UserError, match="not VGG19's"):
+        Detector.load(output_dir / "vgg16", recipe=load_recipes()[1])
+    assert capfd.readouterr().out == ""
+
+
 # --- Mistakes -----------------------------------------------------------------
 
 
@@ -383,7 +408,7 @@ def test_gradcam_still_shows_regions_when_p_fake_saturates():
 
 def test_ctrl_c_while_predicting_keeps_the_rows_judged_and_exits_130(trained, tmp_path, monkeypatch, capsys):
     split_root, output_dir = trained
-    calls, read = [], load_pre_trained_models.read_when_still_there
+    calls, read = [], load_pre_trained_models.read_upright
 
     def interrupted_on_the_third_image(path):
         calls.append(path)
@@ -392,7 +417,7 @@ def test_ctrl_c_while_predicting_keeps_the_rows_judged_and_exits_130(trained, tm
         return read(path)
 
     # Images are judged a batch at a time; batches of one make each image's row land before the next is read.
-    monkeypatch.setattr(load_pre_trained_models, "read_when_still_there", interrupted_on_the_third_image)
+    monkeypatch.setattr(load_pre_trained_models, "read_upright", interrupted_on_the_third_image)
     csv_file = tmp_path / "p.csv"
     status = apply("VGG16", output_dir, "--predict", str(split_root / "test" / "real"), "--faces", "off",
                    "--batch-size", "1", "--csv", str(csv_file))

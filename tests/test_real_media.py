@@ -7,8 +7,11 @@ The public-domain astronaut portrait comes from the installed scikit-image.
 """
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,11 +22,12 @@ import tensorflow as tf
 from PIL import Image
 
 import data_augmentation
+import data_preprocessing
 import load_pre_trained_models
 import plot_loss_accuracy_graph
 from mtcnn import MTCNN
-from plot_loss_accuracy_graph import read_model_card
-from conftest import REPOSITORY_DIR, run_script
+from plot_loss_accuracy_graph import FaceResult, PictureResult, VideoResult, read_model_card
+from conftest import REPOSITORY_DIR, run_script, square_iou
 from data_augmentation import (
     FaceFinder,
     MIN_FACE_CONFIDENCE,
@@ -34,9 +38,8 @@ from data_augmentation import (
     read_upright,
     resized_image,
     sampled_frame_indices,
-    square_iou,
 )
-from data_preprocessing import make_demo_dataset
+from data_preprocessing import UserError, make_demo_dataset
 
 SAMPLE_TEST_DIR = REPOSITORY_DIR.parent / "shared" / "faces-140k-sample" / "real_vs_fake" / "real-vs-fake" / "test"
 needs_sample = pytest.mark.skipif(not SAMPLE_TEST_DIR.is_dir(), reason=f"{SAMPLE_TEST_DIR} is absent")
@@ -262,12 +265,13 @@ def test_grad_cam_keeps_no_whole_frame_of_a_video(output_dir, tmp_path, monkeypa
     reported = []
     report_video = plot_loss_accuracy_graph.PredictionReport.video
     monkeypatch.setattr(plot_loss_accuracy_graph.PredictionReport, "video",
-                        lambda report, path, lines, *rest: reported.extend(lines) or report_video(report, path, lines, *rest))
+                        lambda report, video: reported.extend(video.frames) or report_video(report, video))
     video = write_wall_video(tmp_path / "videos")
     maps = tmp_path / "maps"
     assert predict(output_dir, str(video), "--faces", "off", "--frames", "3", "--batch-size", "1", "--gradcam", str(maps)) == 0
     # By the time the video's own line is reported, its overlays are drawn and no frame is held.
-    assert len(reported) == 3 and all(line.picture is None and line.heatmap is None for line in reported)
+    assert len(reported) == 3 and all(frame.image is None for frame in reported)
+    assert all(face.crop is None and face.heatmap is None for frame in reported for face in frame.faces)
     assert len(list(maps.glob("wall.avi-frame*-gradcam.png"))) == 3
 
 
@@ -438,10 +442,9 @@ def test_evaluate_with_faces_cuts_them_out_and_lists_the_images_without_one(outp
 def test_frames_are_spread_evenly_and_faces_linked_by_overlap():
     assert sampled_frame_indices(100, 4) == [12, 37, 62, 87]
     assert sampled_frame_indices(3, 32) == [0, 1, 2]
-    Line = load_pre_trained_models.Line
 
     def line(frame, x, p_fake):
-        return Line(Path("v.mp4"), frame, face=1, face_frame=FaceFrame(x + 50, 100, 100), confidence=0.99, width=60, p_fake=p_fake)
+        return FaceResult(1, box=(x + 20, 70, 60, 60), face_frame=FaceFrame(x + 50, 100, 100), confidence=0.99, p_fake=p_fake, frame=frame)
 
     # One face moves right by most of its width between sampled frames; another passes by
     # once, far to the right.
@@ -566,3 +569,109 @@ def test_faces_are_searched_within_a_pixel_budget_and_a_larger_min_face_is_said(
     assert captured.err.strip() == (f"warning: {photo}: in its 512x512 pixels, faces narrower than 33 px are not searched "
                                     "for, not 20 px as --min-face asks, to keep memory within bounds")
     assert f"{photo}  face 1 (" in captured.out  # Her face, 164 px wide, is still found.
+
+
+# --- The detector, from Python ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detector(output_dir):
+    """The trained model's detector, loaded from its folder, as a notebook would."""
+    return load_pre_trained_models.Detector.load(output_dir / "vgg16")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """The sample media: astronaut.jpg (a face), coffee.jpg (none) and clip.mp4 (the astronaut crossing a wall)."""
+    folder = tmp_path_factory.mktemp("media")
+    data_preprocessing.write_sample_media(folder)
+    return folder
+
+
+def test_the_detector_judges_a_photo_a_faceless_photo_and_a_face_too_small(detector, output_dir, media, capfd):
+    photo = detector.judge(media / "astronaut.jpg")
+    assert isinstance(photo, PictureResult) and photo.note is None and len(photo.faces) == 1
+    face = photo.faces[0]
+    assert face.number == 1 and face.note is None and 0 <= face.p_fake <= 1
+    assert face.verdict == photo.band(face.p_fake) and face.crop.shape == (256, 256, 3)
+    x, y, width, height = face.box
+    assert 70 <= width <= 100 and face.confidence >= MIN_FACE_CONFIDENCE
+    # The card of a model trained on other faces than the demo's: no mark.
+    assert photo.mark is None and photo.band == read_band(output_dir / "vgg16")
+
+    faceless = detector.judge(media / "coffee.jpg")
+    assert faceless.faces == [] and faceless.note == "no face"
+    assert faceless.rows() == [dict(path=str(media / "coffee.jpg"), frame=None, note="no face")]
+
+    strict = load_pre_trained_models.Detector.load(output_dir / "vgg16", min_face=400)
+    small = strict.judge(media / "astronaut.jpg").faces[0]
+    assert small.note == "face too small" and small.p_fake is None and small.verdict is None and small.crop is None
+    # Nothing is printed, and nothing written.
+    assert capfd.readouterr() == ("", "")
+
+
+def read_band(model_folder):
+    card = read_model_card(model_folder / "model.keras")
+    return plot_loss_accuracy_graph.Verdicts(card["real_below"], card["fake_from"])
+
+
+def test_the_detector_judges_a_clip_batch_by_batch(detector, media):
+    batches = []
+    clip = detector.judge_video(media / "clip.mp4", frames=6, on_batch=lambda pictures: batches.append(
+        [picture.image is not None and all(face.crop is not None for face in picture.faces) for picture in pictures]))
+    assert isinstance(clip, VideoResult) and (clip.frames_read, clip.frames_wanted) == (6, 6)
+    assert [picture.frame for picture in clip.frames] == sampled_frame_indices(250, 6)
+    assert clip.p_fake == pytest.approx(np.mean([face.p_fake for face in clip.followed]))
+    assert len(clip.followed) == 6 and clip.verdict == clip.band(clip.p_fake) and clip.note is None
+    # Each batch came with its pixels, which were let go after.
+    assert all(all(batch) for batch in batches) and all(picture.image is None for picture in clip.frames)
+
+
+def test_the_detector_takes_a_numpy_array_or_a_pil_image_as_it_takes_a_file(detector, media, tmp_path):
+    pixels = np.asarray(Image.open(media / "astronaut.jpg"))
+    from_file = detector.judge(media / "astronaut.jpg").faces[0].p_fake
+    from_array = detector.judge(pixels)
+    assert from_array.path is None and from_array.faces[0].p_fake == pytest.approx(from_file, abs=1e-6)
+    assert detector.judge(Image.open(media / "astronaut.jpg")).faces[0].p_fake == pytest.approx(from_file, abs=1e-6)
+    with pytest.raises(UserError, match="must be RGB pixels, height x width x 3, of type uint8"):
+        detector.judge(pixels / 255)
+    with pytest.raises(UserError, match="no such file or folder; check the path"):
+        detector.judge(tmp_path / "nosuch.jpg")
+
+
+def test_the_detector_and_predict_csv_give_the_same_rows(detector, output_dir, media, tmp_path):
+    inputs = [media / "astronaut.jpg", media / "coffee.jpg"]
+    assert predict(output_dir, *map(str, inputs), str(media / "clip.mp4"), "--frames", "6", "--csv", str(tmp_path / "p.csv")) == 0
+
+    from_api = [row for path in inputs for row in detector.judge(path).rows()]
+    from_api += [row for frame in detector.judge_video(media / "clip.mp4", frames=6).frames for row in frame.rows()]
+    expected = pd.DataFrame(from_api, columns=plot_loss_accuracy_graph.CSV_COLUMNS)
+    written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, na_values=[""])
+    assert written["path"].tolist() == expected["path"].tolist() and written["note"].fillna("").tolist() == expected["note"].fillna("").tolist()
+    assert np.allclose(written["p_fake"].astype(float), expected["p_fake"].astype(float), atol=1e-6, equal_nan=True)
+    assert written["verdict"].fillna("").tolist() == expected["verdict"].fillna("").tolist()
+
+
+def test_a_model_without_a_card_gives_marked_uncertain_verdicts(output_dir, media, tmp_path):
+    shutil.copy(output_dir / "vgg16" / "model.keras", tmp_path / "found.keras")
+    detector = load_pre_trained_models.Detector.load(tmp_path / "found.keras")
+    photo = detector.judge(media / "astronaut.jpg")
+    assert photo.mark == plot_loss_accuracy_graph.UNKNOWN_MARK and photo.faces[0].verdict == "uncertain"
+    assert photo.lines()[0].endswith("uncertain  (UNKNOWN TRAINING DATA)")
+    with pytest.raises(UserError, match=r"there is no model at .*nothing; give a model's folder or its \.keras file"):
+        load_pre_trained_models.Detector.load(tmp_path / "nothing", faces="auto")
+    with pytest.raises(UserError, match="faces='sometimes': use 'auto' or 'off'"):
+        load_pre_trained_models.Detector.load(tmp_path / "found.keras", faces="sometimes")
+
+
+def test_the_readmes_python_lines_run_as_a_user_would_run_them(output_dir, tmp_path):
+    readme = (REPOSITORY_DIR / "README.md").read_text()
+    lines = re.search(r"\n#+ In Python\n.*?```python\n(.*?)```", readme, re.S)[1]
+    shutil.copytree(output_dir / "vgg16", tmp_path / "outputs" / "demo" / "vgg16")
+    data_preprocessing.write_sample_media(tmp_path / "outputs" / "media")
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY_DIR)}
+    result = subprocess.run([sys.executable, "-c", lines], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
+    assert re.fullmatch(r"1 \((\d+\.0, ){3}\d+\.0\) [\d.e-]+ (real|uncertain|fake) None", printed[0]), printed
+    assert re.fullmatch(r"[\d.e-]+ (real|uncertain|fake)", printed[-1]), printed

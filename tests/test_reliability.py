@@ -27,7 +27,7 @@ import data_preprocessing
 import load_pre_trained_models
 import VGG16_finetuning
 from conftest import REPOSITORY_DIR, CountEpochs, assert_one_line_error, run_script
-from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, prediction_flow, read_upright, resized_image
+from data_augmentation import evaluation_flow, image_flow, load_pixels, make_flows, model_input, read_upright, resized_image
 from data_preprocessing import (
     READABLE_FORMATS,
     UserError,
@@ -205,7 +205,7 @@ def test_a_16_bit_grey_png_reads_as_its_8_bit_version_on_every_path(tmp_path):
         return image_flow([(path, "real")], None, 32, 1, False, 0)[0][0][0]
 
     def predicting(path):
-        return prediction_flow([path], 32, 1)[0][0]
+        return model_input(read_upright(path), 32)
 
     def evaluating(path):
         return evaluation_flow([(path, "real")], 32, 1, perturbation=lambda image: image)[0][0][0]
@@ -365,16 +365,16 @@ def test_an_epoch_trained_again_replaces_its_history_row(tmp_path):
     assert list(history.columns) == ["epoch", "loss", "val_loss", "phase", "seconds"]
 
 
-def resumable_args(**changes):
+def resumable_settings(**changes):
     settings = {name: "value" for name in load_pre_trained_models.RESUMABLE_SETTINGS}
     return SimpleNamespace(**{**settings, "epochs": 3, **changes})
 
 
-def back_up(run_dir, args, finished_epoch=True):
+def back_up(run_dir, training, finished_epoch=True):
     """A backup/ as an interrupted run leaves it, with or without a finished epoch."""
     backup = run_dir / "backup"
     backup.mkdir(parents=True)
-    settings = {name: str(getattr(args, name)) for name in load_pre_trained_models.RESUMABLE_SETTINGS}
+    settings = {name: str(getattr(training, name)) for name in load_pre_trained_models.RESUMABLE_SETTINGS}
     (backup / "settings.json").write_text(json.dumps({"backup_format": load_pre_trained_models.BACKUP_FORMAT, **settings}))
     # BackupAndRestore writes the weights first, then the number of the epoch they end.
     (backup / "latest.weights.h5").write_text("the weights of an epoch, whole or cut off by a kill")
@@ -386,12 +386,12 @@ def back_up(run_dir, args, finished_epoch=True):
 def test_a_backup_with_no_finished_epoch_lets_a_corrected_command_start_afresh(tmp_path, capsys):
     """As after a crash in epoch 1, or a kill while the first backup was written."""
     run_dir = tmp_path / "vgg16"
-    back_up(run_dir, resumable_args(), finished_epoch=False)
+    back_up(run_dir, resumable_settings(), finished_epoch=False)
     (run_dir / "previous").mkdir()
     (run_dir / "previous" / "metrics.json").write_text("the last finished run")
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.5\n")  # Killed before its backup.
 
-    load_pre_trained_models.start_or_resume(run_dir, resumable_args(batch_size="16"))
+    load_pre_trained_models.start_or_resume(run_dir, resumable_settings(batch_size="16"))
     assert "nothing to resume, starting afresh" in capsys.readouterr().out
     assert json.loads((run_dir / "backup" / "settings.json").read_text())["batch_size"] == "16"
     assert (run_dir / "previous" / "metrics.json").read_text() == "the last finished run"
@@ -412,10 +412,10 @@ def test_a_resume_with_epochs_its_backup_cannot_serve_is_refused(
     tmp_path, backup_file, content, refused_epochs, refusal, resumed_epochs
 ):
     run_dir = tmp_path / "vgg16"
-    (back_up(run_dir, resumable_args()) / backup_file).write_text(content)
+    (back_up(run_dir, resumable_settings()) / backup_file).write_text(content)
     with pytest.raises(UserError, match=refusal):
-        load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=refused_epochs))
-    load_pre_trained_models.start_or_resume(run_dir, resumable_args(epochs=resumed_epochs))
+        load_pre_trained_models.start_or_resume(run_dir, resumable_settings(epochs=refused_epochs))
+    load_pre_trained_models.start_or_resume(run_dir, resumable_settings(epochs=resumed_epochs))
 
 
 def test_a_phase_backup_cut_off_before_it_was_whole_trains_that_phase_again(tmp_path, capsys):

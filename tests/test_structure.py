@@ -3,6 +3,7 @@
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +14,31 @@ PYTHON_FILES = sorted([*REPOSITORY_DIR.glob("*.py"), *REPOSITORY_DIR.glob("tests
 OUR_MODULES = {path.stem for path in PYTHON_FILES}
 
 
+# The per-model scripts, which a helper could only reach at run time, by their file or module name.
+SCRIPT_MODULES = {"VGG16_finetuning", "VGG19_finetuning", "inceptionV3_finetuning", "resnet50_finetuning"}
+RUN_TIME_IMPORTS = ("run_path", "import_module", "run_module", "__import__")
+
+
 def modules_imported_by(path):
-    """The modules of ours that a file imports, at its top or inside a function."""
+    """The modules of ours that a file imports, at its top or inside a function, written or at run time.
+
+    runpy and importlib count as imports too: one that names its module in a string names
+    it; one that computes the name may reach any per-model script.
+    """
     imported = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in RUN_TIME_IMPORTS:
+            named = node.args[0] if node.args else None
+            # An f-string names its package in its first part: f"keras.applications.{module}" is Keras'.
+            head = named.values[0] if isinstance(named, ast.JoinedStr) and named.values else named
+            if isinstance(head, ast.Constant) and isinstance(head.value, str):
+                imported.add(Path(head.value).stem.split(".")[0])
+            else:
+                imported.update(SCRIPT_MODULES)
     return imported & OUR_MODULES
 
 
@@ -40,6 +58,35 @@ def test_no_module_imports_one_that_imports_it_back():
     assert imports["VGG16_finetuning"] == {"data_preprocessing", "load_pre_trained_models"}  # The reader works.
     in_a_cycle = sorted(module for module in imports if module in reachable_from(module, imports))
     assert in_a_cycle == []
+
+
+def test_a_run_time_import_counts_as_an_import(tmp_path):
+    helper = tmp_path / "helper.py"
+    helper.write_text(
+        "import importlib, runpy\nrunpy.run_path(script)\nimportlib.import_module('data_augmentation')\n"
+        "importlib.import_module(f'keras.applications.{name}')\n"
+    )
+    assert modules_imported_by(helper) == SCRIPT_MODULES | {"data_augmentation"}
+
+
+# What the parsed options are called wherever they are passed on.
+OPTIONS_NAMES = ("args", "namespace", "options", "opts", "arguments")
+
+
+@pytest.mark.parametrize("helper", ["data_augmentation.py", "load_pre_trained_models.py", "plot_loss_accuracy_graph.py"])
+def test_below_run_no_function_takes_the_parsed_options(helper):
+    """Only the command line (data_preprocessing.py) and `run` or a `main` see argparse's namespace; below
+    them, functions take named values and settings, and nothing computed is stored on the namespace."""
+    tree = ast.parse((REPOSITORY_DIR / helper).read_text())
+    taking = [
+        node.name for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ("run", "main")
+        and any(argument.arg in OPTIONS_NAMES for argument in [*node.args.args, *node.args.kwonlyargs])
+    ]
+    assert taking == []
+    stored = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+              and isinstance(node.ctx, ast.Store) and getattr(node.value, "id", None) == "args"]
+    assert stored == []
 
 
 def test_data_preprocessing_imports_nothing_of_ours():

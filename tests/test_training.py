@@ -213,8 +213,8 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,val_loss\n0,0.40\n1,0.25\n2,0.31\n")
     keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]).save(run_dir / "model.keras")
-    args = SimpleNamespace(patience=2, unfreeze_rule="conv", epochs=5, tensorboard=False)
-    callbacks = load_pre_trained_models.training_callbacks(run_dir, args, phase="fine-tune")
+    training = SimpleNamespace(patience=2, unfreeze_rule="conv", epochs=5, tensorboard=False)
+    callbacks = load_pre_trained_models.training_callbacks(run_dir, training, phase="fine-tune")
     # ModelCheckpoint and EarlyStopping both start from the best model so far, not from scratch.
     checkpoint = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
     assert checkpoint.best == 0.25
@@ -227,7 +227,7 @@ def test_resumed_checkpoint_only_replaces_a_better_model(tmp_path):
     # the next epoch replaces it, while the history still knows the best val_loss.
     (run_dir / "model.keras").write_bytes((run_dir / "model.keras").read_bytes()[:100])
     assert load_pre_trained_models.best_val_loss_so_far(run_dir) == 0.25
-    callbacks = load_pre_trained_models.training_callbacks(run_dir, args, phase="fine-tune")
+    callbacks = load_pre_trained_models.training_callbacks(run_dir, training, phase="fine-tune")
     checkpoint = next(callback for callback in callbacks if isinstance(callback, keras.callbacks.ModelCheckpoint))
     assert checkpoint.best in (None, np.inf)
     # A history whose val_loss was never a number knows no best.

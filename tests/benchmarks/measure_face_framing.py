@@ -34,9 +34,10 @@ import numpy as np
 
 REPOSITORY_DIR = Path(__file__).resolve().parents[2]
 SAMPLE_DIR = REPOSITORY_DIR.parent / "shared" / "faces-140k-sample"
-sys.path.insert(0, str(REPOSITORY_DIR))
+sys.path[:0] = [str(REPOSITORY_DIR), str(REPOSITORY_DIR / "tests")]
 
-from data_augmentation import DATASET_FRAME_SIDE, FaceFinder, read_upright, square_iou  # noqa: E402
+from conftest import square_iou  # noqa: E402
+from data_augmentation import DATASET_FRAME_SIDE, FaceFinder, read_upright  # noqa: E402
 
 
 def centre_toward_mouth(measures, side):
