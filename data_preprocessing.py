@@ -576,7 +576,7 @@ def files_to_predict(paths):
         elif path.is_file():
             files.append(path)
         else:
-            warn_skipping(path, "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder")
+            warn_skipping(path, missing_path_problem(path))
     # A file given twice, or reached through two links, is judged once.
     seen = set()
     return [path for path in files if not (path.resolve() in seen or seen.add(path.resolve()))]
@@ -1008,7 +1008,8 @@ def parse_arguments(recipe, argv=None):
 def check_prediction_outputs(args):
     """Check --csv, --annotate and --gradcam before any image is read: each must be writable and outside the images' folders.
 
-    Where each goes is refused before anything is created there.
+    Where each goes is refused before anything is created there. Links are followed first:
+    what is checked is the file or folder that would be written.
     """
     try:
         folders_given = [path for path in args.predict if path.is_dir()]
@@ -1017,21 +1018,91 @@ def check_prediction_outputs(args):
         raise UserError(f"cannot reach {error.filename} ({error.strerror}); check the paths given to --predict") from None
     if not folders_given and not files_given:
         # Said before TensorFlow and the model load; a missing path among others is a warning, later.
-        raise UserError(f"--predict {args.predict[0]}: no such file or folder; check the path")
+        raise UserError(f"--predict {args.predict[0]}: {missing_path_problem(args.predict[0])}; check the path")
     if args.csv:
-        refuse_a_folder(args.csv, "--csv")
-        if any(args.csv.resolve() == image.resolve() for image in files_given):
-            raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")
-        # A run folder holds a model and what its training wrote; --csv must not replace any of it.
-        if any((args.csv.parent / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json")) or args.csv.suffix == ".keras":
-            raise UserError(f"--csv {args.csv} would write over a trained model's files; name a file outside its folder")
-        refuse_output_inside(args.csv, folders_given, "--csv")
-        ensure_writable_folder(args.csv.parent, "--csv")
+        check_csv_target(args.csv, files_given, folders_given)
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
         if folder:
             # These are images: beside an image given as a file, they would be scored the next time.
             refuse_output_inside(folder, folders_given + [path.parent for path in files_given], option)
+            refuse_a_folder_of_models_or_data(folder, option)
             ensure_writable_folder(folder, option)
+
+
+def check_csv_target(csv_file, files_given, folders_given):
+    """Refuse a --csv that would write over anything but a CSV of --predict: a model, its card, an image, a script.
+
+    The file is opened through any link, so the link's target is what is checked.
+    """
+    refuse_a_folder(csv_file, "--csv")
+    target = csv_file.resolve()
+    if any(target == image.resolve() for image in files_given):
+        raise UserError(f"--csv {csv_file} is one of the images given to --predict; name another file")
+    # A run folder holds a model and what its training wrote; --csv must not replace any of it.
+    if is_run_folder(target.parent) or target.suffix == ".keras":
+        raise UserError(f"--csv {csv_file} would write over a trained model's files; name a file outside its folder")
+    refuse_output_inside(csv_file, folders_given, "--csv")
+    if target.is_file():
+        refuse_overwriting(csv_file, target)
+    ensure_writable_folder(target.parent, "--csv")
+
+
+# The first columns of the header line of a CSV that --predict writes (plot_loss_accuracy_graph.CSV_COLUMNS).
+# This module imports none of ours, so they are copied here; only a file that begins so is written over.
+PREDICT_CSV_START = "path,frame,face,"
+
+
+def refuse_overwriting(csv_file, target):
+    """Refuse to empty an existing file, `target` (--csv `csv_file` resolved), unless it is a CSV that --predict wrote.
+
+    Only its first line is read. An empty file holds nothing to lose. A file with another
+    name (a hard link) would change under that name too, whatever it holds.
+    """
+    if target.stat().st_nlink > 1:
+        raise UserError(
+            f"--csv {csv_file} is a hard link: the same file has another name, where writing it would change it too; "
+            "name a new file"
+        )
+    try:
+        with open(target, "rb") as file:
+            first_line = file.readline(len(PREDICT_CSV_START))
+    except OSError as error:
+        raise UserError(f"cannot read --csv {csv_file} ({error.strerror}); name another file") from None
+    if first_line and first_line != PREDICT_CSV_START.encode():
+        raise UserError(
+            f"--csv {csv_file} already holds something other than a CSV of --predict; name a new file, "
+            "or remove that one if it is yours to lose"
+        )
+
+
+def is_run_folder(folder):
+    """Whether `folder` is a run folder (OUTPUT_DIR/<model>/): it holds a model, a run's lock or a run's metrics."""
+    return any((Path(folder) / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json"))
+
+
+def refuse_a_folder_of_models_or_data(folder, option):
+    """Refuse a folder of pictures that is a run folder or in one, or is inside a dataset's class folder (real/ or fake/).
+
+    Links are followed first. Pictures in a class folder would be trained on the next time.
+    """
+    resolved = Path(folder).resolve()
+    # Only the folder and its parent are asked: pytest, for one, keeps a lock named as a run's above its folders.
+    for place in (resolved, resolved.parent):
+        if is_run_folder(place):
+            raise UserError(f"{option} {folder} would put pictures among a trained model's files in {place}; choose a place outside it")
+    for place in (resolved, *resolved.parents):
+        other_class = {"real": "fake", "fake": "real"}.get(place.name)
+        if other_class and (place.parent / other_class).is_dir():
+            raise UserError(f"{option} {folder} is inside the dataset's class folder {place}; choose a place outside it")
+
+
+def missing_path_problem(path):
+    """Why a --predict path that is neither a file nor a folder is passed over."""
+    if Path(path).is_symlink() and not Path(path).exists():
+        return "a broken link; it points to nothing"
+    if Path(path).exists():
+        return "not a regular file but a device, a pipe or a socket"
+    return "no such file or folder"
 
 
 # ---------------------------------------------------------------------------

@@ -445,6 +445,45 @@ def test_csv_never_writes_over_a_trained_models_files(trained, capsys):
     assert model_file.read_bytes() == before
 
 
+def test_csv_through_a_link_or_onto_a_file_not_its_own_writes_over_nothing(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    run_dir = output_dir / "vgg16"
+    training_image = split_root / "train" / "fake" / "0000.jpg"
+    script = tmp_path / "VGG16_finetuning.py"
+    shutil.copy(REPOSITORY_DIR / "VGG16_finetuning.py", script)
+    targets = {}
+    for name, kept in (("card.csv", run_dir / "README.md"), ("model.csv", run_dir / "model.keras"), ("face.csv", training_image)):
+        (tmp_path / name).symlink_to(kept)
+        targets[tmp_path / name] = kept
+    (tmp_path / "hard.csv").hardlink_to(run_dir / "README.md")
+    targets[tmp_path / "hard.csv"] = run_dir / "README.md"
+    targets[output_dir / "results.md"] = output_dir / "results.md"
+    targets[script] = script
+    before = {kept: kept.read_bytes() for kept in targets.values()}
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    for target in targets:
+        assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--csv", str(target)) == 2
+        assert_one_line_error(capsys, f"--csv {target}")
+    assert {kept: kept.read_bytes() for kept in targets.values()} == before
+    # A CSV that --predict wrote is written anew, as before.
+    csv_file = tmp_path / "p.csv"
+    for _ in range(2):
+        assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--csv", str(csv_file)) == 0
+    assert len(pd.read_csv(csv_file)) == 1
+
+
+@pytest.mark.parametrize("option", ["--annotate", "--gradcam"])
+def test_pictures_through_a_link_into_a_run_folder_or_a_class_folder_are_refused(trained, tmp_path, capsys, option):
+    split_root, output_dir = trained
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    for name, folder in (("run", output_dir / "vgg16"), ("class", split_root / "train" / "fake")):
+        before = sorted(folder.iterdir())
+        (tmp_path / name).symlink_to(folder)
+        assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", option, str(tmp_path / name / "pictures")) == 2
+        assert_one_line_error(capsys, f"{option} {tmp_path / name / 'pictures'}")
+        assert sorted(folder.iterdir()) == before
+
+
 def written_in_part(path, *args, **kwargs):
     """A picture cut off by a full disk: what OpenCV and Matplotlib leave."""
     Path(path).write_bytes(b"the first part of a picture")
