@@ -361,7 +361,7 @@ def check_images(paths, split_root, cache_dir):
         try:
             write_json_atomically(cache_file, cache)
         except OSError as error:
-            print(f"warning: could not cache the image check in {cache_file}: {error.strerror}")
+            print(f"warning: could not cache the image check in {cache_file}: {error.strerror}", file=sys.stderr)
     return problems
 
 
@@ -661,7 +661,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def exits_on_user_error(main):
-    """Wrap a command's main() so that a UserError prints one line and returns its exit status (2, or 1 for CannotWrite)."""
+    """Wrap a command's main() so that a UserError prints one line and returns its exit status (2, or 1 for CannotWrite);
+    Ctrl-C that nothing else caught says "Interrupted." and returns 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -670,6 +671,11 @@ def exits_on_user_error(main):
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return error.exit_status
+        except KeyboardInterrupt:
+            # Ctrl-C where the command does not catch it itself, as while TensorFlow loads:
+            # one line and the shell's status for it, as later, not Python's traceback.
+            print("\nInterrupted.")
+            return 130
 
     return wrapper
 
@@ -936,6 +942,11 @@ def check_option_combinations(args):
             "test figures are in the results table",
         ),
         (applying and args.tensorboard, "--tensorboard logs training; --predict and --evaluate train nothing"),
+        (applying and args.given_epochs is not None, "--epochs sets how long a model trains; --predict and --evaluate train none"),
+        (
+            applying and args.given_img_size is not None,
+            "--img-size sets the size a model trains at; --predict and --evaluate read images at the size the model was trained at",
+        ),
         (
             applying and (args.warmup_epochs or args.fine_tune_learning_rate is not None),
             "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
@@ -963,6 +974,8 @@ def default_faces(args):
 def parse_arguments(recipe, argv=None):
     """Parse a script's options and check them all, so that a mistake stops the run before any long work."""
     args = build_parser(recipe).parse_args(argv)
+    # What the user gave, before the defaults fill the rest in: --predict and --evaluate refuse these two.
+    args.given_epochs, args.given_img_size = args.epochs, args.img_size
     defaults = dict(DEMO_DEFAULTS, img_size=max(DEMO_DEFAULTS["img_size"], recipe.min_img_size))
     for option, value in (defaults if args.demo else DOCUMENTED_DEFAULTS).items():
         if getattr(args, option) is None:
@@ -992,6 +1005,8 @@ def parse_arguments(recipe, argv=None):
     elif args.evaluate:
         args.evaluation_folder = args.data_dir / "test" if args.uses_demo_data else evaluation_folder(args.data_dir)
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
+        # Before the images are checked and the model loads, which take a while.
+        ensure_writable_folder(args.output_dir)
     else:
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data. The demo's is built when the run starts.

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sklearn_metrics
 
+import data_preprocessing
 import load_pre_trained_models
 import plot_loss_accuracy_graph
 from conftest import REPOSITORY_DIR, SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
@@ -311,6 +312,8 @@ def test_predict_with_the_ensemble_averages_the_models(trained, capsys):
         (["--predict", "x.jpg", "--min-face", "10"], ["--min-face", "20 or more"]),
         (["--predict", "x.jpg", "--faces", "off", "--min-face", "40"], ["--min-face", "--faces auto"]),
         (["--predict", "x.jpg", "--frames", "0"], ["--frames", "1 or more"]),
+        (["--predict", "x.jpg", "--epochs", "3"], ["--epochs", "--predict and --evaluate train none"]),
+        (["--evaluate", "--img-size", "64"], ["--img-size", "the size the model was trained at"]),
     ],
 )
 def test_wrong_combinations_are_user_errors(capsys, tmp_path, options, fragments):
@@ -412,6 +415,17 @@ def test_a_missing_predict_path_is_reported_before_tensorflow_loads(tmp_path):
     result = subprocess.run([sys.executable, "-c", check], cwd=REPOSITORY_DIR, capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["2", "False"]
     assert result.stderr.strip() == f"error: --predict {tmp_path / 'nosuch.jpg'}: no such file or folder; check the path"
+
+
+def test_evaluate_into_an_output_folder_it_cannot_write_stops_before_any_image_is_read(trained, tmp_path, monkeypatch, capsys):
+    split_root, output_dir = trained
+    monkeypatch.setattr(data_preprocessing, "image_problem", lambda path: pytest.fail("an image was read"))
+    monkeypatch.setattr(load_pre_trained_models, "load_saved_model", lambda *args: pytest.fail("the model was loaded"))
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("a plain file")
+    status = run_script("VGG16", split_root, in_the_way, "--evaluate", "--model", str(output_dir / "vgg16" / "model.keras"))
+    assert status == 2
+    assert_one_line_error(capsys, f"cannot write to {in_the_way} (a file is in the way)", "--output-dir")
 
 
 def test_a_file_that_vanishes_mid_run_is_reported_and_the_others_judged(trained, tmp_path, monkeypatch, capsys):
