@@ -285,6 +285,16 @@ def looks_like_a_video(data):
     return None
 
 
+def image_named_as_video(path):
+    """What to say of a file named as a video that is an image (a JPEG renamed .mp4); None otherwise. Only its header is read."""
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+    except Exception:  # No image Pillow knows: a video, or neither; Pillow raises many kinds.
+        return None
+    return f"it is a {kind} image named as a video; give it an image's extension (such as .jpg or .png) to have it judged"
+
+
 def size_problem(data):
     """Why an image is too large to read safely, from its header alone; None if it is not, or is no image Pillow knows.
 
@@ -1149,7 +1159,9 @@ def writing(path, *leftovers):
         yield
     except BaseException as error:
         for leftover in leftovers:
-            Path(leftover).unlink(missing_ok=True)
+            # A name the file system refused (too long) was never made, and cannot be unlinked either.
+            with contextlib.suppress(OSError):
+                Path(leftover).unlink()
         if not isinstance(error, OSError):
             raise
         # h5py puts the errno in its message, not in the error.
@@ -1224,21 +1236,33 @@ def quiet_tensorflow_start():
 
 
 def write_jpeg(path, bgr_image, quality):
-    """Write a JPEG with OpenCV; a write that fails leaves no part of a file, and says why in one line (see writing)."""
+    """Write a JPEG: OpenCV encodes it, Python writes the file; a write that fails leaves no part of a file,
+    and says why in one line (see writing).
+
+    cv2.imwrite would take the path as a C string, and crashes on a file name that is not
+    UTF-8; and when it fails it says False, not why (a full disk, a name too long).
+    """
+    encoded, data = cv2.imencode(".jpg", bgr_image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not encoded:
+        raise CannotWrite(f"cannot write {path}: OpenCV could not encode the picture as a JPEG")
     with writing(path, path):
-        if not cv2.imwrite(str(path), bgr_image, [cv2.IMWRITE_JPEG_QUALITY, quality]):
-            # OpenCV says False, without a reason: the disk is full, unless the folder has gone.
-            code = errno.ENOSPC if Path(path).parent.is_dir() else errno.ENOENT
-            raise OSError(code, os.strerror(code))
+        Path(path).write_bytes(data.tobytes())
+
+
+# How every text file here is written (CSV files, metrics, cards): in UTF-8, which every reader
+# can read. A file name that is not UTF-8 (Python keeps its bytes as surrogate escapes) cannot
+# be written as UTF-8: it is written as the printed lines show it (printable), each such byte as
+# a \udcXX escape. So a CSV's path and its printed line say the same, and no reader stumbles.
+TEXT_ENCODING = dict(encoding="utf-8", errors="backslashreplace")
 
 
 def write_text_atomically(path, text):
-    """Write through a temporary file, so that a reader never sees half a file."""
+    """Write through a temporary file, so that a reader never sees half a file (in TEXT_ENCODING)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with writing(path, temporary):
-        temporary.write_text(text)
+        temporary.write_text(text, **TEXT_ENCODING)
     os.replace(temporary, path)
 
 
@@ -1369,7 +1393,7 @@ def open_alone(path, option):
     The file itself is locked, so that no lock file is left beside it; it is left as it
     was until the caller empties it (`start_anew`), once the run is sure to write it.
     """
-    handle = open(path, "a+", newline="")
+    handle = open(path, "a+", newline="", **TEXT_ENCODING)
     if not lock(handle, wait=False):
         handle.close()
         raise UserError(f"{option} {path} is being written by another run; wait for it to end, or name another file")

@@ -7,6 +7,7 @@ first redraws their figures with plot_loss_accuracy_graph.py.
 
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -499,8 +500,9 @@ def test_pictures_through_a_link_into_a_run_folder_or_a_class_folder_are_refused
 
 
 def written_in_part(path, *args, **kwargs):
-    """A picture cut off by a full disk: what OpenCV and Matplotlib leave."""
-    Path(path).write_bytes(b"the first part of a picture")
+    """A picture cut off by a full disk: what Python's write and Matplotlib leave."""
+    with open(path, "wb") as file:
+        file.write(b"the first part of a picture")
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -514,7 +516,7 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
         target.symlink_to("/dev/full")
     else:
         target = tmp_path / "pictures"
-        monkeypatch.setattr(plot_loss_accuracy_graph.cv2, "imwrite", lambda path, *args: written_in_part(path) or True)
+        monkeypatch.setattr(Path, "write_bytes", written_in_part)
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path, **kwargs: written_in_part(path))
     image = str(split_root / "test" / "fake" / "0001.jpg")
     assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", option, str(target)) == 1
@@ -525,6 +527,82 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
     assert "the disk is full; free some space, then run the same command again" in error_lines[0]
     if option != "--csv":
         assert [path.name for path in target.iterdir()] == [".predict.lock"]
+
+
+def test_a_name_too_long_for_the_file_system_is_said_to_be_so_not_a_full_disk(tmp_path):
+    too_long = tmp_path / ("x" * 300 + ".jpg")
+    with pytest.raises(data_preprocessing.CannotWrite, match="File name too long") as error:
+        data_preprocessing.write_jpeg(too_long, np.zeros((8, 8, 3), np.uint8), quality=90)
+    assert "disk is full" not in str(error.value)
+
+
+def test_long_input_names_give_output_names_within_the_limit_and_still_distinct(tmp_path):
+    paths = [tmp_path / ("x" * 242 + f"{end}.jpg") for end in "ab"]
+    names = list(plot_loss_accuracy_graph.output_names(paths).values())
+    assert len(set(names)) == 2 and all(name.endswith(".jpg") and name.startswith("x" * 100) for name in names)
+    assert all(len(os.fsencode(name)) <= plot_loss_accuracy_graph.MAX_INPUT_NAME_BYTES for name in names)
+
+
+def test_a_247_character_photo_name_gets_its_pictures(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    photo = tmp_path / "photos" / ("face-" * 48 + "xyz.jpg")
+    assert len(photo.name) == 247
+    photo.parent.mkdir()
+    shutil.copy(split_root / "test" / "fake" / "0001.jpg", photo)
+    pictures = tmp_path / "pictures"
+    assert apply("VGG16", output_dir, "--predict", str(photo), "--faces", "off",
+                 "--annotate", str(pictures), "--gradcam", str(pictures)) == 0
+    written = [path for path in pictures.iterdir() if path.name != ".predict.lock"]
+    assert len(written) == 2 and all(path.name.startswith("face-face-") for path in written)
+    assert "Wrote 1 annotated picture" in capsys.readouterr().out
+
+
+def non_utf8_path(folder, name):
+    """folder/name, where name's bytes are not UTF-8 (Python holds them as surrogate escapes); skip where the file system refuses such names."""
+    path = folder / os.fsdecode(name)
+    try:
+        path.touch()
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return path
+
+
+def test_a_photo_and_a_video_named_in_latin_1_are_judged_written_and_listed(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    media = tmp_path / "media"
+    media.mkdir()
+    faces = sorted((split_root / "test" / "fake").iterdir())
+    photo = non_utf8_path(media, b"caf\xe9.jpg")
+    shutil.copy(faces[0], photo)
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 5, (32, 32))
+    for face in faces:
+        writer.write(cv2.imread(str(face)))
+    writer.release()
+    video = non_utf8_path(media, b"vid\xe9.mp4")
+    clip.rename(video)
+    # A JPEG named as a video is said to be one.
+    shutil.copy(faces[0], media / "photo.mp4")
+    csv_file, pictures = tmp_path / "p.csv", tmp_path / "pictures"
+    assert apply("VGG16", output_dir, "--predict", str(media), "--faces", "off", "--frames", "2",
+                 "--csv", str(csv_file), "--annotate", str(pictures)) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {media / 'photo.mp4'}: it is a JPEG image named as a video" in captured.err
+    # The CSV is UTF-8, and names the files as the printed lines do, each byte that is not UTF-8 as an escape.
+    rows = pd.read_csv(csv_file)
+    assert str(media / "caf\\udce9.jpg") in set(rows["path"]) and str(media / "vid\\udce9.mp4") in set(rows["path"])
+    assert f"{media / 'caf'}\\udce9.jpg  p_fake=" in captured.out
+    assert sorted(os.listdir(os.fsencode(pictures))) == [b".predict.lock", b"caf\xe9.jpg-faces.jpg", b"vid\xe9.mp4-frames.png"]
+
+
+def test_evaluate_writes_a_name_in_latin_1_into_its_predictions(trained, tmp_path):
+    split_root, output_dir = trained
+    folder = tmp_path / "latin"
+    shutil.copytree(split_root / "test", folder)
+    shutil.copy(folder / "real" / "0000.jpg", non_utf8_path(folder / "real", b"caf\xe9.jpg"))
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(folder)) == 0
+    predictions = pd.read_csv(next(output_dir.rglob("eval-latin/predictions.csv")))
+    assert str(folder / "real" / "caf\\udce9.jpg") in set(predictions["path"])
 
 
 def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys):
