@@ -250,23 +250,25 @@ def list_evaluation_images(folder):
 
 
 def image_problem(path):
-    """Return why `path` cannot be used as an image, or None if it decodes."""
+    """Return why `path` cannot be used as an image, or None if it decodes: the training check, which OpenCV
+    and Pillow both decode whole, and which is cached.
+
+    The header is read first (header_problem): a file that begins as no image does is not read whole.
+    """
+    problem = header_problem(path)
+    if problem is not None:
+        return problem
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         return f"unreadable ({error.strerror})"
-    if not data:
-        return "empty file"
-    too_large = size_problem(data)
-    if too_large:
-        return too_large
     try:
         # OpenCV returns None for most bad files, and raises for a few (an absurd size).
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         decoded = None
     if decoded is None:
-        return looks_like_a_video(data) or "not a decodable image"
+        return "not a decodable image"
     # OpenCV passes over some damage inside a JPEG that Pillow, which Keras loads images
     # with, refuses; such a file would stop training mid-epoch. So Pillow decodes it too.
     try:
@@ -274,6 +276,53 @@ def image_problem(path):
     except Exception:  # Pillow raises many kinds; any of them would stop training.
         return "damaged image data"
     return None
+
+
+def photo_problem(path):
+    """Why --predict cannot read `path` as a photo, or None: Pillow, which --predict reads photos with, decodes it.
+
+    Unlike image_problem, this never reads a file whole: Pillow reads the header, then the
+    image's own data from the file, and no further; a 3 GB file named .jpg is refused at its first bytes.
+    """
+    problem = header_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception:  # Pillow raises many kinds for damaged or cut-off data.
+        return "damaged image data"
+    return None
+
+
+def header_problem(path):
+    """Why `path` is no image, from its first bytes, or too large to read safely, from the size its header gives; None if it may be one.
+
+    Pillow, which Keras reads every image with, identifies an image by its header, and reads
+    its size there. It refuses an image of more than twice Image.MAX_IMAGE_PIXELS (a
+    "decompression bomb", which could exhaust the memory) and warns above it; such images
+    are left out and reported with their size.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if not head:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            pixels = image.size[0] * image.size[1]
+    except Image.DecompressionBombError as error:
+        # Its message is the only place that gives the size: "Image size (N pixels) exceeds limit ...".
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(found[1]) if found else None
+    except Exception:  # No image Pillow knows, which neither Keras nor --predict could read; Pillow raises many kinds.
+        return looks_like_a_video(head) or "not a decodable image"
+    if pixels is not None and pixels <= Image.MAX_IMAGE_PIXELS:
+        return None
+    size = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
 
 
 def looks_like_a_video(data):
@@ -295,33 +344,11 @@ def image_named_as_video(path):
     return f"it is a {kind} image named as a video; give it an image's extension (such as .jpg or .png) to have it judged"
 
 
-def size_problem(data):
-    """Why an image is too large to read safely, from its header alone; None if it is not, or is no image Pillow knows.
-
-    Pillow, which Keras reads every image with, refuses an image of more than twice
-    Image.MAX_IMAGE_PIXELS (a "decompression bomb", which could exhaust the memory) and
-    warns above it; such images are left out and reported with their size.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = image.size[0] * image.size[1]
-    except Image.DecompressionBombError as error:
-        # Its message is the only place that gives the size: "Image size (N pixels) exceeds limit ...".
-        found = re.search(r"\((\d+) pixels\)", str(error))
-        pixels = int(found[1]) if found else None
-    except Exception:  # Not an image Pillow knows: the decoders decide.
-        return None
-    if pixels is not None and pixels <= Image.MAX_IMAGE_PIXELS:
-        return None
-    size = f"{pixels:,} pixels" if pixels else "too many pixels"
-    return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
-
-
 # The check above reports these images on one line; Pillow's own warning would add several.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Raise this whenever image_problem changes, so that older verdicts are not reused.
-IMAGE_CHECK_VERSION = 3
+IMAGE_CHECK_VERSION = 4
 
 
 def cache_file_for(split_root, cache_dir):
@@ -627,7 +654,7 @@ def readable_images(paths, required=True):
 
     If none does and one is `required` (no video was given either), that is the user's mistake.
     """
-    problems = {path: image_problem(path) for path in paths}
+    problems = {path: photo_problem(path) for path in paths}
     report_bad_files({path: problem for path, problem in problems.items() if problem is not None})
     good = [path for path in paths if problems[path] is None]
     if not good and required:
