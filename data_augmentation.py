@@ -29,11 +29,14 @@ face every epoch; validation and test images are only resized.
 It writes OUTPUT_DIR/augmentation_samples.png (default outputs/, or outputs/demo/ with --demo).
 """
 
+import contextlib
 import math
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import matplotlib
@@ -65,6 +68,7 @@ from data_preprocessing import (
     ensure_writable_folder,
     exits_on_user_error,
     find_split_root,
+    image_named_as_video,
     is_animated_image,
     load_dataset,
     positive_int,
@@ -795,13 +799,41 @@ def read_video_frames(path, frames):
     if is_animated_image(path):
         yield from read_animation_frames(path, frames)
         return
-    capture = cv2.VideoCapture(str(path))
+    with path_opencv_can_open(path) as openable:
+        yield from read_opencv_frames(openable, frames)
+
+
+@contextlib.contextmanager
+def path_opencv_can_open(path):
+    """`path` as a string OpenCV can open: itself, or, for a file name that is not UTF-8, a link to it with a plain name.
+
+    OpenCV takes a path as a C string of UTF-8, and crashes on a name that is no UTF-8
+    (Python keeps its bytes as surrogate escapes). The link is made in a temporary folder,
+    removed after. (Windows' names are always Unicode: there, no link is needed.)
+    """
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory() as folder:
+            suffix = Path(path).suffix if Path(path).suffix.isascii() else ""
+            link = Path(folder) / f"video{suffix}"
+            link.symlink_to(Path(path).absolute())
+            yield str(link)
+        return
+    yield name
+
+
+def read_opencv_frames(path, frames):
+    """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video that OpenCV's FFmpeg reads."""
+    capture = cv2.VideoCapture(path)
     try:
         if not capture.isOpened():
-            raise UnreadableVideo("not a video OpenCV's FFmpeg can open")
+            raise UnreadableVideo(image_named_as_video(path) or "not a video OpenCV's FFmpeg can open")
         frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         if frame_count <= 0:
-            raise UnreadableVideo("its container gives no frame count, so frames cannot be sampled")
+            # FFmpeg opens a single image too, as a video without a frame count.
+            raise UnreadableVideo(image_named_as_video(path) or "its container gives no frame count, so frames cannot be sampled")
         for index in sampled_frame_indices(frame_count, frames):
             # Reading on is faster than a seek when the next frame is the very next one.
             if capture.get(cv2.CAP_PROP_POS_FRAMES) != index:

@@ -265,23 +265,25 @@ def list_evaluation_images(folder):
 
 
 def image_problem(path):
-    """Return why `path` cannot be used as an image, or None if it decodes."""
+    """Return why `path` cannot be used as an image, or None if it decodes: the training check, which OpenCV
+    and Pillow both decode whole, and which is cached.
+
+    The header is read first (header_problem): a file that begins as no image does is not read whole.
+    """
+    problem = header_problem(path)
+    if problem is not None:
+        return problem
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         return f"unreadable ({error.strerror})"
-    if not data:
-        return "empty file"
-    too_large = size_problem(data)
-    if too_large:
-        return too_large
     try:
         # OpenCV returns None for most bad files, and raises for a few (an absurd size).
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         decoded = None
     if decoded is None:
-        return looks_like_a_video(data) or "not a decodable image"
+        return "not a decodable image"
     # OpenCV passes over some damage inside a JPEG that Pillow, which Keras loads images
     # with, refuses; such a file would stop training mid-epoch. So Pillow decodes it too.
     try:
@@ -289,6 +291,53 @@ def image_problem(path):
     except Exception:  # Pillow raises many kinds; any of them would stop training.
         return "damaged image data"
     return None
+
+
+def photo_problem(path):
+    """Why --predict cannot read `path` as a photo, or None: Pillow, which --predict reads photos with, decodes it.
+
+    Unlike image_problem, this never reads a file whole: Pillow reads the header, then the
+    image's own data from the file, and no further; a 3 GB file named .jpg is refused at its first bytes.
+    """
+    problem = header_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception:  # Pillow raises many kinds for damaged or cut-off data.
+        return "damaged image data"
+    return None
+
+
+def header_problem(path):
+    """Why `path` is no image, from its first bytes, or too large to read safely, from the size its header gives; None if it may be one.
+
+    Pillow, which Keras reads every image with, identifies an image by its header, and reads
+    its size there. It refuses an image of more than twice Image.MAX_IMAGE_PIXELS (a
+    "decompression bomb", which could exhaust the memory) and warns above it; such images
+    are left out and reported with their size.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if not head:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            pixels = image.size[0] * image.size[1]
+    except Image.DecompressionBombError as error:
+        # Its message is the only place that gives the size: "Image size (N pixels) exceeds limit ...".
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(found[1]) if found else None
+    except Exception:  # No image Pillow knows, which neither Keras nor --predict could read; Pillow raises many kinds.
+        return looks_like_a_video(head) or "not a decodable image"
+    if pixels is not None and pixels <= Image.MAX_IMAGE_PIXELS:
+        return None
+    size = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
 
 
 def looks_like_a_video(data):
@@ -300,33 +349,21 @@ def looks_like_a_video(data):
     return None
 
 
-def size_problem(data):
-    """Why an image is too large to read safely, from its header alone; None if it is not, or is no image Pillow knows.
-
-    Pillow, which Keras reads every image with, refuses an image of more than twice
-    Image.MAX_IMAGE_PIXELS (a "decompression bomb", which could exhaust the memory) and
-    warns above it; such images are left out and reported with their size.
-    """
+def image_named_as_video(path):
+    """What to say of a file named as a video that is an image (a JPEG renamed .mp4); None otherwise. Only its header is read."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = image.size[0] * image.size[1]
-    except Image.DecompressionBombError as error:
-        # Its message is the only place that gives the size: "Image size (N pixels) exceeds limit ...".
-        found = re.search(r"\((\d+) pixels\)", str(error))
-        pixels = int(found[1]) if found else None
-    except Exception:  # Not an image Pillow knows: the decoders decide.
+        with Image.open(path) as image:
+            kind = image.format
+    except Exception:  # No image Pillow knows: a video, or neither; Pillow raises many kinds.
         return None
-    if pixels is not None and pixels <= Image.MAX_IMAGE_PIXELS:
-        return None
-    size = f"{pixels:,} pixels" if pixels else "too many pixels"
-    return f"too large ({size}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}); resize it"
+    return f"it is a {kind} image named as a video; give it an image's extension (such as .jpg or .png) to have it judged"
 
 
 # The check above reports these images on one line; Pillow's own warning would add several.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Raise this whenever image_problem changes, so that older verdicts are not reused.
-IMAGE_CHECK_VERSION = 3
+IMAGE_CHECK_VERSION = 4
 
 
 def cache_file_for(split_root, cache_dir):
@@ -376,7 +413,7 @@ def check_images(paths, split_root, cache_dir):
         try:
             write_json_atomically(cache_file, cache)
         except OSError as error:
-            print(f"warning: could not cache the image check in {cache_file}: {error.strerror}")
+            print(f"warning: could not cache the image check in {cache_file}: {error.strerror}", file=sys.stderr)
     return problems
 
 
@@ -591,7 +628,7 @@ def files_to_predict(paths):
         elif path.is_file():
             files.append(path)
         else:
-            warn_skipping(path, "a broken link; it points to nothing" if path.is_symlink() else "no such file or folder")
+            warn_skipping(path, missing_path_problem(path))
     # A file given twice, or reached through two links, is judged once.
     seen = set()
     return [path for path in files if not (path.resolve() in seen or seen.add(path.resolve()))]
@@ -632,7 +669,7 @@ def readable_images(paths, required=True):
 
     If none does and one is `required` (no video was given either), that is the user's mistake.
     """
-    problems = {path: image_problem(path) for path in paths}
+    problems = {path: photo_problem(path) for path in paths}
     report_bad_files({path: problem for path, problem in problems.items() if problem is not None})
     good = [path for path in paths if problems[path] is None]
     if not good and required:
@@ -724,7 +761,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def exits_on_user_error(main):
-    """Wrap a command's main() so that a UserError prints one line and returns its exit status (2, or 1 for CannotWrite)."""
+    """Wrap a command's main() so that a UserError prints one line and returns its exit status (2, or 1 for CannotWrite);
+    Ctrl-C that nothing else caught says "Interrupted." and returns 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -733,6 +771,11 @@ def exits_on_user_error(main):
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return error.exit_status
+        except KeyboardInterrupt:
+            # Ctrl-C where the command does not catch it itself, as while TensorFlow loads:
+            # one line and the shell's status for it, as later, not Python's traceback.
+            print("\nInterrupted.")
+            return 130
 
     return wrapper
 
@@ -987,6 +1030,11 @@ OPTION_MODES = {
     "blur": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
     "model": (("predict", "evaluate"), "--model names the model for --predict or --evaluate; add one of them"),
     "tensorboard": (("training",), "--tensorboard logs training; --predict and --evaluate train nothing"),
+    "epochs": (("training",), "--epochs sets how long a model trains; --predict and --evaluate train none"),
+    "img_size": (
+        ("training",),
+        "--img-size sets the size a model trains at; --predict and --evaluate read images at the size the model was trained at",
+    ),
     "warmup_epochs": (
         ("training",),
         "--warmup-epochs and --fine-tune-learning-rate set how a model trains; --predict and --evaluate train none",
@@ -1003,8 +1051,8 @@ def mode_of(args):
     return "predict" if args.predict else "evaluate" if args.evaluate else "training"
 
 
-def check_option_combinations(args, defaults):
-    """Refuse the combinations of options that would be silently ignored or cannot work.
+def check_option_modes(args, defaults):
+    """Refuse an option given to a mode it does not belong to (OPTION_MODES), before any default fills it in.
 
     `defaults` holds each option's value when it is not given, so that a given one is told from it.
     """
@@ -1013,6 +1061,10 @@ def check_option_combinations(args, defaults):
     for option, (modes, message) in OPTION_MODES.items():
         if getattr(args, option) not in (None, False, defaults[option]) and mode_of(args) not in modes:
             raise UserError(message)
+
+
+def check_option_combinations(args):
+    """Refuse the combinations of options that would be silently ignored or cannot work."""
     mistakes = [
         (
             args.min_face is not None and (args.faces or default_faces(args)) == "off",
@@ -1047,7 +1099,8 @@ def parse_arguments(recipe, argv=None):
     """Parse a script's options and check them all, so that a mistake stops the run before any long work."""
     parser = build_parser(recipe)
     args = parser.parse_args(argv)
-    unset = {option: parser.get_default(option) for option in OPTION_MODES}
+    # Told apart from their defaults before these fill in the rest.
+    check_option_modes(args, {option: parser.get_default(option) for option in OPTION_MODES})
     defaults = dict(DEMO_DEFAULTS, img_size=max(DEMO_DEFAULTS["img_size"], recipe.min_img_size))
     for option, value in (defaults if args.demo else DOCUMENTED_DEFAULTS).items():
         if getattr(args, option) is None:
@@ -1061,7 +1114,7 @@ def parse_arguments(recipe, argv=None):
         )
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights} is neither imagenet, none, nor an existing weights file")
-    check_option_combinations(args, unset)
+    check_option_combinations(args)
     if args.faces is None:
         args.faces = default_faces(args)
     if args.min_face is None:
@@ -1077,6 +1130,8 @@ def parse_arguments(recipe, argv=None):
     elif args.evaluate:
         args.evaluation_folder = args.data_dir / "test" if args.uses_demo_data else evaluation_folder(args.data_dir)
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
+        # Before the images are checked and the model loads, which take a while.
+        ensure_writable_folder(args.output_dir)
     else:
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data. The demo's is built when the run starts.
@@ -1129,7 +1184,8 @@ class TrainingSettings:
 def check_prediction_outputs(args):
     """Check --csv, --annotate and --gradcam before any image is read: each must be writable and outside the images' folders.
 
-    Where each goes is refused before anything is created there.
+    Where each goes is refused before anything is created there. Links are followed first:
+    what is checked is the file or folder that would be written.
     """
     try:
         folders_given = [path for path in args.predict if path.is_dir()]
@@ -1138,21 +1194,91 @@ def check_prediction_outputs(args):
         raise UserError(f"cannot reach {error.filename} ({error.strerror}); check the paths given to --predict") from None
     if not folders_given and not files_given:
         # Said before TensorFlow and the model load; a missing path among others is a warning, later.
-        raise UserError(f"--predict {args.predict[0]}: no such file or folder; check the path")
+        raise UserError(f"--predict {args.predict[0]}: {missing_path_problem(args.predict[0])}; check the path")
     if args.csv:
-        refuse_a_folder(args.csv, "--csv")
-        if any(args.csv.resolve() == image.resolve() for image in files_given):
-            raise UserError(f"--csv {args.csv} is one of the images given to --predict; name another file")
-        # A run folder holds a model and what its training wrote; --csv must not replace any of it.
-        if any((args.csv.parent / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json")) or args.csv.suffix == ".keras":
-            raise UserError(f"--csv {args.csv} would write over a trained model's files; name a file outside its folder")
-        refuse_output_inside(args.csv, folders_given, "--csv")
-        ensure_writable_folder(args.csv.parent, "--csv")
+        check_csv_target(args.csv, files_given, folders_given)
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
         if folder:
             # These are images: beside an image given as a file, they would be scored the next time.
             refuse_output_inside(folder, folders_given + [path.parent for path in files_given], option)
+            refuse_a_folder_of_models_or_data(folder, option)
             ensure_writable_folder(folder, option)
+
+
+def check_csv_target(csv_file, files_given, folders_given):
+    """Refuse a --csv that would write over anything but a CSV of --predict: a model, its card, an image, a script.
+
+    The file is opened through any link, so the link's target is what is checked.
+    """
+    refuse_a_folder(csv_file, "--csv")
+    target = csv_file.resolve()
+    if any(target == image.resolve() for image in files_given):
+        raise UserError(f"--csv {csv_file} is one of the images given to --predict; name another file")
+    # A run folder holds a model and what its training wrote; --csv must not replace any of it.
+    if is_run_folder(target.parent) or target.suffix == ".keras":
+        raise UserError(f"--csv {csv_file} would write over a trained model's files; name a file outside its folder")
+    refuse_output_inside(csv_file, folders_given, "--csv")
+    if target.is_file():
+        refuse_overwriting(csv_file, target)
+    ensure_writable_folder(target.parent, "--csv")
+
+
+# The first columns of the header line of a CSV that --predict writes (plot_loss_accuracy_graph.CSV_COLUMNS).
+# This module imports none of ours, so they are copied here; only a file that begins so is written over.
+PREDICT_CSV_START = "path,frame,face,"
+
+
+def refuse_overwriting(csv_file, target):
+    """Refuse to empty an existing file, `target` (--csv `csv_file` resolved), unless it is a CSV that --predict wrote.
+
+    Only its first line is read. An empty file holds nothing to lose. A file with another
+    name (a hard link) would change under that name too, whatever it holds.
+    """
+    if target.stat().st_nlink > 1:
+        raise UserError(
+            f"--csv {csv_file} is a hard link: the same file has another name, where writing it would change it too; "
+            "name a new file"
+        )
+    try:
+        with open(target, "rb") as file:
+            first_line = file.readline(len(PREDICT_CSV_START))
+    except OSError as error:
+        raise UserError(f"cannot read --csv {csv_file} ({error.strerror}); name another file") from None
+    if first_line and first_line != PREDICT_CSV_START.encode():
+        raise UserError(
+            f"--csv {csv_file} already holds something other than a CSV of --predict; name a new file, "
+            "or remove that one if it is yours to lose"
+        )
+
+
+def is_run_folder(folder):
+    """Whether `folder` is a run folder (OUTPUT_DIR/<model>/): it holds a model, a run's lock or a run's metrics."""
+    return any((Path(folder) / kept).exists() for kept in ("model.keras", RUN_LOCK, "metrics.json"))
+
+
+def refuse_a_folder_of_models_or_data(folder, option):
+    """Refuse a folder of pictures that is a run folder or in one, or is inside a dataset's class folder (real/ or fake/).
+
+    Links are followed first. Pictures in a class folder would be trained on the next time.
+    """
+    resolved = Path(folder).resolve()
+    # Only the folder and its parent are asked: pytest, for one, keeps a lock named as a run's above its folders.
+    for place in (resolved, resolved.parent):
+        if is_run_folder(place):
+            raise UserError(f"{option} {folder} would put pictures among a trained model's files in {place}; choose a place outside it")
+    for place in (resolved, *resolved.parents):
+        other_class = {"real": "fake", "fake": "real"}.get(place.name)
+        if other_class and (place.parent / other_class).is_dir():
+            raise UserError(f"{option} {folder} is inside the dataset's class folder {place}; choose a place outside it")
+
+
+def missing_path_problem(path):
+    """Why a --predict path that is neither a file nor a folder is passed over."""
+    if Path(path).is_symlink() and not Path(path).exists():
+        return "a broken link; it points to nothing"
+    if Path(path).exists():
+        return "not a regular file but a device, a pipe or a socket"
+    return "no such file or folder"
 
 
 # ---------------------------------------------------------------------------
@@ -1184,7 +1310,9 @@ def writing(path, *leftovers):
         yield
     except BaseException as error:
         for leftover in leftovers:
-            Path(leftover).unlink(missing_ok=True)
+            # A name the file system refused (too long) was never made, and cannot be unlinked either.
+            with contextlib.suppress(OSError):
+                Path(leftover).unlink()
         if not isinstance(error, OSError):
             raise
         # h5py puts the errno in its message, not in the error.
@@ -1259,12 +1387,24 @@ def quiet_tensorflow_start():
 
 
 def write_jpeg(path, bgr_image, quality):
-    """Write a JPEG with OpenCV; a write that fails leaves no part of a file, and says why in one line (see writing)."""
+    """Write a JPEG: OpenCV encodes it, Python writes the file; a write that fails leaves no part of a file,
+    and says why in one line (see writing).
+
+    cv2.imwrite would take the path as a C string, and crashes on a file name that is not
+    UTF-8; and when it fails it says False, not why (a full disk, a name too long).
+    """
+    encoded, data = cv2.imencode(".jpg", bgr_image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not encoded:
+        raise CannotWrite(f"cannot write {path}: OpenCV could not encode the picture as a JPEG")
     with writing(path, path):
-        if not cv2.imwrite(str(path), bgr_image, [cv2.IMWRITE_JPEG_QUALITY, quality]):
-            # OpenCV says False, without a reason: the disk is full, unless the folder has gone.
-            code = errno.ENOSPC if Path(path).parent.is_dir() else errno.ENOENT
-            raise OSError(code, os.strerror(code))
+        Path(path).write_bytes(data.tobytes())
+
+
+# How every text file here is written (CSV files, metrics, cards): in UTF-8, which every reader
+# can read. A file name that is not UTF-8 (Python keeps its bytes as surrogate escapes) cannot
+# be written as UTF-8: it is written as the printed lines show it (printable), each such byte as
+# a \udcXX escape. So a CSV's path and its printed line say the same, and no reader stumbles.
+TEXT_ENCODING = dict(encoding="utf-8", errors="backslashreplace")
 
 
 def save_figure(figure, path):
@@ -1281,12 +1421,12 @@ def save_figure(figure, path):
 
 
 def write_text_atomically(path, text):
-    """Write through a temporary file, so that a reader never sees half a file."""
+    """Write through a temporary file, so that a reader never sees half a file (in TEXT_ENCODING)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with writing(path, temporary):
-        temporary.write_text(text)
+        temporary.write_text(text, **TEXT_ENCODING)
     os.replace(temporary, path)
 
 
@@ -1417,7 +1557,7 @@ def open_alone(path, option):
     The file itself is locked, so that no lock file is left beside it; it is left as it
     was until the caller empties it (`start_anew`), once the run is sure to write it.
     """
-    handle = open(path, "a+", newline="")
+    handle = open(path, "a+", newline="", **TEXT_ENCODING)
     if not lock(handle, wait=False):
         handle.close()
         raise UserError(f"{option} {path} is being written by another run; wait for it to end, or name another file")

@@ -96,13 +96,13 @@ from data_preprocessing import (
     ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
-    image_problem,
     is_video,
     load_dataset,
     load_evaluation_images,
     load_recipes,
     media_to_predict,
     one_run_at_a_time,
+    photo_problem,
     printable,
     recipe_named,
     report_bad_files,
@@ -870,7 +870,7 @@ class Detector:
             if path.is_dir() or is_video(path):
                 kind = "a folder" if path.is_dir() else "a video"
                 raise UserError(f"{printable(path)} is {kind}; judge() takes one photo (judge_video() takes a video)")
-            problem = image_problem(path)
+            problem = photo_problem(path)
             return self.unreadable(path, problem) if problem else next(self.judge_photos([path]))
         picture = self.found(rgb_pixels(image), path=None)
         self.score(picture.faces)

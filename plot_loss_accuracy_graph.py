@@ -34,13 +34,15 @@ average of their p(fake), computed from their predictions.csv, with nothing re-r
 
 import contextlib
 import csv
+import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import shlex
 import sys
 import textwrap
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -957,12 +959,36 @@ def output_names(paths):
     file_names = [path.name for path in paths]
     names = {}
     for path, file_name in zip(paths, file_names):
-        name = file_name if file_names.count(file_name) == 1 else f"{path.parent.name}-{file_name}"
+        name = within_name_limit(file_name if file_names.count(file_name) == 1 else f"{path.parent.name}-{file_name}")
         stem, extension, number = Path(name).stem, Path(name).suffix, 2
         while name in names.values():
             name, number = f"{stem}~{number}{extension}", number + 1
         names[path] = name
     return names
+
+
+# Most file systems take names of at most 255 bytes. An input's name is kept short enough for
+# what its pictures' names add to it: -frame123456-face12-gradcam.png, and ~2 when that is taken.
+MAX_INPUT_NAME_BYTES = 255 - 55
+
+
+def within_name_limit(name):
+    """An input's `name`, cut short where its pictures' names would pass the file system's limit.
+
+    The stem is cut and a short hash of the whole name added, so that two long names that
+    differ only at the end still differ; the extension is kept.
+    """
+    if len(os.fsencode(name)) <= MAX_INPUT_NAME_BYTES:
+        return name
+    stem, extension = Path(name).stem, Path(name).suffix
+    if len(os.fsencode(extension)) > 16:  # Not an extension: a long name with a dot in it.
+        stem, extension = name, ""
+    digest = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:10]
+    room = MAX_INPUT_NAME_BYTES - len(os.fsencode(digest + extension))
+    stem = stem[:room]
+    while len(os.fsencode(stem)) > room:  # Characters of more than one byte.
+        stem = stem[:-1]
+    return stem + digest + extension
 
 
 def gradcam_part(frame, face):

@@ -68,8 +68,11 @@ def run_script(title, split_root, output_dir, *options):
     script = importlib.import_module(SCRIPTS[title][0])
     img_size = str(max(32, script.RECIPE.min_img_size))
     data_options = [] if split_root is None else ["--data-dir", str(split_root)]
+    # --predict and --evaluate train nothing, and refuse the options that say how to.
+    applying = "--predict" in options or "--evaluate" in options
+    training_options = [] if applying else ["--epochs", "1", "--img-size", img_size]
     argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
-            "--epochs", "1", "--batch-size", "4", "--img-size", img_size, *options]
+            *training_options, "--batch-size", "4", *options]
     return script.main(argv)
 
 

@@ -166,3 +166,47 @@ def test_plot_command_points_to_the_demo_and_takes_demo(capsys):
     assert_one_line_error(capsys, "no trained model in outputs", "demo's are in outputs/demo: add --demo")
     assert plot_loss_accuracy_graph.main(["--demo"]) == 0
     assert (run_dir / "history.png").is_file()
+
+
+# --- Ctrl-C -----------------------------------------------------------------------
+
+
+class InterruptedImport:
+    """An import finder that stops the import of load_pre_trained_models as Ctrl-C would while TensorFlow loads."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "load_pre_trained_models":
+            raise KeyboardInterrupt
+        return None
+
+
+@pytest.mark.parametrize("title", ["VGG16", "VGG19", "InceptionV3", "ResNet50"])
+def test_ctrl_c_while_tensorflow_loads_is_one_line_and_exits_130(capsys, tiny_split_root, tmp_path, monkeypatch, title):
+    # Without it, the start-up's own standard error is caught and given back, as outside the tests.
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.delitem(sys.modules, "load_pre_trained_models")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    assert run_script(title, tiny_split_root, tmp_path / "out") == 130
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines() == ["Interrupted."]
+    assert captured.err == ""
+
+
+# --- Odd paths and unwritable places ------------------------------------------------
+
+
+def test_a_predict_path_that_is_no_regular_file_is_named_as_such(capsys, tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    assert run_script("VGG16", None, tmp_path / "out", "--predict", "/dev/zero") == 2
+    assert_one_line_error(capsys, "--predict /dev/zero: not a regular file")
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_on_standard_error(capsys, tiny_split_root, tmp_path):
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("a plain file")
+    images = sorted((tiny_split_root / "test" / "real").iterdir())
+    assert data_preprocessing.check_images(images, tiny_split_root, in_the_way / "cache") == {}
+    captured = capsys.readouterr()
+    assert "could not cache the image check" not in captured.out
+    assert captured.err.startswith(f"warning: could not cache the image check in {in_the_way / 'cache'}")

@@ -7,6 +7,7 @@ first redraws their figures with plot_loss_accuracy_graph.py.
 
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sklearn_metrics
 
+import data_preprocessing
 import load_pre_trained_models
 import plot_loss_accuracy_graph
 from conftest import REPOSITORY_DIR, SCRIPTS, TINY_IMAGES_PER_CLASS, assert_one_line_error, run_script
@@ -336,6 +338,8 @@ def test_the_ensemble_as_a_detector_averages_the_models_and_two_detectors_live_s
         (["--predict", "x.jpg", "--min-face", "10"], ["--min-face", "20 or more"]),
         (["--predict", "x.jpg", "--faces", "off", "--min-face", "40"], ["--min-face", "--faces auto"]),
         (["--predict", "x.jpg", "--frames", "0"], ["--frames", "1 or more"]),
+        (["--predict", "x.jpg", "--epochs", "3"], ["--epochs", "--predict and --evaluate train none"]),
+        (["--evaluate", "--img-size", "64"], ["--img-size", "the size the model was trained at"]),
     ],
 )
 def test_wrong_combinations_are_user_errors(capsys, tmp_path, options, fragments):
@@ -439,6 +443,17 @@ def test_a_missing_predict_path_is_reported_before_tensorflow_loads(tmp_path):
     assert result.stderr.strip() == f"error: --predict {tmp_path / 'nosuch.jpg'}: no such file or folder; check the path"
 
 
+def test_evaluate_into_an_output_folder_it_cannot_write_stops_before_any_image_is_read(trained, tmp_path, monkeypatch, capsys):
+    split_root, output_dir = trained
+    monkeypatch.setattr(data_preprocessing, "image_problem", lambda path: pytest.fail("an image was read"))
+    monkeypatch.setattr(load_pre_trained_models, "load_saved_model", lambda *args: pytest.fail("the model was loaded"))
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("a plain file")
+    status = run_script("VGG16", split_root, in_the_way, "--evaluate", "--model", str(output_dir / "vgg16" / "model.keras"))
+    assert status == 2
+    assert_one_line_error(capsys, f"cannot write to {in_the_way} (a file is in the way)", "--output-dir")
+
+
 def test_a_file_that_vanishes_mid_run_is_reported_and_the_others_judged(trained, tmp_path, monkeypatch, capsys):
     split_root, output_dir = trained
     images = tmp_path / "images"
@@ -470,9 +485,49 @@ def test_csv_never_writes_over_a_trained_models_files(trained, capsys):
     assert model_file.read_bytes() == before
 
 
+def test_csv_through_a_link_or_onto_a_file_not_its_own_writes_over_nothing(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    run_dir = output_dir / "vgg16"
+    training_image = split_root / "train" / "fake" / "0000.jpg"
+    script = tmp_path / "VGG16_finetuning.py"
+    shutil.copy(REPOSITORY_DIR / "VGG16_finetuning.py", script)
+    targets = {}
+    for name, kept in (("card.csv", run_dir / "README.md"), ("model.csv", run_dir / "model.keras"), ("face.csv", training_image)):
+        (tmp_path / name).symlink_to(kept)
+        targets[tmp_path / name] = kept
+    (tmp_path / "hard.csv").hardlink_to(run_dir / "README.md")
+    targets[tmp_path / "hard.csv"] = run_dir / "README.md"
+    targets[output_dir / "results.md"] = output_dir / "results.md"
+    targets[script] = script
+    before = {kept: kept.read_bytes() for kept in targets.values()}
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    for target in targets:
+        assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--csv", str(target)) == 2
+        assert_one_line_error(capsys, f"--csv {target}")
+    assert {kept: kept.read_bytes() for kept in targets.values()} == before
+    # A CSV that --predict wrote is written anew, as before.
+    csv_file = tmp_path / "p.csv"
+    for _ in range(2):
+        assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", "--csv", str(csv_file)) == 0
+    assert len(pd.read_csv(csv_file)) == 1
+
+
+@pytest.mark.parametrize("option", ["--annotate", "--gradcam"])
+def test_pictures_through_a_link_into_a_run_folder_or_a_class_folder_are_refused(trained, tmp_path, capsys, option):
+    split_root, output_dir = trained
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    for name, folder in (("run", output_dir / "vgg16"), ("class", split_root / "train" / "fake")):
+        before = sorted(folder.iterdir())
+        (tmp_path / name).symlink_to(folder)
+        assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", option, str(tmp_path / name / "pictures")) == 2
+        assert_one_line_error(capsys, f"{option} {tmp_path / name / 'pictures'}")
+        assert sorted(folder.iterdir()) == before
+
+
 def written_in_part(path, *args, **kwargs):
-    """A picture cut off by a full disk: what OpenCV and Matplotlib leave."""
-    Path(path).write_bytes(b"the first part of a picture")
+    """A picture cut off by a full disk: what Python's write and Matplotlib leave."""
+    with open(path, "wb") as file:
+        file.write(b"the first part of a picture")
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -486,7 +541,7 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
         target.symlink_to("/dev/full")
     else:
         target = tmp_path / "pictures"
-        monkeypatch.setattr(plot_loss_accuracy_graph.cv2, "imwrite", lambda path, *args: written_in_part(path) or True)
+        monkeypatch.setattr(Path, "write_bytes", written_in_part)
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path, **kwargs: written_in_part(path))
     image = str(split_root / "test" / "fake" / "0001.jpg")
     assert apply("VGG16", output_dir, "--predict", image, "--faces", "off", option, str(target)) == 1
@@ -497,6 +552,82 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
     assert "the disk is full; free some space, then run the same command again" in error_lines[0]
     if option != "--csv":
         assert [path.name for path in target.iterdir()] == [".predict.lock"]
+
+
+def test_a_name_too_long_for_the_file_system_is_said_to_be_so_not_a_full_disk(tmp_path):
+    too_long = tmp_path / ("x" * 300 + ".jpg")
+    with pytest.raises(data_preprocessing.CannotWrite, match="File name too long") as error:
+        data_preprocessing.write_jpeg(too_long, np.zeros((8, 8, 3), np.uint8), quality=90)
+    assert "disk is full" not in str(error.value)
+
+
+def test_long_input_names_give_output_names_within_the_limit_and_still_distinct(tmp_path):
+    paths = [tmp_path / ("x" * 242 + f"{end}.jpg") for end in "ab"]
+    names = list(plot_loss_accuracy_graph.output_names(paths).values())
+    assert len(set(names)) == 2 and all(name.endswith(".jpg") and name.startswith("x" * 100) for name in names)
+    assert all(len(os.fsencode(name)) <= plot_loss_accuracy_graph.MAX_INPUT_NAME_BYTES for name in names)
+
+
+def test_a_247_character_photo_name_gets_its_pictures(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    photo = tmp_path / "photos" / ("face-" * 48 + "xyz.jpg")
+    assert len(photo.name) == 247
+    photo.parent.mkdir()
+    shutil.copy(split_root / "test" / "fake" / "0001.jpg", photo)
+    pictures = tmp_path / "pictures"
+    assert apply("VGG16", output_dir, "--predict", str(photo), "--faces", "off",
+                 "--annotate", str(pictures), "--gradcam", str(pictures)) == 0
+    written = [path for path in pictures.iterdir() if path.name != ".predict.lock"]
+    assert len(written) == 2 and all(path.name.startswith("face-face-") for path in written)
+    assert "Wrote 1 annotated picture" in capsys.readouterr().out
+
+
+def non_utf8_path(folder, name):
+    """folder/name, where name's bytes are not UTF-8 (Python holds them as surrogate escapes); skip where the file system refuses such names."""
+    path = folder / os.fsdecode(name)
+    try:
+        path.touch()
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return path
+
+
+def test_a_photo_and_a_video_named_in_latin_1_are_judged_written_and_listed(trained, tmp_path, capsys):
+    split_root, output_dir = trained
+    media = tmp_path / "media"
+    media.mkdir()
+    faces = sorted((split_root / "test" / "fake").iterdir())
+    photo = non_utf8_path(media, b"caf\xe9.jpg")
+    shutil.copy(faces[0], photo)
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 5, (32, 32))
+    for face in faces:
+        writer.write(cv2.imread(str(face)))
+    writer.release()
+    video = non_utf8_path(media, b"vid\xe9.mp4")
+    clip.rename(video)
+    # A JPEG named as a video is said to be one.
+    shutil.copy(faces[0], media / "photo.mp4")
+    csv_file, pictures = tmp_path / "p.csv", tmp_path / "pictures"
+    assert apply("VGG16", output_dir, "--predict", str(media), "--faces", "off", "--frames", "2",
+                 "--csv", str(csv_file), "--annotate", str(pictures)) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {media / 'photo.mp4'}: it is a JPEG image named as a video" in captured.err
+    # The CSV is UTF-8, and names the files as the printed lines do, each byte that is not UTF-8 as an escape.
+    rows = pd.read_csv(csv_file)
+    assert str(media / "caf\\udce9.jpg") in set(rows["path"]) and str(media / "vid\\udce9.mp4") in set(rows["path"])
+    assert f"{media / 'caf'}\\udce9.jpg  p_fake=" in captured.out
+    assert sorted(os.listdir(os.fsencode(pictures))) == [b".predict.lock", b"caf\xe9.jpg-faces.jpg", b"vid\xe9.mp4-frames.png"]
+
+
+def test_evaluate_writes_a_name_in_latin_1_into_its_predictions(trained, tmp_path):
+    split_root, output_dir = trained
+    folder = tmp_path / "latin"
+    shutil.copytree(split_root / "test", folder)
+    shutil.copy(folder / "real" / "0000.jpg", non_utf8_path(folder / "real", b"caf\xe9.jpg"))
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(folder)) == 0
+    predictions = pd.read_csv(next(output_dir.rglob("eval-latin/predictions.csv")))
+    assert str(folder / "real" / "caf\\udce9.jpg") in set(predictions["path"])
 
 
 def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys):

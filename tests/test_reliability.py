@@ -177,7 +177,8 @@ def image_file(tmp_path):
 def test_an_output_that_cannot_be_written_is_named_before_any_image_is_read(
     capsys, tmp_path, image_file, monkeypatch, destination, fragments
 ):
-    monkeypatch.setattr(data_preprocessing, "image_problem", lambda path: pytest.fail("an image was read"))
+    for check in ("image_problem", "photo_problem"):
+        monkeypatch.setattr(data_preprocessing, check, lambda path: pytest.fail("an image was read"))
     (tmp_path / "notes.txt").write_text("a plain file")
     places = dict(plain_file=tmp_path / "notes.txt", tmp_path=tmp_path, image_folder=image_file.parent)
     options = [option.format(**places) for option in destination]
@@ -474,7 +475,7 @@ def test_a_second_predict_run_with_the_same_output_stops_at_once(image_file, tmp
     load_pre_trained_models.build_model(VGG16_finetuning.RECIPE, weights="none", img_size=32).save(model_file)
     target = tmp_path / ("scores.csv" if option == "--csv" else "pictures")
     if option == "--csv":
-        target.write_text("the rows of the first run")
+        target.write_text("path,frame,face,crop_x\nthe rows of the first run\n")  # A CSV of --predict, begun.
         holder = open(target, "a")
     else:
         target.mkdir()
@@ -487,7 +488,7 @@ def test_a_second_predict_run_with_the_same_output_stops_at_once(image_file, tmp
     assert status == 2
     assert_one_line_error(capsys, option, str(target), "wait for")
     if option == "--csv":
-        assert target.read_text() == "the rows of the first run"
+        assert target.read_text() == "path,frame,face,crop_x\nthe rows of the first run\n"
 
 
 def test_pixels_hidden_by_transparency_are_not_what_is_scored(tmp_path):
