@@ -126,6 +126,7 @@ from plot_loss_accuracy_graph import (
     ReportSettings,
     VideoResult,
     Verdicts,
+    ensemble_band,
     classification_metrics,
     read_ensemble,
     read_history,
@@ -805,7 +806,7 @@ class Detector:
     a result's `warnings`.
     """
 
-    def __init__(self, members, judging=JudgingOptions()):
+    def __init__(self, members, judging=JudgingOptions(), band=None):
         if judging.gradcam and len(members) > 1:
             raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
         self.members, self.options = members, judging
@@ -817,9 +818,11 @@ class Detector:
         elif len(members) == 1:
             self.band = members[0].card.band
         else:
-            self.band = Verdicts(None, None, "no band was chosen for an ensemble")
+            # Chosen as a single model's band is, on the members' weighted validation p(fake).
+            self.band = band or ensemble_band([member.file.parent for member in members], [member.weight for member in members])
         self.finder = FaceFinder() if judging.faces == "auto" else None
         self.stopwatch = Stopwatch()
+        self.name = model_name(members, self.mark)
 
     @classmethod
     def load(cls, model, *, output_dir=OUTPUT_DIR, recipe=None, **options):
@@ -908,7 +911,7 @@ class Detector:
         path = Path(path)
         if not path.exists():
             raise UserError(f"{printable(path)}: no such file or folder; check the path")
-        video = VideoResult(path, [], self.band, self.mark, min_face=self.min_face())
+        video = VideoResult(path, [], self.band, self.mark, self.name, min_face=self.min_face())
         try:
             self.judge_frames(video, read_video_frames(path, frames), on_batch or (lambda pictures: None))
         except UnreadableVideo as problem:
@@ -934,7 +937,7 @@ class Detector:
                 break
             video.frames_wanted += 1
             if frame is None:
-                waiting.append(PictureResult(video.path, [], self.band, self.mark, note=FRAME_NOT_DECODED, frame=index))
+                waiting.append(self.result(video.path, note=FRAME_NOT_DECODED, frame=index))
                 continue
             video.frames_read += 1
             waiting.append(self.found(frame, video.path, index))
@@ -975,12 +978,16 @@ class Detector:
         """The narrowest face judged; None where faces are not searched."""
         return self.options.min_face if self.finder else None
 
+    def result(self, path, **facts):
+        """A PictureResult of this detector: its band, mark and name, and the facts given."""
+        return PictureResult(path, [], self.band, self.mark, self.name, **facts)
+
     def unreadable(self, path, reason):
-        return PictureResult(path, [], self.band, self.mark, note=UNREADABLE, reason=reason)
+        return self.result(path, note=UNREADABLE, reason=reason)
 
     def found(self, image, path, frame=None):
         """A PictureResult of an upright RGB picture, not yet scored: its faces (or the whole picture), cut out."""
-        picture = PictureResult(path, [], self.band, self.mark, frame=frame, min_face=self.min_face(), image=image)
+        picture = self.result(path, frame=frame, min_face=self.min_face(), image=image)
         if self.finder is None:
             picture.faces = [FaceResult(None, frame=frame, crop=image)]
             return picture
@@ -1006,6 +1013,15 @@ class Detector:
                     heatmaps = grad_cam(model, np.stack([model_input(crop, image_size(model)) for crop in crops]))
             for face, value, heatmap in zip(batch, p_fake, heatmaps):
                 face.p_fake, face.verdict, face.heatmap = float(value), self.band(float(value)), heatmap
+
+
+def model_name(members, mark):
+    """The model of a detector, as the CSV names it: its file, or the ensemble's files with their weights, and its mark in short."""
+    if len(members) == 1:
+        name = str(members[0].file)
+    else:
+        name = "ensemble of " + " + ".join(f"{member.weight:.2f} x {member.file}" for member in members)
+    return f"{name} ({mark.split(':')[0]})" if mark else name
 
 
 def faces_to_judge(finder, image, min_face, frame=None, cut_out=True):
@@ -1077,7 +1093,7 @@ def predict_media(recipe, paths, model, output_dir, demo, judging, frames, outpu
         report = PredictionReport(outputs, images + videos)
         model_file = ENSEMBLE if model == ENSEMBLE else saved_model_file(recipe, model, output_dir, demo)
         detector = Detector.load(model_file, output_dir=output_dir, recipe=recipe, **dataclasses.asdict(judging))
-        report.start()
+        report.start(detector.name)
         print("\n".join(detector.header()))
         videos_judged = judge_all(detector, report, images, videos, unreadable, frames)
     except KeyboardInterrupt:

@@ -373,9 +373,11 @@ def plot_evaluation(predictions, metrics, folder, title):
 
 # The model card, beside model.keras: a model hub shows it as the model's page.
 MODEL_CARD = "README.md"
+# The validation split's p(fake), beside the test split's predictions.csv: an ensemble's band is chosen on it.
+VALID_PREDICTIONS = "valid_predictions.csv"
 RUN_OUTPUTS = (
     "model.keras", MODEL_CARD, "history.csv", "history.png", "metrics.json", "predictions.csv", *EVALUATION_PLOTS,
-    "calibration.png",
+    "calibration.png", VALID_PREDICTIONS,
 )
 
 # What the header of --predict, its pictures and metrics.json say of a model trained on the
@@ -426,6 +428,7 @@ def write_run_outputs(run_dir, recipe, training, dataset, predictions, valid_pre
         **calibration_metrics(predictions, valid_predictions, calibration),
     }
     write_test_outputs(run_dir, recipe.title, predictions, metrics)
+    write_text_atomically(run_dir / VALID_PREDICTIONS, valid_predictions.to_csv(index=False))
     plot_history(history, run_dir / "history.png", recipe.title)
     labels = true_labels(predictions)
     plot_calibration(labels, calibration["test_p_fake_before"], predictions["p_fake"], run_dir / "calibration.png", recipe.title)
@@ -530,7 +533,7 @@ def verdicts_sentence(real_below, fake_from):
     if real_below is None and fake_from is None:
         return (f"`--predict` calls every face uncertain: no threshold met the rule ({rule}). "
                 "`--threshold T` gives a two-way verdict at T.")
-    return f"`--predict` calls a face {Verdicts(real_below, fake_from)}: {rule}."
+    return f"`--predict`'s verdicts: {Verdicts(real_below, fake_from)}. Here {rule}."
 
 
 def starting_weights(weights):
@@ -592,13 +595,18 @@ class Verdicts:
         return sorted({value for value in (self.real_below, self.fake_from) if value is not None})
 
     def __str__(self):
+        """The band in a sentence that a newcomer reads once."""
         if self.real_below is None and self.fake_from is None:
-            return f"uncertain whatever the score, as {self.why_no_band} (--threshold T: two-way at T)"
+            return f"uncertain whatever the score, as {self.why_no_band}; --threshold T gives real under T, fake from T up"
         if self.real_below == self.fake_from:
-            return f"fake from p(fake) {self.fake_from}, real below it"
-        real = "never real" if self.real_below is None else f"real below p(fake) {self.real_below:.3f}"
-        fake = "never fake" if self.fake_from is None else f"fake from {self.fake_from:.3f}"
-        return f"{real}, {fake}, uncertain between"
+            return f"real where p(fake) is under {self.fake_from:g}, fake from {self.fake_from:g} up"
+        if self.fake_from is None:
+            return (f"real where p(fake) is under {self.real_below:.3f}, uncertain above it (no score was high enough "
+                    "to call a validation face fake)")
+        if self.real_below is None:
+            return (f"fake where p(fake) is {self.fake_from:.3f} or more, uncertain below it (no score was low enough "
+                    "to call a validation face real)")
+        return f"real where p(fake) is under {self.real_below:.3f}, fake where it is {self.fake_from:.3f} or more, uncertain in between"
 
 
 @dataclass
@@ -639,6 +647,7 @@ class PictureResult:
     faces: list
     band: Verdicts
     mark: str | None = None
+    model: str | None = None  # The model that judged it, with its mark, as the CSV names it.
     note: str | None = None
     reason: str | None = None  # Why an UNREADABLE input could not be read.
     frame: int | None = None  # Its index in a video; None for a photo.
@@ -668,6 +677,7 @@ class VideoResult:
     frames: list  # A PictureResult per frame sampled, in order, without its pixels.
     band: Verdicts
     mark: str | None = None
+    model: str | None = None
     followed: list = field(default_factory=list)
     p_fake: float | None = None
     verdict: str | None = None
@@ -677,6 +687,10 @@ class VideoResult:
     frames_wanted: int = 0
     min_face: int | None = None
     warnings: list = field(default_factory=list)
+
+    def rows(self):
+        """Its own row of the CSV, after its frames' rows: its p_fake and verdict, with no frame and no face."""
+        return [dict(path=str(self.path), p_fake=self.p_fake, verdict=self.verdict, note=video_note(self), model=self.model)]
 
 
 @dataclass(frozen=True)
@@ -701,13 +715,13 @@ def whose_verdicts(title, model_file):
 
 
 def part_of_input(frame, face):
-    """Which part of the input a line is about: the frame, and the face (the side and place of the square it
-    was cut out in, where it was scored; only its place, where it was not); empty for a whole photo."""
+    """Which part of the input a line is about: the frame, and the face (its width, as MTCNN's box gives it, and
+    the square it is cut out in, the crop); empty for a whole photo."""
     parts = [] if frame is None else [f"frame {frame}"]
     if face is None or face.number is None:
         return " ".join(parts)
     x, y, size = face.face_frame.square
-    parts.append(f"face {face.number} ({size} px at {x},{y})" if face.p_fake is not None else f"face {face.number} at {x},{y}")
+    parts.append(f"face {face.number}, {face.width:.0f} px wide, crop {size} px at {x},{y}")
     return " ".join(parts)
 
 
@@ -720,12 +734,12 @@ def judgement(picture, face):
             UNREADABLE: "not judged: the file could no longer be read",
         }[picture.note]
     if face.note == FACE_TOO_SMALL:
-        return f"too small to judge: {face.width:.0f} px wide, under --min-face {picture.min_face}"
+        return f"too small to judge: under --min-face {picture.min_face} px"
     if face.note == FACE_AT_BORDER:
-        return f"not judged: {face.mirrored:.0%} of its frame is past the picture's edge, too much to fill by mirroring"
+        return f"not judged: {face.mirrored:.0%} of its crop is past the picture's edge, too much to fill by mirroring"
     said = f"p_fake={face.p_fake:.4f}  {face.verdict}"
     if face.mirrored and face.mirrored >= MIRRORED_SHARE_SHOWN:
-        said += f"  ({face.mirrored:.0%} of its frame mirrored past the edge)"
+        said += f"  ({face.mirrored:.0%} of its crop mirrored past the edge)"
     return said + marked_verdict(picture.mark)
 
 
@@ -742,23 +756,39 @@ def printed_line(picture, face):
 
 def video_line(video):
     """A video's own line: its p_fake and verdict, and what they rest on; or why it was not judged."""
-    frames = f"{video.frames_read} of {video.frames_wanted} frames read"
     if video.p_fake is None:
-        why = {
-            NO_FACE: "no face found in any frame" if video.min_face is not None else "no frame could be scored",
-            FACE_TOO_SMALL: f"the face seen most was under --min-face {video.min_face} or cut by the border in every frame",
-        }[video.note]
-        return f"{printable(video.path)}  video  not judged: {why} ({frames})"
-    if video.min_face is None:
-        basis = "the whole frames"
-    else:
-        basis = f"the face seen most, in {counted(len(video.followed), 'frame')}"
-        for note, why in ((FACE_TOO_SMALL, "too small to judge"), (FACE_AT_BORDER, "cut by the border")):
-            count = sum(face.note == note for face in video.followed)
-            basis += f", {count} of them {why}" if count else ""
+        return f"{printable(video.path)}  video  not judged: {why_video_not_judged(video)} ({frames_read(video)})"
     faces_scored = sum(face.number is not None and face.p_fake is not None for frame in video.frames for face in frame.faces)
-    counts = f"{frames}, {faces_scored} faces scored; {basis}"
+    counts = f"{frames_read(video)}, {faces_scored} faces scored; {video_basis(video)}"
     return f"{printable(video.path)}  video  p_fake={video.p_fake:.4f}  {video.verdict}  ({counts})" + marked_verdict(video.mark)
+
+
+def frames_read(video):
+    return f"{video.frames_read} of {video.frames_wanted} frames read"
+
+
+def why_video_not_judged(video):
+    if video.note == FACE_TOO_SMALL:
+        return f"the face seen most was under --min-face {video.min_face} or cut by the border in every frame"
+    return "no face found in any frame" if video.min_face is not None else "no frame could be scored"
+
+
+def video_basis(video):
+    """What a video's p_fake is the mean of: the whole frames, or the face seen most, and how often it was not judged."""
+    if video.min_face is None:
+        return "the whole frames"
+    basis = f"the face seen most, in {counted(len(video.followed), 'frame')}"
+    for note, why in ((FACE_TOO_SMALL, "too small to judge"), (FACE_AT_BORDER, "cut by the border")):
+        count = sum(face.note == note for face in video.followed)
+        basis += f", {count} of them {why}" if count else ""
+    return basis
+
+
+def video_note(video):
+    """The note of a video's own row: how many frames its verdict rests on, or why it has none."""
+    if video.p_fake is None:
+        return f"video not judged: {why_video_not_judged(video)} ({frames_read(video)})"
+    return f"video: {frames_read(video)}; p_fake is the mean over {video_basis(video)}"
 
 
 def counted(count, thing):
@@ -770,13 +800,15 @@ MIRRORED_SHARE_SHOWN = 0.005
 
 # The CSV that --csv writes, in this order: a row per face, per picture without one, and per
 # input that could not be read, so that every input is accounted for.
-CSV_COLUMNS = ("path", "frame", "face", "crop_x", "crop_y", "crop_size", "mirrored", "confidence", "p_fake", "verdict", "note")
+CSV_COLUMNS = (
+    "path", "frame", "face", "crop_x", "crop_y", "crop_size", "mirrored", "confidence", "p_fake", "verdict", "note", "model",
+)
 
 
 def csv_row(picture, face):
     """A row of the CSV, for a face of a picture, or for the picture itself (face None), which then gives its note."""
     if face is None:
-        return dict(path=str(picture.path), frame=picture.frame, note=picture.note)
+        return dict(path=str(picture.path), frame=picture.frame, note=picture.note, model=picture.model)
     crop_x, crop_y, crop_size = (None, None, None) if face.face_frame is None else face.face_frame.square
     return dict(
         path=str(picture.path),
@@ -790,6 +822,7 @@ def csv_row(picture, face):
         p_fake=face.p_fake,
         verdict=face.verdict,
         note=face.note,
+        model=picture.model,
     )
 
 
@@ -827,6 +860,9 @@ class PredictionReport:
         self.csv_file, self.csv_rows = None, 0
         self.pictures = {}  # The path of each picture written so far, and its kind: "annotated" or "gradcam".
         self.thumbnails = {}  # With --annotate: each video's sampled frames, small, for its contact sheet.
+        self.model = None  # The model that judges, as the CSV names it.
+        self.tally = Counter()  # The verdicts given, and why others were not, for the closing count.
+        self.files = 0
         self.csv_created = bool(settings.csv) and not Path(settings.csv).exists()
         # One run at a time writes each output: a second one, given the same, stops at once.
         self.locks = contextlib.ExitStack()
@@ -854,8 +890,9 @@ class PredictionReport:
         except OSError as error:
             raise UserError(f"cannot write --csv {self.settings.csv} ({error.strerror}); name another file") from None
 
-    def start(self):
-        """Once the model has loaded: write the CSV anew, from its header."""
+    def start(self, model):
+        """Once the `model` that judges has loaded: write the CSV anew, from its header."""
+        self.model = model
         if self.csv_file is not None:
             start_anew(self.csv_file)
             self.csv_writer = csv.writer(self.csv_file)
@@ -864,6 +901,9 @@ class PredictionReport:
 
     def photo(self, picture):
         """Report a photo's lines, mark its faces (--annotate) and draw their overlays (--gradcam)."""
+        self.files += 1
+        self.tally.update(face.verdict or face.note for face in picture.faces)
+        self.tally.update([picture.note] if picture.note else [])
         self.print_lines(picture)
         if self.settings.annotate and picture.image is not None:
             marked = self.output_file(self.settings.annotate, f"{self.names[picture.path]}-faces.jpg", "annotated")
@@ -884,6 +924,10 @@ class PredictionReport:
     def video(self, video):
         """Report a video's own line, once its frames are reported, and draw its contact sheet (--annotate)."""
         print(video_line(video))
+        for row in video.rows():
+            self.add_row(row)
+        self.files += 1
+        self.tally.update([video.verdict or video.note])
         if self.settings.annotate:
             sheet = self.output_file(self.settings.annotate, f"{self.names[video.path]}-frames.png", "annotated")
             save_contact_sheet(self.thumbnails.pop(video.path, []), video, sheet)
@@ -906,7 +950,9 @@ class PredictionReport:
 
     def unreadable(self, path):
         """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
-        self.add_row(dict(path=str(path), note=UNREADABLE))
+        self.files += 1
+        self.tally.update([UNREADABLE])
+        self.add_row(dict(path=str(path), note=UNREADABLE, model=self.model))
 
     def add_row(self, row):
         """Write a row of --csv: each row is on disk once this returns."""
@@ -937,8 +983,17 @@ class PredictionReport:
             overlay = self.output_file(self.settings.gradcam, f"{self.names[picture.path]}{gradcam_part(picture.frame, face)}-gradcam.png", "gradcam")
             save_gradcam_overlay(face.crop, face.heatmap, overlay, face.p_fake, face.verdict, mark=picture.mark)
 
+    def count_line(self):
+        """One line that counts what was judged: files, verdicts by kind, and what was not judged, by reason."""
+        verdicts = ", ".join(f"{self.tally[verdict]} {verdict}" for verdict in ("real", "uncertain", "fake"))
+        given = sum(self.tally[verdict] for verdict in ("real", "uncertain", "fake"))
+        reasons = [f"{count} {note}" for note, count in sorted(self.tally.items()) if note not in ("real", "uncertain", "fake")]
+        not_judged = f"; not judged: {', '.join(reasons)}" if reasons else ""
+        return f"{counted(self.files, 'file')}: {counted(given, 'verdict')} ({verdicts}){not_judged}"
+
     def finish(self):
-        """Close the CSV, and say what was written where."""
+        """Close the CSV, say what was judged, and what was written where."""
+        print(self.count_line())
         self.stop()
         if self.settings.csv:
             print(f"Wrote {self.settings.csv}")
@@ -1274,6 +1329,24 @@ def read_ensemble(output_dir):
     """The metrics of each model in the Ensemble row of OUTPUT_DIR's results table, and their weights."""
     members = ensemble_members(read_runs(output_dir))
     return [metrics for metrics, _ in members], ensemble_weights([metrics["valid_auc"] for metrics, _ in members])
+
+
+def ensemble_band(run_dirs, weights):
+    """The band of an ensemble's verdicts, chosen as a single model's is (uncertain_band), on the weighted
+    average of its models' validation p(fake); without one, Verdicts that say why, in words a user can act on."""
+    tables = []
+    for run_dir in map(Path, run_dirs):
+        try:
+            tables.append(pd.read_csv(run_dir / VALID_PREDICTIONS).set_index("path").sort_index())
+        except (OSError, ValueError):
+            return Verdicts(None, None, f"{run_dir} has no {VALID_PREDICTIONS} to choose the ensemble's band on "
+                                        "(it was trained by an earlier version): train that model again")
+    if any(not table.index.equals(tables[0].index) for table in tables):
+        return Verdicts(None, None, "its models were validated on different images: train them with the same "
+                                    "--data-dir, --subset and --seed")
+    p_fake = sum(weight * table["p_fake"] for weight, table in zip(weights, tables))
+    real_below, fake_from = uncertain_band(true_labels(tables[0]), p_fake.to_numpy(float))
+    return Verdicts(real_below, fake_from, "no score of the ensemble's validation faces met the band's rule")
 
 
 def ensemble_predictions(members, weights):

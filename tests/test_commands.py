@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import cv2
 import pytest
 
 import data_augmentation
@@ -210,3 +211,19 @@ def test_a_cache_that_cannot_be_written_is_a_warning_on_standard_error(capsys, t
     captured = capsys.readouterr()
     assert "could not cache the image check" not in captured.out
     assert captured.err.startswith(f"warning: could not cache the image check in {in_the_way / 'cache'}")
+
+
+def test_sample_media_are_written_in_seconds_without_tensorflow(tmp_path):
+    check = (
+        "import sys, time, data_preprocessing\n"
+        "started = time.perf_counter()\n"
+        f"status = data_preprocessing.main(['--sample-media', {str(tmp_path / 'media')!r}])\n"
+        "print(status, 'tensorflow' in sys.modules, round(time.perf_counter() - started, 1))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPOSITORY_DIR, capture_output=True, text=True, timeout=60)
+    status, tensorflow_loaded, seconds = result.stdout.splitlines()[-1].split()
+    assert (status, tensorflow_loaded) == ("0", "False") and float(seconds) < 10 and result.stderr == ""
+    assert sorted(path.name for path in (tmp_path / "media").iterdir()) == ["astronaut.jpg", "clip.mp4", "coffee.jpg"]
+    clip = cv2.VideoCapture(str(tmp_path / "media" / "clip.mp4"))
+    assert clip.get(cv2.CAP_PROP_FRAME_COUNT) / clip.get(cv2.CAP_PROP_FPS) == pytest.approx(10)
+    assert (tmp_path / "media" / "clip.mp4").stat().st_size <= 5_000_000

@@ -249,6 +249,48 @@ def test_a_model_that_does_not_separate_the_classes_calls_every_face_uncertain()
     assert figures.Verdicts(0.5, 0.5)(0.5) == "fake" and figures.Verdicts(0.5, 0.5)(0.49) == "real"
 
 
+@pytest.mark.parametrize(
+    "band, sentence",
+    [
+        ((0.5, 0.5), "real where p(fake) is under 0.5, fake from 0.5 up"),
+        ((0.151, 0.85), "real where p(fake) is under 0.151, fake where it is 0.850 or more, uncertain in between"),
+        ((0.405, None), "real where p(fake) is under 0.405, uncertain above it (no score was high enough to call a validation face fake)"),
+        ((None, 0.85), "fake where p(fake) is 0.850 or more, uncertain below it (no score was low enough to call a validation face real)"),
+        ((None, None), "uncertain whatever the score, as the model's card gives no band; --threshold T gives real under T, fake from T up"),
+    ],
+)
+def test_the_band_is_said_in_a_sentence_for_each_of_its_shapes(band, sentence):
+    assert str(figures.Verdicts(*band)) == sentence
+
+
+def test_the_ensembles_band_is_chosen_on_its_models_weighted_validation_scores(tmp_path):
+    # Two models' validation scores: 30 real faces low, 30 fake ones high, each model noisier on one side.
+    paths = [f"valid/{index}.jpg" for index in range(60)]
+    labels = ["real"] * 30 + ["fake"] * 30
+    first, second = tmp_path / "vgg16", tmp_path / "vgg19"
+    rng = np.random.default_rng(0)
+    scores = {}
+    for folder, spread in ((first, 0.1), (second, 0.3)):
+        folder.mkdir()
+        scores[folder] = np.r_[rng.uniform(0, spread, 30), rng.uniform(1 - spread, 1, 30)]
+        pd.DataFrame({"path": paths, "label": labels, "p_fake": scores[folder]}).to_csv(folder / figures.VALID_PREDICTIONS, index=False)
+    band = figures.ensemble_band([first, second], [0.75, 0.25])
+    averaged = 0.75 * scores[first] + 0.25 * scores[second]
+    assert (band.real_below, band.fake_from) == figures.uncertain_band(np.array([0] * 30 + [1] * 30), averaged)
+    assert band.real_below is not None and band.fake_from is not None
+    # A model trained before valid_predictions.csv was kept: no band, and the words say what to do.
+    (second / figures.VALID_PREDICTIONS).unlink()
+    unbanded = figures.ensemble_band([first, second], [0.75, 0.25])
+    assert unbanded.thresholds() == [] and str(unbanded).startswith(f"uncertain whatever the score, as {second} has no valid_predictions.csv")
+    assert "train that model again" in str(unbanded)
+
+
+def test_the_csv_columns_only_grow_at_the_end():
+    assert figures.CSV_COLUMNS == (
+        "path", "frame", "face", "crop_x", "crop_y", "crop_size", "mirrored", "confidence", "p_fake", "verdict", "note", "model",
+    )
+
+
 def test_faces_are_numbered_in_reading_order():
     """A 2x2 grid with uneven heights: face 1 top left, face 2 top right, then the bottom row."""
     def face(x, y, size=100):

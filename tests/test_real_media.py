@@ -235,10 +235,14 @@ def test_a_video_with_faces_off_is_judged_on_its_whole_frames(output_dir, tmp_pa
     assert predict(output_dir, str(video), "--faces", "off", "--frames", "3", "--csv", str(tmp_path / "w.csv")) == 0
 
     rows = pd.read_csv(tmp_path / "w.csv")
-    assert rows["frame"].tolist() == [2, 6, 10] and rows["face"].isna().all()
-    summary = capsys.readouterr().out.splitlines()[-3]
-    assert summary.startswith(f"{video}  video  p_fake={rows['p_fake'].mean():.4f}")
+    frames, video_row = rows[:-1], rows.iloc[-1]
+    assert frames["frame"].tolist() == [2, 6, 10] and rows["face"].isna().all()
+    summary = capsys.readouterr().out.splitlines()[-4]
+    assert summary.startswith(f"{video}  video  p_fake={frames['p_fake'].mean():.4f}")
     assert summary.endswith("(3 of 3 frames read, 0 faces scored; the whole frames)")
+    # The video's own verdict is a row of its own: no frame, and a note that says what it rests on.
+    assert np.isnan(video_row["frame"]) and video_row["p_fake"] == pytest.approx(frames["p_fake"].mean())
+    assert video_row["note"] == "video: 3 of 3 frames read; p_fake is the mean over the whole frames"
 
 
 def test_ctrl_c_in_a_video_keeps_the_rows_of_the_frames_judged(output_dir, tmp_path, monkeypatch, capsys):
@@ -346,7 +350,7 @@ def test_a_face_too_small_to_judge_gets_its_width_and_min_face_and_a_row(output_
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(str(path)))
         min_face = options[-1] if options else "64"
         assert re.fullmatch(
-            rf"{re.escape(str(path))}  face 1 at -?\d+,-?\d+  too small to judge: \d+ px wide, under --min-face {min_face}", line
+            rf"{re.escape(str(path))}  face 1, \d+ px wide, crop \d+ px at -?\d+,-?\d+  too small to judge: under --min-face {min_face} px", line
         ), line
         rows = pd.read_csv(tmp_path / f"{name}.csv")
         assert len(rows) == 1 and rows["note"][0] == "face too small" and np.isnan(rows["p_fake"][0])
@@ -529,8 +533,8 @@ def test_a_face_whose_frame_is_mostly_mirrored_is_not_judged(output_dir, tmp_pat
         Image.fromarray(scene).save(folder / name, quality=95)
     assert predict(output_dir, str(folder), "--csv", str(tmp_path / "edges.csv")) == 0
     lines = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(str(folder))}
-    assert re.search(r"p_fake=\S+  \w+  \(\d+% of its frame mirrored past the edge\)$", lines[str(folder / "fifth.jpg")])
-    assert re.search(r"not judged: \d+% of its frame is past the picture's edge", lines[str(folder / "two-fifths.jpg")])
+    assert re.search(r"p_fake=\S+  \w+  \(\d+% of its crop mirrored past the edge\)$", lines[str(folder / "fifth.jpg")])
+    assert re.search(r"not judged: \d+% of its crop is past the picture's edge", lines[str(folder / "two-fifths.jpg")])
     rows = pd.read_csv(tmp_path / "edges.csv").set_index("path")
     assert 0.1 < rows.loc[str(folder / "fifth.jpg"), "mirrored"] <= 0.25
     assert rows.loc[str(folder / "two-fifths.jpg"), "mirrored"] > 0.25
@@ -567,7 +571,7 @@ def test_faces_are_searched_within_a_pixel_budget_and_a_larger_min_face_is_said(
     assert searched and all(height * width <= 100_000 for height, width, _ in searched)
     assert captured.err.strip() == (f"warning: {photo}: in its 512x512 pixels, faces narrower than 33 px are not searched "
                                     "for, not 20 px as --min-face asks, to keep memory within bounds")
-    assert f"{photo}  face 1 (" in captured.out  # Her face, 164 px wide, is still found.
+    assert f"{photo}  face 1, " in captured.out  # Her face, 84 px wide, is still found.
 
 
 # --- The detector, from Python ----------------------------------------------------
@@ -643,12 +647,14 @@ def test_the_detector_and_predict_csv_give_the_same_rows(detector, output_dir, m
     assert predict(output_dir, *map(str, inputs), str(media / "clip.mp4"), "--frames", "6", "--csv", str(tmp_path / "p.csv")) == 0
 
     from_api = [row for path in inputs for row in detector.judge(path).rows()]
-    from_api += [row for frame in detector.judge_video(media / "clip.mp4", frames=6).frames for row in frame.rows()]
+    clip = detector.judge_video(media / "clip.mp4", frames=6)
+    from_api += [row for frame in clip.frames for row in frame.rows()] + clip.rows()
     expected = pd.DataFrame(from_api, columns=plot_loss_accuracy_graph.CSV_COLUMNS)
     written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, na_values=[""])
-    assert written["path"].tolist() == expected["path"].tolist() and written["note"].fillna("").tolist() == expected["note"].fillna("").tolist()
+    for column in ("path", "note", "verdict", "model"):
+        assert written[column].fillna("").tolist() == expected[column].fillna("").tolist()
     assert np.allclose(written["p_fake"].astype(float), expected["p_fake"].astype(float), atol=1e-6, equal_nan=True)
-    assert written["verdict"].fillna("").tolist() == expected["verdict"].fillna("").tolist()
+    assert written["model"][0] == str(output_dir / "vgg16" / "model.keras")
 
 
 def test_a_model_without_a_card_gives_marked_uncertain_verdicts(output_dir, media, tmp_path):
@@ -674,3 +680,19 @@ def test_the_readmes_python_lines_run_as_a_user_would_run_them(output_dir, tmp_p
     printed = result.stdout.splitlines()
     assert re.fullmatch(r"1 \((\d+\.0, ){3}\d+\.0\) [\d.e-]+ (real|uncertain|fake) None", printed[0]), printed
     assert re.fullmatch(r"[\d.e-]+ (real|uncertain|fake)", printed[-1]), printed
+
+
+def test_a_folder_run_ends_with_a_count_and_the_csv_keeps_the_model_and_each_videos_verdict(output_dir, media, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    shutil.copytree(media, folder)
+    (folder / "notes.jpg").write_text("not an image")
+    assert predict(output_dir, str(folder), "--frames", "4", "--csv", str(tmp_path / "p.csv")) == 0
+
+    printed = capsys.readouterr().out.splitlines()
+    # The card of this model gives no band: every verdict is uncertain.
+    assert "4 files: 2 verdicts (0 real, 2 uncertain, 0 fake); not judged: 1 no face, 1 unreadable" in printed
+    rows = pd.read_csv(tmp_path / "p.csv")
+    assert set(rows["model"]) == {str(output_dir / "vgg16" / "model.keras")}
+    video_row = rows[(rows["path"] == str(folder / "clip.mp4")) & rows["frame"].isna()]
+    assert len(video_row) == 1 and video_row["verdict"].iloc[0] == "uncertain"
+    assert video_row["note"].iloc[0] == "video: 4 of 4 frames read; p_fake is the mean over the face seen most, in 4 frames"
