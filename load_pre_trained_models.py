@@ -806,7 +806,7 @@ class Detector:
     a result's `warnings`.
     """
 
-    def __init__(self, members, judging=JudgingOptions(), band=None):
+    def __init__(self, members, judging=JudgingOptions()):
         if judging.gradcam and len(members) > 1:
             raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
         self.members, self.options = members, judging
@@ -819,7 +819,7 @@ class Detector:
             self.band = members[0].card.band
         else:
             # Chosen as a single model's band is, on the members' weighted validation p(fake).
-            self.band = band or ensemble_band([member.file.parent for member in members], [member.weight for member in members])
+            self.band = ensemble_band([member.file.parent for member in members], [member.weight for member in members])
         self.finder = FaceFinder() if judging.faces == "auto" else None
         self.stopwatch = Stopwatch()
         self.name = model_name(members, self.mark)
@@ -887,18 +887,22 @@ class Detector:
         """
         paths, batch = list(paths), []
         for position, path in enumerate(paths):
-            with self.stopwatch.timing("reading"):
-                try:
-                    image = read_upright(path)
-                except Exception as error:  # Moved, deleted or rewritten since it was listed: Pillow raises many kinds.
-                    image = self.unreadable(path, f"it can no longer be read ({error})")
-            batch.append(image if isinstance(image, PictureResult) else self.found(image, path))
+            batch.append(self.read(path))
             held = sum(picture.image.size // 3 for picture in batch if picture.image is not None)
             faces_to_score = sum(face.crop is not None for picture in batch for face in picture.faces)
             if faces_to_score >= self.options.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
                 self.score([face for picture in batch for face in picture.faces])
                 yield from batch
                 batch = []
+
+    def read(self, path):
+        """A photo file's PictureResult, its faces found and cut out; an UNREADABLE one if it can no longer be read."""
+        try:
+            with self.stopwatch.timing("reading"):
+                image = read_upright(path)
+        except Exception as error:  # Moved, deleted or rewritten since it was listed: Pillow raises many kinds.
+            return self.unreadable(path, f"it can no longer be read ({error})")
+        return self.found(image, path)
 
     def judge_video(self, path, frames=DEFAULT_FRAMES, on_batch=None):
         """Judge a video, or an animated GIF or WebP, on `frames` frames spread evenly over it.
