@@ -32,6 +32,7 @@ import csv
 import importlib.metadata
 import json
 import math
+import reprlib
 import shlex
 import sys
 import textwrap
@@ -556,10 +557,78 @@ def read_model_card(model_file):
     return front.get("deepfake_detector") if isinstance(front, dict) else None
 
 
+def not_text(value):
+    return None if isinstance(value, str) else "is not text"
+
+
+def not_true_or_false(value):
+    return None if isinstance(value, bool) else "is not true or false"
+
+
+def not_a_positive_whole_number(value):
+    # YAML reads true as a bool, and a bool is an int in Python: it must not pass as a number.
+    return None if isinstance(value, int) and not isinstance(value, bool) and value > 0 else "is not a whole number above 0"
+
+
+def not_a_share(value):
+    """Why `value` is not a number from 0 to 1 (a threshold, an AUC), or None if it is one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number"
+    return None if 0 <= value <= 1 else "is not between 0 and 1"
+
+
+def not_a_share_or_none(value):
+    return None if value is None else not_a_share(value)
+
+
+# The card's deepfake_detector block, as --predict trusts it: each field, how it is checked, and
+# whether it may be absent. Cards written before the band was chosen have no real_below or fake_from.
+CARD_FIELDS = {
+    "model": (not_text, "required"),
+    "trained_on": (not_text, "required"),
+    "demo_model": (not_true_or_false, "required"),
+    "test_auc": (not_a_share_or_none, "required"),
+    "img_size": (not_a_positive_whole_number, "required"),
+    "real_below": (not_a_share_or_none, "optional"),
+    "fake_from": (not_a_share_or_none, "optional"),
+}
+
+
+def card_problem(card):
+    """Why a card's deepfake_detector block cannot be trusted, naming the field; None if it can."""
+    if not isinstance(card, dict):
+        return f"deepfake_detector is {reprlib.repr(card)}, not a block of fields"
+    for field, (problem_of, presence) in CARD_FIELDS.items():
+        if field not in card:
+            if presence == "required":
+                return f"deepfake_detector.{field} is missing"
+            continue
+        problem = problem_of(card[field])
+        if problem:
+            return f"deepfake_detector.{field} {reprlib.repr(card[field])} {problem}"
+    real_below, fake_from = card.get("real_below"), card.get("fake_from")
+    if real_below is not None and fake_from is not None and real_below > fake_from:
+        # Faces would be called real above the score from which others are called fake.
+        return f"deepfake_detector.real_below {real_below} is above its fake_from {fake_from}"
+    return None
+
+
 def whose_verdicts(title, model_file):
     """What the model's card says: a line on whose verdicts these are, the mark its pictures carry
-    (DEMO_MARK, UNKNOWN_MARK or None), and the band of its verdicts (Verdicts)."""
+    (DEMO_MARK, UNKNOWN_MARK or None), and the band of its verdicts (Verdicts).
+
+    A card that fails its check (card_problem) decides nothing: it is named in a warning, and the
+    model is judged as one without a card.
+    """
     card = read_model_card(model_file)
+    problem = None if card is None else card_problem(card)
+    if problem:
+        card_file = Path(model_file).with_name(MODEL_CARD)
+        print(f"warning: {printable(card_file)}: {problem}; the card is set aside, and the model's verdicts "
+              "are marked as of unknown training data", file=sys.stderr)
+        return f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None, "the model's card was set aside")
     if card is None:
         return f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None)
     auc = "-" if card.get("test_auc") is None else f"{card['test_auc']:.3f}"

@@ -18,6 +18,7 @@ import matplotlib.figure
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from sklearn import metrics as sklearn_metrics
 
@@ -492,3 +493,76 @@ def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys)
         assert re.search(rf"moving\{suffix}  video  p_fake=\S+  \w+  \(4 of 4 frames read", output), output
         assert len(re.findall(rf"moving\{suffix}  frame \d+  p_fake=", output)) == 4
     assert re.search(r"still\.gif  p_fake=", output)
+
+
+# --- What is trusted: the model's card -----------------------------------------
+
+
+def card_beside_a_model(trained, folder, change):
+    """A copy of VGG16's model and card in `folder`, its card's deepfake_detector block changed by `change`."""
+    _, output_dir = trained
+    folder.mkdir()
+    shutil.copy(output_dir / "vgg16" / "model.keras", folder / "model.keras")
+    _, front_matter, body = (output_dir / "vgg16" / "README.md").read_text().split("---\n", 2)
+    front = yaml.safe_load(front_matter)
+    front["deepfake_detector"] = change(dict(front["deepfake_detector"]))
+    (folder / "README.md").write_text(f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n{body}")
+    return folder / "model.keras"
+
+
+def changed(**fields):
+    """A change to a card's block: set each field given, and drop those given as DROPPED."""
+    def change(block):
+        block.update(fields)
+        return {key: value for key, value in block.items() if value is not DROPPED}
+    return change
+
+
+DROPPED = object()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (changed(real_below="0.3"), "deepfake_detector.real_below '0.3' is not a number"),
+        (changed(test_auc="high"), "deepfake_detector.test_auc 'high' is not a number"),
+        (changed(trained_on=DROPPED), "deepfake_detector.trained_on is missing"),
+        (lambda block: [1, 2], "deepfake_detector is [1, 2], not a block of fields"),
+        (changed(real_below=0.9, fake_from=0.1), "deepfake_detector.real_below 0.9 is above its fake_from 0.1"),
+        (changed(real_below=float("nan")), "deepfake_detector.real_below nan is not a finite number"),
+        (changed(real_below=-0.5), "deepfake_detector.real_below -0.5 is not between 0 and 1"),
+        (changed(fake_from=1.5), "deepfake_detector.fake_from 1.5 is not between 0 and 1"),
+        (changed(real_below=True), "deepfake_detector.real_below True is not a number"),
+        (changed(img_size=True), "deepfake_detector.img_size True is not a whole number above 0"),
+        (changed(demo_model="no"), "deepfake_detector.demo_model 'no' is not true or false"),
+    ],
+)
+def test_a_tampered_card_is_named_in_one_line_and_decides_nothing(trained, tmp_path, capsys, change, fragment):
+    model_file = card_beside_a_model(trained, tmp_path / "tampered", change)
+    line, mark, verdicts = plot_loss_accuracy_graph.whose_verdicts("VGG16", model_file)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"warning: {tmp_path / 'tampered' / 'README.md'}: {fragment}; ")
+    # Judged as a model without a card: marked, and without a band.
+    assert mark == plot_loss_accuracy_graph.UNKNOWN_MARK and line.endswith(mark)
+    assert verdicts.thresholds() == [] and verdicts(0.0) == verdicts(1.0) == "uncertain"
+
+
+def test_a_sound_card_gives_its_band_without_a_word(trained, tmp_path, capsys):
+    model_file = card_beside_a_model(trained, tmp_path / "sound", changed(real_below=0.3, fake_from=0.7, test_auc=None))
+    line, mark, verdicts = plot_loss_accuracy_graph.whose_verdicts("VGG16", model_file)
+    assert capsys.readouterr().err == ""
+    assert mark is None and "test AUC -" in line and verdicts.thresholds() == [0.3, 0.7]
+
+
+def test_predict_sets_a_card_with_its_band_upside_down_aside(trained, tmp_path, capsys):
+    """With real_below 0.9 and fake_from 0.1, a face at p_fake 0.854 was called real."""
+    split_root, _ = trained
+    model_file = card_beside_a_model(trained, tmp_path / "upside-down", changed(real_below=0.9, fake_from=0.1))
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--faces", "off", "--model", str(model_file.parent)) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"warning: {model_file.parent / 'README.md'}: deepfake_detector.real_below 0.9 is above "
+                                    "its fake_from 0.1; the card is set aside, and the model's verdicts are marked as of "
+                                    "unknown training data")
+    assert "UNKNOWN TRAINING DATA" in captured.out and "as the model's card was set aside" in captured.out
+    assert f"{image}  p_fake=" in captured.out and captured.out.count("  uncertain  (UNKNOWN TRAINING DATA)") == 1
