@@ -552,7 +552,8 @@ def read_model_card(model_file):
     try:
         text = Path(model_file).with_name(MODEL_CARD).read_text()
         front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
-    except (OSError, IndexError, yaml.YAMLError):
+    # A card that is not UTF-8 raises a ValueError, and one nested thousands deep a RecursionError.
+    except (OSError, IndexError, ValueError, RecursionError, yaml.YAMLError):
         return None
     return front.get("deepfake_detector") if isinstance(front, dict) else None
 
