@@ -73,6 +73,7 @@ from data_preprocessing import (
     start_anew,
     printable,
     quiet_tensorflow_start,
+    warn_skipping,
     write_json_atomically,
     write_jpeg,
     write_text_atomically,
@@ -567,17 +568,23 @@ def not_true_or_false(value):
 
 
 def not_a_positive_whole_number(value):
-    # YAML reads true as a bool, and a bool is an int in Python: it must not pass as a number.
     return None if isinstance(value, int) and not isinstance(value, bool) and value > 0 else "is not a whole number above 0"
+
+
+def not_a_finite_number(value):
+    # YAML and JSON read true as a bool, and a bool is an int in Python: it must not pass as a number.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    return None if math.isfinite(value) else "is not a finite number"
 
 
 def not_a_share(value):
     """Why `value` is not a number from 0 to 1 (a threshold, an AUC), or None if it is one."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "is not a number"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "is not a finite number"
-    return None if 0 <= value <= 1 else "is not between 0 and 1"
+    return not_a_finite_number(value) or (None if 0 <= value <= 1 else "is not between 0 and 1")
+
+
+def not_a_loss(value):
+    return not_a_finite_number(value) or (None if value >= 0 else "is below 0")
 
 
 def not_a_share_or_none(value):
@@ -597,18 +604,27 @@ CARD_FIELDS = {
 }
 
 
+def fields_problem(block, fields, prefix=""):
+    """Why the fields of a dict read from a file do not pass their checks (a table such as CARD_FIELDS),
+    naming the first field that fails, its value (shortened) and why; None if they all pass."""
+    for field, (problem_of, presence) in fields.items():
+        if field not in block:
+            if presence == "required":
+                return f"{prefix}{field} is missing"
+            continue
+        problem = problem_of(block[field])
+        if problem:
+            return f"{prefix}{field} {reprlib.repr(block[field])} {problem}"
+    return None
+
+
 def card_problem(card):
     """Why a card's deepfake_detector block cannot be trusted, naming the field; None if it can."""
     if not isinstance(card, dict):
         return f"deepfake_detector is {reprlib.repr(card)}, not a block of fields"
-    for field, (problem_of, presence) in CARD_FIELDS.items():
-        if field not in card:
-            if presence == "required":
-                return f"deepfake_detector.{field} is missing"
-            continue
-        problem = problem_of(card[field])
-        if problem:
-            return f"deepfake_detector.{field} {reprlib.repr(card[field])} {problem}"
+    problem = fields_problem(card, CARD_FIELDS, "deepfake_detector.")
+    if problem:
+        return problem
     real_below, fake_from = card.get("real_below"), card.get("fake_from")
     if real_below is not None and fake_from is not None and real_below > fake_from:
         # Faces would be called real above the score from which others are called fake.
@@ -1195,16 +1211,69 @@ def ensemble_weights(valid_aucs):
 MODEL_ORDER = ("VGG16", "VGG19", "InceptionV3", "ResNet50")
 
 
+# What a run folder's metrics.json must hold for the results table and the ensemble to read it.
+# Runs made before the AUC, AP, EER and validation AUC were recorded have none of them.
+RUN_FIELDS = {
+    "model": (not_text, "required"),
+    "test_accuracy": (not_a_share, "required"),
+    "test_loss": (not_a_loss, "required"),
+    "test_auc": (not_a_share_or_none, "optional"),
+    "test_ap": (not_a_share_or_none, "optional"),
+    "test_eer": (not_a_share_or_none, "optional"),
+    "valid_auc": (not_a_share_or_none, "optional"),
+    "name": (not_text, "optional"),
+}
+# The columns of predictions.csv that the ensemble reads.
+PREDICTIONS_COLUMNS = ("path", "label", "p_fake")
+
+
+def read_run_metrics(metrics_file):
+    """(a run's metrics, None), or (None, why the file is not a run's metrics.json)."""
+    try:
+        metrics = json.loads(Path(metrics_file).read_text())
+    # Damaged JSON, or text that is not UTF-8, raises a ValueError; JSON nested thousands deep, a RecursionError.
+    except (OSError, ValueError, RecursionError) as error:
+        return None, f"it cannot be read as JSON ({error})"
+    if not isinstance(metrics, dict):
+        return None, "it holds no run's metrics"
+    problem = fields_problem(metrics, RUN_FIELDS)
+    return (None, f"not a run's metrics: {problem}") if problem else (metrics, None)
+
+
+def read_run_predictions(predictions_file):
+    """A run's test predictions, or None, with a warning, where its predictions.csv cannot be read by the ensemble."""
+    try:
+        predictions = pd.read_csv(predictions_file)
+    except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors.
+        problem = f"it cannot be read as a CSV ({error})"
+    else:
+        missing = [column for column in PREDICTIONS_COLUMNS if column not in predictions.columns]
+        if missing:
+            problem = f"it has no {', '.join(missing)} column"
+        elif not pd.to_numeric(predictions["p_fake"], errors="coerce").between(0, 1).all():
+            problem = "some of its p_fake are not numbers from 0 to 1"
+        else:
+            return predictions
+    warn_skipping(predictions_file, f"{problem}; its model is left out of the Ensemble row")
+    return None
+
+
 def read_runs(output_dir):
     """(metrics, test predictions or None) for every model with a metrics.json, in MODEL_ORDER.
 
-    Each metrics also gives its run's folder, as "run_dir".
+    Each metrics also gives its run's folder, as "run_dir". A metrics.json that is no run's
+    (a stray file, or one damaged) is skipped with a warning, as is a predictions.csv that
+    the ensemble cannot read.
     """
     runs = []
     for metrics_file in Path(output_dir).glob("*/metrics.json"):
+        metrics, problem = read_run_metrics(metrics_file)
+        if problem:
+            warn_skipping(metrics_file, problem)
+            continue
         predictions_file = metrics_file.with_name("predictions.csv")
-        predictions = pd.read_csv(predictions_file) if predictions_file.exists() else None
-        runs.append(({**json.loads(metrics_file.read_text()), "run_dir": str(metrics_file.parent)}, predictions))
+        predictions = read_run_predictions(predictions_file) if predictions_file.exists() else None
+        runs.append(({**metrics, "run_dir": str(metrics_file.parent)}, predictions))
     order = {title: position for position, title in enumerate(MODEL_ORDER)}
     return sorted(runs, key=lambda run: (order.get(run[0]["model"], len(order)), run[0]["model"]))
 
@@ -1326,7 +1395,9 @@ def main(argv=None):
     ensure_writable_folder(output_dir)
     for history_file, history in histories.items():
         metrics_file = history_file.with_name("metrics.json")
-        title = json.loads(metrics_file.read_text())["model"] if metrics_file.exists() else history_file.parent.name
+        # A metrics.json that is no run's is named once, when the table is rebuilt below.
+        metrics = read_run_metrics(metrics_file)[0] if metrics_file.exists() else None
+        title = metrics["model"] if metrics else history_file.parent.name
         print(f"Wrote {plot_history(history, history_file.with_name('history.png'), title)}")
     print(write_results_table(output_dir))
     return 0

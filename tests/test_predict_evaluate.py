@@ -574,3 +574,76 @@ def test_a_card_that_cannot_be_read_counts_as_none(tmp_path, card):
     (tmp_path / "README.md").write_bytes(card)
     _, mark, verdicts = plot_loss_accuracy_graph.whose_verdicts("VGG16", tmp_path / "model.keras")
     assert mark == plot_loss_accuracy_graph.UNKNOWN_MARK and verdicts.thresholds() == []
+
+
+# --- What is trusted: the run folders under OUTPUT_DIR ------------------------------
+
+
+def runs_beside_strays(trained, folder):
+    """A copy of the two trained runs (their models linked, not copied) beside a stray metrics.json and two
+    damaged ones, each in a folder of its own; return the stray files."""
+    _, output_dir = trained
+    for name in ("vgg16", "vgg19"):
+        (folder / name).mkdir(parents=True)
+        for file_name in ("metrics.json", "predictions.csv", "history.csv", "README.md"):
+            shutil.copy(output_dir / name / file_name, folder / name / file_name)
+        (folder / name / "model.keras").symlink_to(output_dir / name / "model.keras")
+    strays = {
+        "junk": ('{"accuracy": 1}', "not a run's metrics: model is missing"),
+        "cut": (json.dumps(read_metrics(output_dir / "vgg16"))[:40], "it cannot be read as JSON"),
+        "boolean": (json.dumps({**read_metrics(output_dir / "vgg16"), "test_accuracy": True}),
+                    "not a run's metrics: test_accuracy True is not a number"),
+    }
+    for name, (content, _) in strays.items():
+        (folder / name).mkdir()
+        (folder / name / "metrics.json").write_text(content)
+    shutil.copy(output_dir / "vgg16" / "history.csv", folder / "cut" / "history.csv")  # A history to redraw, titled by its folder.
+    return {folder / name / "metrics.json": why for name, (_, why) in strays.items()}
+
+
+def assert_each_skipped_once(error_output, strays):
+    lines = error_output.strip().splitlines()
+    assert len(lines) == len(strays), lines
+    for path, why in strays.items():
+        assert sum(line.startswith(f"warning: skipping {path}: {why}") for line in lines) == 1, (path, lines)
+
+
+def test_a_stray_or_damaged_metrics_json_is_skipped_by_the_table_and_the_plot(trained, tmp_path, capsys):
+    """outputs/demo/junk/metrics.json holding {"accuracy": 1} made the plot command fail with KeyError 'model'."""
+    from plot_loss_accuracy_graph import main, write_results_table
+
+    strays = runs_beside_strays(trained, tmp_path / "outputs")
+    markdown = write_results_table(tmp_path / "outputs")
+    assert [line.split(" | ")[0] for line in markdown.splitlines()[2:5]] == ["| VGG16", "| VGG19", "| Ensemble"]
+    assert_each_skipped_once(capsys.readouterr().err, strays)
+
+    assert main([str(tmp_path / "outputs")]) == 0
+    assert (tmp_path / "outputs" / "cut" / "history.png").exists()
+    assert_each_skipped_once(capsys.readouterr().err, strays)
+
+
+def test_a_stray_metrics_json_is_skipped_by_the_ensemble(trained, tmp_path, capsys):
+    split_root, _ = trained
+    strays = runs_beside_strays(trained, tmp_path / "outputs")
+    members, weights = plot_loss_accuracy_graph.read_ensemble(tmp_path / "outputs")
+    assert [metrics["model"] for metrics in members] == ["VGG16", "VGG19"]
+    assert_each_skipped_once(capsys.readouterr().err, strays)
+
+    _, p_fake, _ = expected_ensemble(tmp_path / "outputs")
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--faces", "off", "--model", "ensemble") == 0
+    captured = capsys.readouterr()
+    assert printed_lines(captured.out)[image][0] == pytest.approx(p_fake[image], abs=1e-4)
+    assert_each_skipped_once(captured.err, strays)
+
+
+def test_a_damaged_predictions_csv_leaves_its_model_out_of_the_ensemble(trained, tmp_path, capsys):
+    from plot_loss_accuracy_graph import write_results_table
+
+    runs_beside_strays(trained, tmp_path / "outputs")
+    predictions_file = tmp_path / "outputs" / "vgg19" / "predictions.csv"
+    predictions_file.write_text(predictions_file.read_text().replace("p_fake", "score"))
+    markdown = write_results_table(tmp_path / "outputs")
+    assert "| VGG19 |" in markdown and "| Ensemble |" not in markdown
+    assert (f"warning: skipping {predictions_file}: it has no p_fake column; its model is left out of the Ensemble row"
+            in capsys.readouterr().err)
