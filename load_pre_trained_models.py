@@ -554,6 +554,10 @@ def image_size(model):
 
 def load_saved_model(model_file, name, title):
     """Load a detector that the script of the model `name` (its title, for messages) saved; refuse anything else with one line."""
+    # Keras reads a .keras file's config whole: its declared sizes are checked before it may.
+    problem = declared_size_problem(archive_contents(model_file)) if Path(model_file).suffix == ".keras" else None
+    if problem:
+        raise UserError(f"{model_file} cannot be a model that these scripts saved: {problem}; pass a .keras file that a run saved")
     if Path(model_file).suffix == ".keras" and not is_complete_model_file(model_file):
         raise UserError(
             f"{model_file} is not a complete .keras file (it was cut off, perhaps while it was copied or saved); "
@@ -1238,16 +1242,48 @@ def epochs_of_finished_training(run_dir):
 
 
 def is_complete_model_file(path):
-    """True if `path` is a whole .keras file, not one cut off mid-write or mid-copy.
+    """True if `path` is a whole .keras file, not one cut off mid-write or mid-copy, nor one no model could be.
 
     A .keras file is a zip archive whose directory of contents comes last: a file cut
     off anywhere has none, and reading the directory takes no time even for a large model.
     """
+    contents = archive_contents(path)
+    return any(content.filename == "model.weights.h5" for content in contents) and declared_size_problem(contents) is None
+
+
+def archive_contents(path):
+    """What a zip file's directory says it holds (ZipInfo: each file's name, size, and size stored), nothing
+    decompressed; empty for a file that is no whole zip."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return "model.weights.h5" in archive.namelist()
+            return archive.infolist()
     except (OSError, zipfile.BadZipFile):
-        return False
+        return []
+
+
+# No model of these scripts comes near these sizes. VGG19's model.keras, the largest, holds a
+# config.json of about 30 kB and 0.6 GB of weights; Keras stores them uncompressed. Keras reads
+# config.json and metadata.json whole into memory, so a few MB of a zip declaring GB (a zip
+# bomb) would take memory without limit: these are checked first, from the declared sizes.
+LARGEST_MODEL_CONFIG = 10 * 2**20  # config.json or metadata.json, and any file stored compressed.
+LARGEST_MODEL_CONTENTS = 4 * 2**30  # everything in the file.
+# Deflate compresses at most about 1,000 times; a file past LARGEST_MODEL_CONFIG that expands more
+# than this is a bomb (Keras' own check, at 4 GB, uses the same ratio).
+LARGEST_EXPANSION = 100
+
+
+def declared_size_problem(contents):
+    """Why the contents of a .keras file (archive_contents) cannot be a model's, from their declared sizes; None if they can."""
+    for content in contents:
+        megabytes = f"{content.file_size / 2**20:,.0f} MB"
+        if content.filename in ("config.json", "metadata.json") and content.file_size > LARGEST_MODEL_CONFIG:
+            return f"its {content.filename} declares {megabytes}, where a model's takes under {LARGEST_MODEL_CONFIG // 2**20} MB"
+        if content.file_size > LARGEST_MODEL_CONFIG and content.file_size > LARGEST_EXPANSION * content.compress_size:
+            return f"its {content.filename} declares {megabytes}, {content.file_size // max(content.compress_size, 1):,} times what it stores"
+    total = sum(content.file_size for content in contents)
+    if total > LARGEST_MODEL_CONTENTS:
+        return f"its contents declare {total / 2**30:,.1f} GB, where a model's take under {LARGEST_MODEL_CONTENTS // 2**30} GB"
+    return None
 
 
 # Beside the backup: the epoch and val_loss of the model in model.keras (see SaveBestModel).

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -647,3 +648,40 @@ def test_a_damaged_predictions_csv_leaves_its_model_out_of_the_ensemble(trained,
     assert "| VGG19 |" in markdown and "| Ensemble |" not in markdown
     assert (f"warning: skipping {predictions_file}: it has no p_fake column; its model is left out of the Ensemble row"
             in capsys.readouterr().err)
+
+
+# --- What is trusted: a .keras file -----------------------------------------------
+
+
+class LoadedTheBomb(BaseException):
+    """Raised where Keras would have begun to read the bomb; not an Exception, so that nothing catches it."""
+
+
+def zip_bomb(path, name, megabytes):
+    """A .keras file of a few kB whose `name` declares `megabytes` MB: of spaces for JSON, of zeros for the weights."""
+    filler = b" " if name.endswith(".json") else b"\0"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for content in ("metadata.json", "config.json", "model.weights.h5"):
+            archive.writestr(content, filler * (megabytes * 2**20) if content == name else b"{}")
+    return path
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("config.json", ["its config.json declares 20 MB, where a model's takes under 10 MB"]),
+    # Deflate stores zeros about 1,000 times smaller.
+    ("model.weights.h5", ["its model.weights.h5 declares 20 MB, ", " times what it stores"]),
+])
+def test_a_zip_bomb_as_model_keras_is_refused_from_its_declared_sizes(tiny_split_root, tmp_path, monkeypatch, capsys, name, fragments):
+    """A config.json of 1.5 GiB of spaces, stored in 1.5 MB, took 3.9 GB of memory before its one-line error."""
+    bomb = zip_bomb(tmp_path / "model.keras", name, 20)
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(load_pre_trained_models.keras.models, "load_model", lambda *args, **kwargs: throw(LoadedTheBomb()))
+    image = str(tiny_split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--faces", "off", "--model", str(bomb)) == 2
+    assert_one_line_error(capsys, f"{bomb} cannot be a model that these scripts saved: ", *fragments)
+    # Training's own checks call such a file damaged, and replace it rather than load it.
+    assert not load_pre_trained_models.is_complete_model_file(bomb)
+
+
+def throw(error):
+    raise error
