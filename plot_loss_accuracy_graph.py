@@ -30,10 +30,13 @@ average of their p(fake), computed from their predictions.csv, with nothing re-r
 import contextlib
 import csv
 import importlib.metadata
+import io
 import json
 import math
+import os
 import reprlib
 import shlex
+import stat
 import sys
 import textwrap
 from collections import Counter
@@ -762,9 +765,26 @@ class PredictionReport:
             self.csv_rows += 1
 
     def write_csv_cells(self, cells):
+        """Write one row of --csv whole, or not at all: a disk that fills mid-row leaves no part of it.
+
+        The row is written past the file's buffer, straight to its descriptor: a part left in
+        the buffer after a failed write would be written when the file closes, once the cut
+        has freed some space, as the tail of a row without its start.
+        """
+        row = io.StringIO()
+        csv.writer(row).writerow(cells)
+        data = row.getvalue().encode(self.csv_file.encoding, self.csv_file.errors)
+        descriptor = self.csv_file.fileno()
+        before = os.fstat(descriptor)
         with writing(self.args.csv):
-            self.csv_writer.writerow(cells)
-            self.csv_file.flush()
+            try:
+                while data:  # A write may take only part of the row, the disk's last free bytes.
+                    data = data[os.write(descriptor, data):]
+            except OSError:
+                # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
+                if stat.S_ISREG(before.st_mode):
+                    os.ftruncate(descriptor, before.st_size)
+                raise
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""

@@ -5,10 +5,13 @@ module into the same output folder, and every test below reads or applies them; 
 first redraws their figures with plot_loss_accuracy_graph.py.
 """
 
+import argparse
+import contextlib
 import errno
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -685,3 +688,39 @@ def test_a_zip_bomb_as_model_keras_is_refused_from_its_declared_sizes(tiny_split
 
 def throw(error):
     raise error
+
+
+# --- A full disk mid-row ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def files_limited_to(size):
+    """Files of this process cannot grow past `size` bytes, as on a disk that fills: a write that crosses it
+    writes what fits, and the next fails (RLIMIT_FSIZE, with its signal ignored)."""
+    resource = pytest.importorskip("resource")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_disk_that_fills_mid_row_leaves_only_whole_rows_in_the_csv(tmp_path):
+    """A full disk left a cut-off last row in --csv, which pandas read as one more row."""
+    from data_preprocessing import CannotWrite
+
+    csv_file = tmp_path / "p.csv"
+    report = plot_loss_accuracy_graph.PredictionReport(argparse.Namespace(csv=csv_file, annotate=None, gradcam=None), [])
+    report.start(None)
+    row = dict(path=str(tmp_path / "a face with a long name.jpg"), p_fake=0.25, verdict="real")
+    report.add_row(row)
+    whole = csv_file.read_bytes()
+    with files_limited_to(len(whole) + 10):  # Room for 10 bytes of the next row.
+        with pytest.raises(CannotWrite, match=f"cannot write {csv_file}"):
+            report.add_row({**row, "p_fake": 0.75})
+        report.stop()  # Closed while the disk is still full.
+    assert csv_file.read_bytes() == whole
+    assert pd.read_csv(csv_file)["p_fake"].tolist() == [0.25]
