@@ -447,6 +447,9 @@ def calibration_metrics(predictions, valid_predictions, calibration):
     real_below, fake_from = uncertain_band(true_labels(valid_predictions), valid_predictions["p_fake"].to_numpy(float))
     return {
         "temperature": calibration["temperature"],
+        # Whether the temperature was fitted, or kept at 1 on a validation split too small, and why.
+        "calibrated": calibration.get("skipped") is None,
+        "calibration_skipped": calibration.get("skipped"),
         "test_ece_before_calibration": expected_calibration_error(labels, calibration["test_p_fake_before"]),
         "test_ece": expected_calibration_error(labels, predictions["p_fake"]),
         "real_below": real_below,
@@ -457,9 +460,10 @@ def calibration_metrics(predictions, valid_predictions, calibration):
 def model_card(recipe, args, metrics):
     """The model card: YAML front matter that a model hub reads, then what the model is, what it was
     trained on, how it scored on its test split, what it cannot judge, and how it was made."""
+    calibrated = metrics["calibrated"]
     test_metrics = [
         ("accuracy", "test_accuracy", "Test accuracy"), ("roc_auc", "test_auc", "Test AUC"), ("eer", "test_eer", "Test EER"),
-        ("ece", "test_ece", "Test ECE, calibrated"),
+        ("ece", "test_ece", "Test ECE, calibrated" if calibrated else "Test ECE"),
     ]
     front = {
         "library_name": "keras",
@@ -503,12 +507,13 @@ def model_card(recipe, args, metrics):
         "## Test metrics", "",
         "| Metric | Value |", "|---|---|",
         *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None),
-        f"| Test ECE, before calibration | {metrics['test_ece_before_calibration']:.4f} |", "",
+        *([f"| Test ECE, before calibration | {metrics['test_ece_before_calibration']:.4f} |"] if calibrated else []), "",
         *(["Here the test ECE is worse after calibration: one temperature cannot mend a model whose errors are "
            "not over- or under-confidence alone, and a small validation split fits it roughly.", ""]
           if metrics["test_ece"] > metrics["test_ece_before_calibration"] else []),
-        "p(fake) is calibrated: a temperature of "
-        f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model.", "",
+        ("p(fake) is calibrated: a temperature of "
+         f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model."
+         if calibrated else f"p(fake) is not calibrated: {metrics['calibration_skipped']}; its temperature stays 1."), "",
         "## Verdicts", "",
         verdicts_sentence(metrics["real_below"], metrics["fake_from"]), "",
         "## What it cannot judge", "",
