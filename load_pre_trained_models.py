@@ -998,6 +998,27 @@ def evaluation_labels(recipe, args, folder):
     return name, title
 
 
+# Where --evaluate files its evaluations of a model from elsewhere: OUTPUT_DIR/evaluations/<its name>/.
+EVALUATIONS_DIR = "evaluations"
+
+
+def evaluations_folder(model_file, output_dir, name):
+    """The folder of --evaluate's eval-* folders for model_file, the model of the script `name` (vgg16, ...).
+
+    The model that training wrote into OUTPUT_DIR/<name>/ is evaluated there, beside its run's
+    outputs, which a later run sets aside with them. A model from elsewhere (--model) is
+    evaluated in OUTPUT_DIR/evaluations/<its name>/, named for its folder (one that holds
+    model.keras and its card) or for its file: not in OUTPUT_DIR/<name>/, where a later training
+    run would set the evaluation aside as its own, nor beside the model, whose folder may be
+    read-only (Kaggle's inputs) or someone else's, and where no output of these scripts goes.
+    """
+    run_dir, model_file = Path(output_dir) / name, Path(model_file).resolve()
+    if model_file.parent == run_dir.resolve():
+        return run_dir
+    named_for = model_file.parent.name if model_file.name == "model.keras" else model_file.stem
+    return Path(output_dir) / EVALUATIONS_DIR / (named_for or model_file.stem)
+
+
 def evaluate_saved_model(recipe, args):
     """--evaluate: measure a saved model on another folder of real and fake faces, perhaps perturbed."""
     model_file = saved_model_file(recipe, args)
@@ -1006,7 +1027,7 @@ def evaluate_saved_model(recipe, args):
     model = load_saved_model(model_file, recipe.name, recipe.title)
     faces = find_evaluation_faces(images, args.min_face) if args.faces == "auto" else None
     eval_name, eval_title = evaluation_labels(recipe, args, folder)
-    run_dir = ensure_writable_folder(args.output_dir / recipe.name)
+    run_dir = ensure_writable_folder(evaluations_folder(model_file, args.output_dir, recipe.name))
     with one_run_at_a_time(run_dir):
         return write_evaluation(recipe, args, model, model_file, images, run_dir / eval_name, eval_title, faces)
 

@@ -391,7 +391,8 @@ RUN_OUTPUTS = (
 DEMO_MARK = "DEMO MODEL: trained on drawn faces; its verdicts on real photos mean nothing"
 UNKNOWN_MARK = "UNKNOWN TRAINING DATA: no model card; what its verdicts are worth is unknown"
 
-# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
+# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs
+# (a model from elsewhere: load_pre_trained_models.evaluations_folder).
 EVALUATION_PREFIX = "eval-"
 
 

@@ -724,3 +724,33 @@ def test_a_disk_that_fills_mid_row_leaves_only_whole_rows_in_the_csv(tmp_path):
         report.stop()  # Closed while the disk is still full.
     assert csv_file.read_bytes() == whole
     assert pd.read_csv(csv_file)["p_fake"].tolist() == [0.25]
+
+
+# --- Where an evaluation is filed ---------------------------------------------------
+
+
+def test_an_evaluation_is_filed_with_the_model_it_evaluates(tmp_path):
+    from load_pre_trained_models import evaluations_folder
+
+    output_dir = tmp_path / "outputs"
+    for trained_here in (output_dir / "vgg16" / "model.keras", tmp_path / "outputs" / ".." / "outputs" / "vgg16" / "model.keras"):
+        assert evaluations_folder(trained_here, output_dir, "vgg16") == output_dir / "vgg16"
+    # A model from elsewhere: named for its folder when it is a model.keras beside its card, else for its file.
+    assert evaluations_folder(tmp_path / "hub" / "vgg16-ffhq" / "model.keras", output_dir, "vgg16") == output_dir / "evaluations" / "vgg16-ffhq"
+    assert evaluations_folder(tmp_path / "mine.keras", output_dir, "vgg16") == output_dir / "evaluations" / "mine"
+    assert evaluations_folder(output_dir / "vgg16" / "previous" / "model.keras", output_dir, "vgg16") == output_dir / "evaluations" / "previous"
+
+
+def test_evaluating_a_model_from_elsewhere_leaves_the_training_runs_folder_and_the_models_alone(trained, tmp_path, capsys):
+    """--evaluate --model X wrote into OUTPUT_DIR/vgg16/eval-*, which a later training run set aside as its own."""
+    split_root, trained_outputs = trained
+    elsewhere = tmp_path / "downloaded"
+    elsewhere.mkdir()
+    for name in ("model.keras", "README.md"):
+        shutil.copy(trained_outputs / "vgg16" / name, elsewhere / name)
+    output_dir = tmp_path / "outputs"
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(split_root), "--model", str(elsewhere)) == 0
+    assert read_metrics(output_dir / "evaluations" / "downloaded" / "eval-faces")["model_file"] == str(elsewhere / "model.keras")
+    assert f"Wrote {output_dir / 'evaluations' / 'downloaded' / 'eval-faces'}/: metrics.json" in capsys.readouterr().out
+    assert not (output_dir / "vgg16").exists()
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["README.md", "model.keras"]
