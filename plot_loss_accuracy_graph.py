@@ -1166,6 +1166,7 @@ def save_annotated_image(image, marks, path, verdicts, mark=None):
 THUMBNAIL_WIDTH = 320
 CONTACT_SHEET_FRAMES = 64
 CONTACT_SHEET_COLUMNS = 8
+CONTACT_SHEET_MIN_WIDTH = 4.0  # inches
 
 
 def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
@@ -1182,7 +1183,8 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     rows = max(1, math.ceil(len(thumbnails) / columns))
     height, width = thumbnails[0][1].shape[:2] if thumbnails else (9, 16)
     cell_height = 2.0 * height / width
-    figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
+    # Never narrower than the strip of scores and its legend beside it need, even for one frame.
+    figure = plt.figure(figsize=(max(2.0 * columns, CONTACT_SHEET_MIN_WIDTH), cell_height * rows + 2.2))
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
     for position, (index, thumbnail, scale) in enumerate(thumbnails):
         frame_marks = [face._replace(face_frame=None if face.face_frame is None else face.face_frame.scaled(scale))
@@ -1202,9 +1204,11 @@ def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     if p_fake is not None:
         strip.axhline(p_fake, color="black", linestyle="--", linewidth=1, label=f"video p_fake {p_fake:.2f}")
     strip.set_ylim(-0.05, 1.05)
+    strip.xaxis.set_major_locator(MaxNLocator(integer=True))  # Frames are counted whole, even where one is shown.
     strip.set_xlabel("frame")
     strip.set_ylabel("p_fake")
-    strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if strip.get_legend_handles_labels()[0]:  # Nothing to name where no face was judged.
+        strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if mark:
         figure.suptitle(mark, color="crimson")
     figure.tight_layout()

@@ -754,3 +754,24 @@ def test_evaluating_a_model_from_elsewhere_leaves_the_training_runs_folder_and_t
     assert f"Wrote {output_dir / 'evaluations' / 'downloaded' / 'eval-faces'}/: metrics.json" in capsys.readouterr().out
     assert not (output_dir / "vgg16").exists()
     assert sorted(path.name for path in elsewhere.iterdir()) == ["README.md", "model.keras"]
+
+
+# --- Contact sheets -----------------------------------------------------------------
+
+
+def test_contact_sheets_of_one_frame_or_of_no_face_draw_without_a_warning(trained, tmp_path, recwarn):
+    """A one-frame video, and a GIF with no judged face, printed Matplotlib's warnings with their source lines."""
+    split_root, output_dir = trained
+    (tmp_path / "media").mkdir()
+    face = cv2.imread(str(split_root / "test" / "fake" / "0001.jpg"))
+    writer = cv2.VideoWriter(str(tmp_path / "media" / "one-frame.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, face.shape[1::-1])
+    writer.write(face)
+    writer.release()
+    noise = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), np.uint8)) for seed in range(3)]
+    noise[0].save(tmp_path / "media" / "no-face.gif", save_all=True, append_images=noise[1:], duration=100)
+    for media, faces in (("one-frame.mp4", "off"), ("no-face.gif", "auto")):
+        assert apply("VGG16", output_dir, "--predict", str(tmp_path / "media" / media), "--faces", faces, "--annotate",
+                     str(tmp_path / "sheets")) == 0
+        assert (tmp_path / "sheets" / f"{media}-frames.png").exists()
+    ours = [str(warning.message) for warning in recwarn if Path(warning.filename) == Path(plot_loss_accuracy_graph.__file__)]
+    assert ours == []
