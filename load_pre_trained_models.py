@@ -110,6 +110,7 @@ from plot_loss_accuracy_graph import (
     classification_metrics,
     read_ensemble,
     read_history,
+    shown_frame_positions,
     whose_verdicts,
     write_results_table,
     write_run_outputs,
@@ -944,6 +945,7 @@ class MediaJudge:
         thumbnail a fraction of one.
         """
         lines, thumbnails, read, wanted = [], [], 0, 0
+        shown = shown_frame_positions(self.args.frames)  # Those a contact sheet shows, of --frames sampled.
         reading = read_video_frames(path, self.args.frames)
         unscored = []
         while True:
@@ -957,7 +959,7 @@ class MediaJudge:
                 continue
             read += 1
             unscored += self.lines_of(frame, path, index)
-            if self.args.annotate:
+            if self.args.annotate and wanted - 1 in shown:
                 scale = THUMBNAIL_WIDTH / frame.shape[1]
                 thumbnails.append((index, cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale))
             # A batch is full of faces to score, or of frames (which may have none) to report.

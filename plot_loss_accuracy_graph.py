@@ -1169,16 +1169,24 @@ CONTACT_SHEET_COLUMNS = 8
 CONTACT_SHEET_MIN_WIDTH = 4.0  # inches
 
 
+def shown_frame_positions(frame_count):
+    """Which of `frame_count` sampled frames, by position (0, 1, ...), a contact sheet shows: all of them up
+    to CONTACT_SHEET_FRAMES, else as many spread evenly, the first and the last among them.
+
+    Known before any frame is read, so that --predict keeps the thumbnails of these frames only.
+    """
+    return sorted({int(position) for position in np.linspace(0, frame_count - 1, min(frame_count, CONTACT_SHEET_FRAMES)).round()})
+
+
 def save_contact_sheet(thumbnails, marks, path, verdicts, p_fake, mark=None):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
-    CONTACT_SHEET_FRAMES, as many spread evenly are shown. `marks` holds (frame index,
+    CONTACT_SHEET_FRAMES, those at shown_frame_positions are shown. `marks` holds (frame index,
     FaceMark) pairs, in the frames' pixels; p_fake is the video's own, drawn as a
     dashed line; a model's mark, if any, is its title. Writes a PNG; returns its path.
     """
-    shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
-    thumbnails = [thumbnails[position] for position in shown]
+    thumbnails = [thumbnails[position] for position in shown_frame_positions(len(thumbnails))]
     columns = min(CONTACT_SHEET_COLUMNS, max(1, len(thumbnails)))
     rows = max(1, math.ceil(len(thumbnails) / columns))
     height, width = thumbnails[0][1].shape[:2] if thumbnails else (9, 16)

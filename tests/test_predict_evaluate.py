@@ -775,3 +775,35 @@ def test_contact_sheets_of_one_frame_or_of_no_face_draw_without_a_warning(traine
         assert (tmp_path / "sheets" / f"{media}-frames.png").exists()
     ours = [str(warning.message) for warning in recwarn if Path(warning.filename) == Path(plot_loss_accuracy_graph.__file__)]
     assert ours == []
+
+
+def test_a_contact_sheet_shows_64_sampled_frames_spread_evenly_and_draws_those():
+    from plot_loss_accuracy_graph import CONTACT_SHEET_FRAMES, FaceMark, Verdicts, save_contact_sheet, shown_frame_positions
+
+    assert CONTACT_SHEET_FRAMES == 64
+    assert shown_frame_positions(1) == [0] and shown_frame_positions(64) == list(range(64))
+    many = shown_frame_positions(100_000)
+    assert len(many) == 64 and (many[0], many[-1]) == (0, 99_999)
+    assert max(np.diff(many)) - min(np.diff(many)) <= 1
+
+    drawn = []
+    thumbnail = np.zeros((18, 32, 3), np.uint8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plot_loss_accuracy_graph, "save_figure", lambda figure, path: drawn.extend(axis.get_title() for axis in figure.axes))
+        save_contact_sheet([(10 * position, thumbnail, 0.1) for position in range(200)], [(0, FaceMark(None, 0.5))],
+                           "sheet.png", Verdicts(None, None), 0.5)
+    assert [title for title in drawn if title] == [f"frame {10 * position}" for position in shown_frame_positions(200)]
+
+
+def test_annotate_keeps_the_thumbnails_of_the_frames_shown_only(trained, tmp_path, monkeypatch):
+    """--frames 100000 would have kept a thumbnail of every sampled frame, about 20 GB, to show 64."""
+    split_root, output_dir = trained
+    faces = [Image.open(path).convert("RGB") for path in sorted((split_root / "test").rglob("*.jpg"))]
+    frames = (faces * 17)[:100]
+    frames[0].save(tmp_path / "hundred.gif", save_all=True, append_images=frames[1:], duration=40)
+    handed = []
+    monkeypatch.setattr(plot_loss_accuracy_graph, "save_contact_sheet",
+                        lambda thumbnails, *args, **kwargs: handed.append([index for index, _, _ in thumbnails]))
+    assert apply("VGG16", output_dir, "--predict", str(tmp_path / "hundred.gif"), "--faces", "off", "--frames", "100",
+                 "--annotate", str(tmp_path.parent / f"{tmp_path.name}-sheets")) == 0
+    assert handed == [plot_loss_accuracy_graph.shown_frame_positions(100)]  # Every frame sampled: index is position.
