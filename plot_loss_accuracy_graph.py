@@ -592,8 +592,8 @@ def not_a_share(value):
     return not_a_finite_number(value) or (None if 0 <= value <= 1 else "is not between 0 and 1")
 
 
-def not_a_loss(value):
-    return not_a_finite_number(value) or (None if value >= 0 else "is below 0")
+def not_a_loss_or_none(value):
+    return None if value is None else not_a_finite_number(value) or (None if value >= 0 else "is below 0")
 
 
 def not_a_share_or_none(value):
@@ -786,7 +786,7 @@ class PredictionReport:
             try:
                 while data:  # A write may take only part of the row, the disk's last free bytes.
                     data = data[os.write(descriptor, data):]
-            except OSError:
+            except BaseException:  # A full disk, or Ctrl-C between two parts of the row.
                 # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
                 if stat.S_ISREG(before.st_mode):
                     os.ftruncate(descriptor, before.st_size)
@@ -1249,12 +1249,13 @@ def ensemble_weights(valid_aucs):
 MODEL_ORDER = ("VGG16", "VGG19", "InceptionV3", "ResNet50")
 
 
-# What a run folder's metrics.json must hold for the results table and the ensemble to read it.
-# Runs made before the AUC, AP, EER and validation AUC were recorded have none of them.
+# What a run folder's metrics.json must hold for the results table and the ensemble to read it:
+# its model and test accuracy. Runs made before the AUC, AP, EER and validation AUC were
+# recorded have none of them; the table shows a dash for each value missing.
 RUN_FIELDS = {
     "model": (not_text, "required"),
     "test_accuracy": (not_a_share, "required"),
-    "test_loss": (not_a_loss, "required"),
+    "test_loss": (not_a_loss_or_none, "optional"),
     "test_auc": (not_a_share_or_none, "optional"),
     "test_ap": (not_a_share_or_none, "optional"),
     "test_eer": (not_a_share_or_none, "optional"),
