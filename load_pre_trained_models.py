@@ -392,13 +392,14 @@ def evaluate_best_model(recipe, data, run_dir, training, last_model=None):
     images = data.dataset.images
     valid_logits = predict_logits(best_model, data.valid)
     temperature = calibrate(best_model, valid_logits, images["valid"])
+    calibration_skipped = too_few_to_calibrate(images["valid"])
     save_whole(best_model, run_dir / "model.keras")  # Calibrated, as it is shared.
     test_logits = predict_logits(best_model, data.test)
     test_predictions = predictions_table(images["test"], special.expit(test_logits / temperature))
     # The ensemble weighs each model by its validation AUC, and --predict's band comes from the
     # validation split too: the test split must not choose them.
     valid_predictions = predictions_table(images["valid"], special.expit(valid_logits / temperature))
-    calibration = {"temperature": temperature, "test_p_fake_before": special.expit(test_logits)}
+    calibration = {"temperature": temperature, "test_p_fake_before": special.expit(test_logits), "skipped": calibration_skipped}
     metrics = write_run_outputs(run_dir, recipe, training, data.dataset, test_predictions, valid_predictions, calibration)
     write_results_table(training.output_dir)
     return metrics
@@ -411,11 +412,33 @@ def predict_logits(model, flow):
 
 
 def calibrate(model, logits, images):
-    """Fit one temperature on the validation split's logits and put it inside the model; return it."""
+    """Fit one temperature on the validation split's logits and put it inside the model; return it.
+
+    On a validation split too small to fit it on (too_few_to_calibrate), it stays 1.
+    """
     labels = np.array([CLASSES.index(class_name) for _, class_name in images], float)
-    temperature = fit_temperature(logits, labels)
+    temperature = 1.0 if too_few_to_calibrate(images) else fit_temperature(logits, labels)
     model.get_layer(TEMPERATURE_SCALING).set_weights([np.full((1, 1), 1 / temperature, np.float32)])
     return temperature
+
+
+# Guo et al. fit the temperature on 5,000 validation images or more. On a handful, it follows
+# chance: 4 images drove it to 0.12, or to its bound of 20, and made the test split's ECE worse.
+# From 50 images, no one image weighs more than 2% of the fit, and 10 of each class keep either
+# class from resting on two or three faces.
+CALIBRATION_MIN_IMAGES = 50
+CALIBRATION_MIN_PER_CLASS = 10
+
+
+def too_few_to_calibrate(images):
+    """Why the validation split's (path, class name) pairs are too few to fit a temperature on; None if they are enough."""
+    counts = {class_name: sum(name == class_name for _, name in images) for class_name in CLASSES}
+    if len(images) >= CALIBRATION_MIN_IMAGES and min(counts.values()) >= CALIBRATION_MIN_PER_CLASS:
+        return None
+    return (
+        f"the validation split has {len(images)} images ({', '.join(f'{count} {name}' for name, count in counts.items())}), "
+        f"fewer than the {CALIBRATION_MIN_IMAGES}, with {CALIBRATION_MIN_PER_CLASS} of each class, that a temperature is fitted on"
+    )
 
 
 def fit_temperature(logits, labels):
@@ -536,7 +559,7 @@ def run(recipe, args):
         judging = JudgingOptions(
             faces=args.faces, min_face=args.min_face, threshold=args.threshold, gradcam=bool(args.gradcam), batch_size=args.batch_size
         )
-        outputs = ReportSettings(csv=args.csv, annotate=args.annotate, gradcam=args.gradcam)
+        outputs = ReportSettings(csv=args.csv, annotate=args.annotate, gradcam=args.gradcam, frames=args.frames)
         return predict_media(recipe, args.predict, args.model, args.output_dir, args.demo, judging, args.frames, outputs)
     if args.uses_demo_data:
         ensure_demo_dataset(args.data_dir)
@@ -610,6 +633,10 @@ DETECTOR_SUFFIX = "_deepfake_detector"
 
 def load_saved_model(model_file, recipe=None):
     """Load a detector that one of the scripts saved (`recipe`'s, if given); refuse anything else with one line."""
+    # Keras reads a .keras file's config whole: its declared sizes are checked before it may.
+    problem = declared_size_problem(archive_contents(model_file)) if Path(model_file).suffix == ".keras" else None
+    if problem:
+        raise UserError(f"{model_file} cannot be a model that these scripts saved: {problem}; pass a .keras file that a run saved")
     if Path(model_file).suffix == ".keras" and not is_complete_model_file(model_file):
         raise UserError(
             f"{model_file} is not a complete .keras file (it was cut off, perhaps while it was copied or saved); "
@@ -1192,6 +1219,27 @@ def evaluation_labels(recipe, settings):
     return name, title
 
 
+# Where --evaluate files its evaluations of a model from elsewhere: OUTPUT_DIR/evaluations/<its name>/.
+EVALUATIONS_DIR = "evaluations"
+
+
+def evaluations_folder(model_file, output_dir, name):
+    """The folder of --evaluate's eval-* folders for model_file, the model of the script `name` (vgg16, ...).
+
+    The model that training wrote into OUTPUT_DIR/<name>/ is evaluated there, beside its run's
+    outputs, which a later run sets aside with them. A model from elsewhere (--model) is
+    evaluated in OUTPUT_DIR/evaluations/<its name>/, named for its folder (one that holds
+    model.keras and its card) or for its file: not in OUTPUT_DIR/<name>/, where a later training
+    run would set the evaluation aside as its own, nor beside the model, whose folder may be
+    read-only (Kaggle's inputs) or someone else's, and where no output of these scripts goes.
+    """
+    run_dir, model_file = Path(output_dir) / name, Path(model_file).resolve()
+    if model_file.parent == run_dir.resolve():
+        return run_dir
+    named_for = model_file.parent.name if model_file.name == "model.keras" else model_file.stem
+    return Path(output_dir) / EVALUATIONS_DIR / (named_for or model_file.stem)
+
+
 def evaluate_saved_model(recipe, settings):
     """--evaluate: measure a saved model on another folder of real and fake faces, perhaps perturbed."""
     model_file = saved_model_file(recipe, settings.model, settings.output_dir, settings.demo)
@@ -1199,7 +1247,7 @@ def evaluate_saved_model(recipe, settings):
     model = load_saved_model(model_file, recipe)
     faces = find_evaluation_faces(images, settings.min_face) if settings.faces == "auto" else None
     eval_name, eval_title = evaluation_labels(recipe, settings)
-    run_dir = ensure_writable_folder(settings.output_dir / recipe.name)
+    run_dir = ensure_writable_folder(evaluations_folder(model_file, settings.output_dir, recipe.name))
     with one_run_at_a_time(run_dir):
         return write_evaluation(recipe, settings, model, model_file, images, run_dir / eval_name, eval_title, faces)
 
@@ -1460,16 +1508,48 @@ def epochs_of_finished_training(run_dir):
 
 
 def is_complete_model_file(path):
-    """True if `path` is a whole .keras file, not one cut off mid-write or mid-copy.
+    """True if `path` is a whole .keras file, not one cut off mid-write or mid-copy, nor one no model could be.
 
     A .keras file is a zip archive whose directory of contents comes last: a file cut
     off anywhere has none, and reading the directory takes no time even for a large model.
     """
+    contents = archive_contents(path)
+    return any(content.filename == "model.weights.h5" for content in contents) and declared_size_problem(contents) is None
+
+
+def archive_contents(path):
+    """What a zip file's directory says it holds (ZipInfo: each file's name, size, and size stored), nothing
+    decompressed; empty for a file that is no whole zip."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return "model.weights.h5" in archive.namelist()
+            return archive.infolist()
     except (OSError, zipfile.BadZipFile):
-        return False
+        return []
+
+
+# No model of these scripts comes near these sizes. VGG19's model.keras, the largest, holds a
+# config.json of about 30 kB and 0.6 GB of weights; Keras stores them uncompressed. Keras reads
+# config.json and metadata.json whole into memory, so a few MB of a zip declaring GB (a zip
+# bomb) would take memory without limit: these are checked first, from the declared sizes.
+LARGEST_MODEL_CONFIG = 10 * 2**20  # config.json or metadata.json, and any file stored compressed.
+LARGEST_MODEL_CONTENTS = 4 * 2**30  # everything in the file.
+# Deflate compresses at most about 1,000 times; a file past LARGEST_MODEL_CONFIG that expands more
+# than this is a bomb (Keras' own check, at 4 GB, uses the same ratio).
+LARGEST_EXPANSION = 100
+
+
+def declared_size_problem(contents):
+    """Why the contents of a .keras file (archive_contents) cannot be a model's, from their declared sizes; None if they can."""
+    for content in contents:
+        megabytes = f"{content.file_size / 2**20:,.0f} MB"
+        if content.filename in ("config.json", "metadata.json") and content.file_size > LARGEST_MODEL_CONFIG:
+            return f"its {content.filename} declares {megabytes}, where a model's takes under {LARGEST_MODEL_CONFIG // 2**20} MB"
+        if content.file_size > LARGEST_MODEL_CONFIG and content.file_size > LARGEST_EXPANSION * content.compress_size:
+            return f"its {content.filename} declares {megabytes}, {content.file_size // max(content.compress_size, 1):,} times what it stores"
+    total = sum(content.file_size for content in contents)
+    if total > LARGEST_MODEL_CONTENTS:
+        return f"its contents declare {total / 2**30:,.1f} GB, where a model's take under {LARGEST_MODEL_CONTENTS // 2**30} GB"
+    return None
 
 
 # Beside the backup: the epoch and val_loss of the model in model.keras (see SaveBestModel).

@@ -37,10 +37,13 @@ import csv
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
+import reprlib
 import shlex
+import stat
 import sys
 import textwrap
 from collections import Counter
@@ -80,6 +83,7 @@ from data_preprocessing import (
     printable,
     quiet_tensorflow_start,
     save_figure,
+    warn_skipping,
     write_json_atomically,
     write_jpeg,
     write_text_atomically,
@@ -385,7 +389,8 @@ RUN_OUTPUTS = (
 DEMO_MARK = "DEMO MODEL: trained on drawn faces; its verdicts on real photos mean nothing"
 UNKNOWN_MARK = "UNKNOWN TRAINING DATA: no model card; what its verdicts are worth is unknown"
 
-# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs.
+# --evaluate writes into OUTPUT_DIR/<model>/eval-<name>/, beside the training run's own outputs
+# (a model from elsewhere: load_pre_trained_models.evaluations_folder).
 EVALUATION_PREFIX = "eval-"
 
 
@@ -442,6 +447,9 @@ def calibration_metrics(predictions, valid_predictions, calibration):
     real_below, fake_from = uncertain_band(true_labels(valid_predictions), valid_predictions["p_fake"].to_numpy(float))
     return {
         "temperature": calibration["temperature"],
+        # Whether the temperature was fitted, or kept at 1 on a validation split too small, and why.
+        "calibrated": calibration.get("skipped") is None,
+        "calibration_skipped": calibration.get("skipped"),
         "test_ece_before_calibration": expected_calibration_error(labels, calibration["test_p_fake_before"]),
         "test_ece": expected_calibration_error(labels, predictions["p_fake"]),
         "real_below": real_below,
@@ -452,9 +460,10 @@ def calibration_metrics(predictions, valid_predictions, calibration):
 def model_card(recipe, training, metrics):
     """The model card: YAML front matter that a model hub reads, then what the model is, what it was
     trained on, how it scored on its test split, what it cannot judge, and how it was made."""
+    calibrated = metrics["calibrated"]
     test_metrics = [
         ("accuracy", "test_accuracy", "Test accuracy"), ("roc_auc", "test_auc", "Test AUC"), ("eer", "test_eer", "Test EER"),
-        ("ece", "test_ece", "Test ECE, calibrated"),
+        ("ece", "test_ece", "Test ECE, calibrated" if calibrated else "Test ECE"),
     ]
     front = {
         "library_name": "keras",
@@ -498,12 +507,13 @@ def model_card(recipe, training, metrics):
         "## Test metrics", "",
         "| Metric | Value |", "|---|---|",
         *(f"| {name} | {metrics[key]:.4f} |" for _, key, name in test_metrics if metrics[key] is not None),
-        f"| Test ECE, before calibration | {metrics['test_ece_before_calibration']:.4f} |", "",
+        *([f"| Test ECE, before calibration | {metrics['test_ece_before_calibration']:.4f} |"] if calibrated else []), "",
         *(["Here the test ECE is worse after calibration: one temperature cannot mend a model whose errors are "
            "not over- or under-confidence alone, and a small validation split fits it roughly.", ""]
           if metrics["test_ece"] > metrics["test_ece_before_calibration"] else []),
-        "p(fake) is calibrated: a temperature of "
-        f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model.", "",
+        ("p(fake) is calibrated: a temperature of "
+         f"{metrics['temperature']:.3f}, fitted on the validation split (Guo et al., 2017), scales the logit inside the model."
+         if calibrated else f"p(fake) is not calibrated: {metrics['calibration_skipped']}; its temperature stays 1."), "",
         "## Verdicts", "",
         verdicts_sentence(metrics["real_below"], metrics["fake_from"]), "",
         "## What it cannot judge", "",
@@ -553,9 +563,83 @@ def read_model_card(model_file):
     try:
         text = Path(model_file).with_name(MODEL_CARD).read_text()
         front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
-    except (OSError, IndexError, yaml.YAMLError):
+    # A card that is not UTF-8 raises a ValueError, and one nested thousands deep a RecursionError.
+    except (OSError, IndexError, ValueError, RecursionError, yaml.YAMLError):
         return None
     return front.get("deepfake_detector") if isinstance(front, dict) else None
+
+
+def not_text(value):
+    return None if isinstance(value, str) else "is not text"
+
+
+def not_true_or_false(value):
+    return None if isinstance(value, bool) else "is not true or false"
+
+
+def not_a_positive_whole_number(value):
+    return None if isinstance(value, int) and not isinstance(value, bool) and value > 0 else "is not a whole number above 0"
+
+
+def not_a_finite_number(value):
+    # YAML and JSON read true as a bool, and a bool is an int in Python: it must not pass as a number.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    return None if math.isfinite(value) else "is not a finite number"
+
+
+def not_a_share(value):
+    """Why `value` is not a number from 0 to 1 (a threshold, an AUC), or None if it is one."""
+    return not_a_finite_number(value) or (None if 0 <= value <= 1 else "is not between 0 and 1")
+
+
+def not_a_loss_or_none(value):
+    return None if value is None else not_a_finite_number(value) or (None if value >= 0 else "is below 0")
+
+
+def not_a_share_or_none(value):
+    return None if value is None else not_a_share(value)
+
+
+# The card's deepfake_detector block, as --predict trusts it: each field, how it is checked, and
+# whether it may be absent. Cards written before the band was chosen have no real_below or fake_from.
+CARD_FIELDS = {
+    "model": (not_text, "required"),
+    "trained_on": (not_text, "required"),
+    "demo_model": (not_true_or_false, "required"),
+    "test_auc": (not_a_share_or_none, "required"),
+    "img_size": (not_a_positive_whole_number, "required"),
+    "real_below": (not_a_share_or_none, "optional"),
+    "fake_from": (not_a_share_or_none, "optional"),
+}
+
+
+def fields_problem(block, fields, prefix=""):
+    """Why the fields of a dict read from a file do not pass their checks (a table such as CARD_FIELDS),
+    naming the first field that fails, its value (shortened) and why; None if they all pass."""
+    for name, (problem_of, presence) in fields.items():
+        if name not in block:
+            if presence == "required":
+                return f"{prefix}{name} is missing"
+            continue
+        problem = problem_of(block[name])
+        if problem:
+            return f"{prefix}{name} {reprlib.repr(block[name])} {problem}"
+    return None
+
+
+def card_problem(card):
+    """Why a card's deepfake_detector block cannot be trusted, naming the field; None if it can."""
+    if not isinstance(card, dict):
+        return f"deepfake_detector is {reprlib.repr(card)}, not a block of fields"
+    problem = fields_problem(card, CARD_FIELDS, "deepfake_detector.")
+    if problem:
+        return problem
+    real_below, fake_from = card.get("real_below"), card.get("fake_from")
+    if real_below is not None and fake_from is not None and real_below > fake_from:
+        # Faces would be called real above the score from which others are called fake.
+        return f"deepfake_detector.real_below {real_below} is above its fake_from {fake_from}"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -704,8 +788,18 @@ class WhoseVerdicts:
 
 
 def whose_verdicts(title, model_file):
-    """WhoseVerdicts of a model, from the card beside its file (or from its absence)."""
+    """WhoseVerdicts of a model, from the card beside its file (or from its absence).
+
+    A card that fails its check (card_problem) decides nothing: it is named in a warning, and the
+    model is judged as one without a card.
+    """
     card = read_model_card(model_file)
+    problem = None if card is None else card_problem(card)
+    if problem:
+        card_file = Path(model_file).with_name(MODEL_CARD)
+        print(f"warning: {printable(card_file)}: {problem}; the card is set aside, and the model's verdicts "
+              "are marked as of unknown training data", file=sys.stderr)
+        return WhoseVerdicts(f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None, "the model's card was set aside"))
     if card is None:
         return WhoseVerdicts(f"{title} ({model_file}). {UNKNOWN_MARK}", UNKNOWN_MARK, Verdicts(None, None))
     auc = "-" if card.get("test_auc") is None else f"{card['test_auc']:.3f}"
@@ -838,11 +932,14 @@ def csv_cells(row):
 
 @dataclass(frozen=True)
 class ReportSettings:
-    """Where --predict writes, besides its lines: the CSV, the folder of annotated pictures, the folder of Grad-CAM overlays."""
+    """Where --predict writes, besides its lines: the CSV, the folder of annotated pictures, the folder of Grad-CAM overlays;
+    and how many frames of each video it is handed."""
 
     csv: Path | None = None
     annotate: Path | None = None
     gradcam: Path | None = None
+    # Frames sampled from each video: --annotate keeps small copies of those its contact sheet shows only.
+    frames: int = 32
 
 
 class PredictionReport:
@@ -863,6 +960,8 @@ class PredictionReport:
         self.model = None  # The model that judges, as the CSV names it.
         self.tally = Counter()  # The verdicts given, and why others were not, for the closing count.
         self.files = 0
+        self.frames_seen = {}  # The position of the last frame reported, of each video.
+        self.shown = set(shown_frame_positions(settings.frames))  # Those positions a contact sheet shows.
         self.csv_created = bool(settings.csv) and not Path(settings.csv).exists()
         # One run at a time writes each output: a second one, given the same, stops at once.
         self.locks = contextlib.ExitStack()
@@ -895,7 +994,6 @@ class PredictionReport:
         self.model = model
         if self.csv_file is not None:
             start_anew(self.csv_file)
-            self.csv_writer = csv.writer(self.csv_file)
             self.csv_created = False
             self.write_csv_cells(CSV_COLUMNS)
 
@@ -916,7 +1014,8 @@ class PredictionReport:
         for picture in pictures:
             self.print_lines(picture)
             self.overlays(picture)
-            if self.settings.annotate and picture.image is not None:
+            position = self.frames_seen[picture.path] = self.frames_seen.get(picture.path, -1) + 1
+            if self.settings.annotate and picture.image is not None and position in self.shown:
                 scale = THUMBNAIL_WIDTH / picture.image.shape[1]
                 thumbnail = cv2.resize(picture.image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
                 self.thumbnails.setdefault(picture.path, []).append((picture.frame, thumbnail, scale))
@@ -961,9 +1060,26 @@ class PredictionReport:
             self.csv_rows += 1
 
     def write_csv_cells(self, cells):
+        """Write one row of --csv whole, or not at all: a disk that fills mid-row leaves no part of it.
+
+        The row is written past the file's buffer, straight to its descriptor: a part left in
+        the buffer after a failed write would be written when the file closes, once the cut
+        has freed some space, as the tail of a row without its start.
+        """
+        row = io.StringIO()
+        csv.writer(row).writerow(cells)
+        data = row.getvalue().encode(self.csv_file.encoding, self.csv_file.errors)
+        descriptor = self.csv_file.fileno()
+        before = os.fstat(descriptor)
         with writing(self.settings.csv):
-            self.csv_writer.writerow(cells)
-            self.csv_file.flush()
+            try:
+                while data:  # A write may take only part of the row, the disk's last free bytes.
+                    data = data[os.write(descriptor, data):]
+            except BaseException:  # A full disk, or Ctrl-C between two parts of the row.
+                # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
+                if stat.S_ISREG(before.st_mode):
+                    os.ftruncate(descriptor, before.st_size)
+                raise
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
@@ -1223,23 +1339,33 @@ def save_annotated_image(image, picture, path):
 THUMBNAIL_WIDTH = 320
 CONTACT_SHEET_FRAMES = 64
 CONTACT_SHEET_COLUMNS = 8
+CONTACT_SHEET_MIN_WIDTH = 4.0  # inches
+
+
+def shown_frame_positions(frame_count):
+    """Which of `frame_count` sampled frames, by position (0, 1, ...), a contact sheet shows: all of them up
+    to CONTACT_SHEET_FRAMES, else as many spread evenly, the first and the last among them.
+
+    Known before any frame is read, so that --predict keeps the thumbnails of these frames only.
+    """
+    return sorted({int(position) for position in np.linspace(0, frame_count - 1, min(frame_count, CONTACT_SHEET_FRAMES)).round()})
 
 
 def save_contact_sheet(thumbnails, video, path):
     """A video's sampled frames with their faces marked, and a strip of each face's p(fake) over the frames.
 
     `thumbnails` holds (frame index, RGB thumbnail, its scale) triples; with more than
-    CONTACT_SHEET_FRAMES, as many spread evenly are shown. The faces come from the video's
-    VideoResult, in the frames' pixels; its p_fake is drawn as a dashed line, and a model's
-    mark, if any, is the title. Writes a PNG; returns its path.
+    CONTACT_SHEET_FRAMES, those at shown_frame_positions are shown. The faces come from the
+    video's VideoResult, in the frames' pixels; its p_fake is drawn as a dashed line, and a
+    model's mark, if any, is the title. Writes a PNG; returns its path.
     """
-    shown = np.linspace(0, len(thumbnails) - 1, min(len(thumbnails), CONTACT_SHEET_FRAMES)).round().astype(int)
-    thumbnails = [thumbnails[position] for position in shown]
+    thumbnails = [thumbnails[position] for position in shown_frame_positions(len(thumbnails))]
     columns = min(CONTACT_SHEET_COLUMNS, max(1, len(thumbnails)))
     rows = max(1, math.ceil(len(thumbnails) / columns))
     height, width = thumbnails[0][1].shape[:2] if thumbnails else (9, 16)
     cell_height = 2.0 * height / width
-    figure = plt.figure(figsize=(2.0 * columns, cell_height * rows + 2.2))
+    # Never narrower than the strip of scores and its legend beside it need, even for one frame.
+    figure = plt.figure(figsize=(max(2.0 * columns, CONTACT_SHEET_MIN_WIDTH), cell_height * rows + 2.2))
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=[cell_height] * rows + [1.6])
     faces_of_frame = {picture.frame: marks_of(picture) for picture in video.frames}
     for position, (index, thumbnail, scale) in enumerate(thumbnails):
@@ -1262,9 +1388,11 @@ def save_contact_sheet(thumbnails, video, path):
     if video.p_fake is not None:
         strip.axhline(video.p_fake, color="black", linestyle="--", linewidth=1, label=f"video p_fake {video.p_fake:.2f}")
     strip.set_ylim(-0.05, 1.05)
+    strip.xaxis.set_major_locator(MaxNLocator(integer=True))  # Frames are counted whole, even where one is shown.
     strip.set_xlabel("frame")
     strip.set_ylabel("p_fake")
-    strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if strip.get_legend_handles_labels()[0]:  # Nothing to name where no face was judged.
+        strip.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if video.mark:
         figure.suptitle(video.mark, color="crimson")
     figure.tight_layout()
@@ -1296,16 +1424,70 @@ def ensemble_weights(valid_aucs):
 
 
 
+# What a run folder's metrics.json must hold for the results table and the ensemble to read it:
+# its model and test accuracy. Runs made before the AUC, AP, EER and validation AUC were
+# recorded have none of them; the table shows a dash for each value missing.
+RUN_FIELDS = {
+    "model": (not_text, "required"),
+    "test_accuracy": (not_a_share, "required"),
+    "test_loss": (not_a_loss_or_none, "optional"),
+    "test_auc": (not_a_share_or_none, "optional"),
+    "test_ap": (not_a_share_or_none, "optional"),
+    "test_eer": (not_a_share_or_none, "optional"),
+    "valid_auc": (not_a_share_or_none, "optional"),
+    "name": (not_text, "optional"),
+}
+# The columns of predictions.csv that the ensemble reads.
+PREDICTIONS_COLUMNS = ("path", "label", "p_fake")
+
+
+def read_run_metrics(metrics_file):
+    """(a run's metrics, None), or (None, why the file is not a run's metrics.json)."""
+    try:
+        metrics = json.loads(Path(metrics_file).read_text())
+    # Damaged JSON, or text that is not UTF-8, raises a ValueError; JSON nested thousands deep, a RecursionError.
+    except (OSError, ValueError, RecursionError) as error:
+        return None, f"it cannot be read as JSON ({error})"
+    if not isinstance(metrics, dict):
+        return None, "it holds no run's metrics"
+    problem = fields_problem(metrics, RUN_FIELDS)
+    return (None, f"not a run's metrics: {problem}") if problem else (metrics, None)
+
+
+def read_run_predictions(predictions_file):
+    """A run's test predictions, or None, with a warning, where its predictions.csv cannot be read by the ensemble."""
+    try:
+        predictions = pd.read_csv(predictions_file)
+    except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors.
+        problem = f"it cannot be read as a CSV ({error})"
+    else:
+        missing = [column for column in PREDICTIONS_COLUMNS if column not in predictions.columns]
+        if missing:
+            problem = f"it has no {', '.join(missing)} column"
+        elif not pd.to_numeric(predictions["p_fake"], errors="coerce").between(0, 1).all():
+            problem = "some of its p_fake are not numbers from 0 to 1"
+        else:
+            return predictions
+    warn_skipping(predictions_file, f"{problem}; its model is left out of the Ensemble row")
+    return None
+
+
 def read_runs(output_dir):
     """(metrics, test predictions or None) for every model with a metrics.json, in the order of MODEL_SCRIPTS.
 
-    Each metrics also gives its run's folder, as "run_dir".
+    Each metrics also gives its run's folder, as "run_dir". A metrics.json that is no run's
+    (a stray file, or one damaged) is skipped with a warning, as is a predictions.csv that
+    the ensemble cannot read.
     """
     runs = []
     for metrics_file in Path(output_dir).glob("*/metrics.json"):
+        metrics, problem = read_run_metrics(metrics_file)
+        if problem:
+            warn_skipping(metrics_file, problem)
+            continue
         predictions_file = metrics_file.with_name("predictions.csv")
-        predictions = pd.read_csv(predictions_file) if predictions_file.exists() else None
-        runs.append(({**json.loads(metrics_file.read_text()), "run_dir": str(metrics_file.parent)}, predictions))
+        predictions = read_run_predictions(predictions_file) if predictions_file.exists() else None
+        runs.append(({**metrics, "run_dir": str(metrics_file.parent)}, predictions))
     # The order of the results table's rows is the scripts', as in the original README.
     order = {name: position for position, name in enumerate(MODEL_SCRIPTS)}
     position = lambda run: order.get(run[0].get("name", Path(run[0]["run_dir"]).name), len(order))  # noqa: E731
@@ -1447,7 +1629,9 @@ def main(argv=None):
     ensure_writable_folder(output_dir)
     for history_file, history in histories.items():
         metrics_file = history_file.with_name("metrics.json")
-        title = json.loads(metrics_file.read_text())["model"] if metrics_file.exists() else history_file.parent.name
+        # A metrics.json that is no run's is named once, when the table is rebuilt below.
+        metrics = read_run_metrics(metrics_file)[0] if metrics_file.exists() else None
+        title = metrics["model"] if metrics else history_file.parent.name
         print(f"Wrote {plot_history(history, history_file.with_name('history.png'), title)}")
     print(write_results_table(output_dir))
     return 0

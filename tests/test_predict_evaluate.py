@@ -5,13 +5,17 @@ module into the same output folder, and every test below reads or applies them; 
 first redraws their figures with plot_loss_accuracy_graph.py.
 """
 
+import argparse
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -19,6 +23,7 @@ import matplotlib.figure
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from sklearn import metrics as sklearn_metrics
 
@@ -648,3 +653,315 @@ def test_an_animated_gif_or_webp_is_judged_as_a_video(trained, tmp_path, capsys)
         assert re.search(rf"moving\{suffix}  video  p_fake=\S+  \w+  \(4 of 4 frames read", output), output
         assert len(re.findall(rf"moving\{suffix}  frame \d+  p_fake=", output)) == 4
     assert re.search(r"still\.gif  p_fake=", output)
+
+
+# --- What is trusted: the model's card -----------------------------------------
+
+
+def card_beside_a_model(trained, folder, change):
+    """A copy of VGG16's model and card in `folder`, its card's deepfake_detector block changed by `change`."""
+    _, output_dir = trained
+    folder.mkdir()
+    shutil.copy(output_dir / "vgg16" / "model.keras", folder / "model.keras")
+    _, front_matter, body = (output_dir / "vgg16" / "README.md").read_text().split("---\n", 2)
+    front = yaml.safe_load(front_matter)
+    front["deepfake_detector"] = change(dict(front["deepfake_detector"]))
+    (folder / "README.md").write_text(f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n{body}")
+    return folder / "model.keras"
+
+
+def changed(**fields):
+    """A change to a card's block: set each field given, and drop those given as DROPPED."""
+    def change(block):
+        block.update(fields)
+        return {key: value for key, value in block.items() if value is not DROPPED}
+    return change
+
+
+DROPPED = object()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (changed(real_below="0.3"), "deepfake_detector.real_below '0.3' is not a number"),
+        (changed(test_auc="high"), "deepfake_detector.test_auc 'high' is not a number"),
+        (changed(trained_on=DROPPED), "deepfake_detector.trained_on is missing"),
+        (lambda block: [1, 2], "deepfake_detector is [1, 2], not a block of fields"),
+        (changed(real_below=0.9, fake_from=0.1), "deepfake_detector.real_below 0.9 is above its fake_from 0.1"),
+        (changed(real_below=float("nan")), "deepfake_detector.real_below nan is not a finite number"),
+        (changed(real_below=-0.5), "deepfake_detector.real_below -0.5 is not between 0 and 1"),
+        (changed(fake_from=1.5), "deepfake_detector.fake_from 1.5 is not between 0 and 1"),
+        (changed(real_below=True), "deepfake_detector.real_below True is not a number"),
+        (changed(img_size=True), "deepfake_detector.img_size True is not a whole number above 0"),
+        (changed(demo_model="no"), "deepfake_detector.demo_model 'no' is not true or false"),
+    ],
+)
+def test_a_tampered_card_is_named_in_one_line_and_decides_nothing(trained, tmp_path, capsys, change, fragment):
+    model_file = card_beside_a_model(trained, tmp_path / "tampered", change)
+    card = plot_loss_accuracy_graph.whose_verdicts("VGG16", model_file)
+    line, mark, verdicts = card.line, card.mark, card.band
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"warning: {tmp_path / 'tampered' / 'README.md'}: {fragment}; ")
+    # Judged as a model without a card: marked, and without a band.
+    assert mark == plot_loss_accuracy_graph.UNKNOWN_MARK and line.endswith(mark)
+    assert verdicts.thresholds() == [] and verdicts(0.0) == verdicts(1.0) == "uncertain"
+
+
+def test_a_sound_card_gives_its_band_without_a_word(trained, tmp_path, capsys):
+    model_file = card_beside_a_model(trained, tmp_path / "sound", changed(real_below=0.3, fake_from=0.7, test_auc=None))
+    card = plot_loss_accuracy_graph.whose_verdicts("VGG16", model_file)
+    line, mark, verdicts = card.line, card.mark, card.band
+    assert capsys.readouterr().err == ""
+    assert mark is None and "test AUC -" in line and verdicts.thresholds() == [0.3, 0.7]
+
+
+def test_predict_sets_a_card_with_its_band_upside_down_aside(trained, tmp_path, capsys):
+    """With real_below 0.9 and fake_from 0.1, a face at p_fake 0.854 was called real."""
+    split_root, _ = trained
+    model_file = card_beside_a_model(trained, tmp_path / "upside-down", changed(real_below=0.9, fake_from=0.1))
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--faces", "off", "--model", str(model_file.parent)) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"warning: {model_file.parent / 'README.md'}: deepfake_detector.real_below 0.9 is above "
+                                    "its fake_from 0.1; the card is set aside, and the model's verdicts are marked as of "
+                                    "unknown training data")
+    assert "UNKNOWN TRAINING DATA" in captured.out and "as the model's card was set aside" in captured.out
+    assert f"{image}  p_fake=" in captured.out and captured.out.count("  uncertain  (UNKNOWN TRAINING DATA)") == 1
+
+
+@pytest.mark.parametrize("card", [b"---\ndeepfake_detector: \xff\xfe\n---\n", b"---\n" + b"[" * 5_000 + b"\n---\n"])
+def test_a_card_that_cannot_be_read_counts_as_none(tmp_path, card):
+    """A card that is not UTF-8, or nested deeper than Python recurses, gave a traceback."""
+    (tmp_path / "README.md").write_bytes(card)
+    card = plot_loss_accuracy_graph.whose_verdicts("VGG16", tmp_path / "model.keras")
+    assert card.mark == plot_loss_accuracy_graph.UNKNOWN_MARK and card.band.thresholds() == []
+
+
+# --- What is trusted: the run folders under OUTPUT_DIR ------------------------------
+
+
+def runs_beside_strays(trained, folder):
+    """A copy of the two trained runs (their models linked, not copied) beside a stray metrics.json and two
+    damaged ones, each in a folder of its own; return the stray files."""
+    _, output_dir = trained
+    for name in ("vgg16", "vgg19"):
+        (folder / name).mkdir(parents=True)
+        for file_name in ("metrics.json", "predictions.csv", "history.csv", "README.md"):
+            shutil.copy(output_dir / name / file_name, folder / name / file_name)
+        (folder / name / "model.keras").symlink_to(output_dir / name / "model.keras")
+    strays = {
+        "junk": ('{"accuracy": 1}', "not a run's metrics: model is missing"),
+        "cut": (json.dumps(read_metrics(output_dir / "vgg16"))[:40], "it cannot be read as JSON"),
+        "boolean": (json.dumps({**read_metrics(output_dir / "vgg16"), "test_accuracy": True}),
+                    "not a run's metrics: test_accuracy True is not a number"),
+    }
+    for name, (content, _) in strays.items():
+        (folder / name).mkdir()
+        (folder / name / "metrics.json").write_text(content)
+    shutil.copy(output_dir / "vgg16" / "history.csv", folder / "cut" / "history.csv")  # A history to redraw, titled by its folder.
+    return {folder / name / "metrics.json": why for name, (_, why) in strays.items()}
+
+
+def assert_each_skipped_once(error_output, strays):
+    lines = error_output.strip().splitlines()
+    assert len(lines) == len(strays), lines
+    for path, why in strays.items():
+        assert sum(line.startswith(f"warning: skipping {path}: {why}") for line in lines) == 1, (path, lines)
+
+
+def test_a_stray_or_damaged_metrics_json_is_skipped_by_the_table_and_the_plot(trained, tmp_path, capsys):
+    """outputs/demo/junk/metrics.json holding {"accuracy": 1} made the plot command fail with KeyError 'model'."""
+    from plot_loss_accuracy_graph import main, write_results_table
+
+    strays = runs_beside_strays(trained, tmp_path / "outputs")
+    markdown = write_results_table(tmp_path / "outputs")
+    assert [line.split(" | ")[0] for line in markdown.splitlines()[2:5]] == ["| VGG16", "| VGG19", "| Ensemble"]
+    assert_each_skipped_once(capsys.readouterr().err, strays)
+
+    assert main([str(tmp_path / "outputs")]) == 0
+    assert (tmp_path / "outputs" / "cut" / "history.png").exists()
+    assert_each_skipped_once(capsys.readouterr().err, strays)
+
+
+def test_a_stray_metrics_json_is_skipped_by_the_ensemble(trained, tmp_path, capsys):
+    split_root, _ = trained
+    strays = runs_beside_strays(trained, tmp_path / "outputs")
+    members, weights = plot_loss_accuracy_graph.read_ensemble(tmp_path / "outputs")
+    assert [metrics["model"] for metrics in members] == ["VGG16", "VGG19"]
+    assert_each_skipped_once(capsys.readouterr().err, strays)
+
+    _, p_fake, _ = expected_ensemble(tmp_path / "outputs")
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--faces", "off", "--model", "ensemble") == 0
+    captured = capsys.readouterr()
+    assert printed_lines(captured.out)[image][0] == pytest.approx(p_fake[image], abs=1e-4)
+    assert_each_skipped_once(captured.err, strays)
+
+
+def test_a_damaged_predictions_csv_leaves_its_model_out_of_the_ensemble(trained, tmp_path, capsys):
+    from plot_loss_accuracy_graph import write_results_table
+
+    runs_beside_strays(trained, tmp_path / "outputs")
+    predictions_file = tmp_path / "outputs" / "vgg19" / "predictions.csv"
+    predictions_file.write_text(predictions_file.read_text().replace("p_fake", "score"))
+    markdown = write_results_table(tmp_path / "outputs")
+    assert "| VGG19 |" in markdown and "| Ensemble |" not in markdown
+    assert (f"warning: skipping {predictions_file}: it has no p_fake column; its model is left out of the Ensemble row"
+            in capsys.readouterr().err)
+
+
+# --- What is trusted: a .keras file -----------------------------------------------
+
+
+class LoadedTheBomb(BaseException):
+    """Raised where Keras would have begun to read the bomb; not an Exception, so that nothing catches it."""
+
+
+def zip_bomb(path, name, megabytes):
+    """A .keras file of a few kB whose `name` declares `megabytes` MB: of spaces for JSON, of zeros for the weights."""
+    filler = b" " if name.endswith(".json") else b"\0"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for content in ("metadata.json", "config.json", "model.weights.h5"):
+            archive.writestr(content, filler * (megabytes * 2**20) if content == name else b"{}")
+    return path
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("config.json", ["its config.json declares 20 MB, where a model's takes under 10 MB"]),
+    # Deflate stores zeros about 1,000 times smaller.
+    ("model.weights.h5", ["its model.weights.h5 declares 20 MB, ", " times what it stores"]),
+])
+def test_a_zip_bomb_as_model_keras_is_refused_from_its_declared_sizes(tiny_split_root, tmp_path, monkeypatch, capsys, name, fragments):
+    """A config.json of 1.5 GiB of spaces, stored in 1.5 MB, took 3.9 GB of memory before its one-line error."""
+    bomb = zip_bomb(tmp_path / "model.keras", name, 20)
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(load_pre_trained_models.keras.models, "load_model", lambda *args, **kwargs: throw(LoadedTheBomb()))
+    image = str(tiny_split_root / "test" / "fake" / "0001.jpg")
+    assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--faces", "off", "--model", str(bomb)) == 2
+    assert_one_line_error(capsys, f"{bomb} cannot be a model that these scripts saved: ", *fragments)
+    # Training's own checks call such a file damaged, and replace it rather than load it.
+    assert not load_pre_trained_models.is_complete_model_file(bomb)
+
+
+def throw(error):
+    raise error
+
+
+# --- A full disk mid-row ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def files_limited_to(size):
+    """Files of this process cannot grow past `size` bytes, as on a disk that fills: a write that crosses it
+    writes what fits, and the next fails (RLIMIT_FSIZE, with its signal ignored)."""
+    resource = pytest.importorskip("resource")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_disk_that_fills_mid_row_leaves_only_whole_rows_in_the_csv(tmp_path):
+    """A full disk left a cut-off last row in --csv, which pandas read as one more row."""
+    from data_preprocessing import CannotWrite
+
+    csv_file = tmp_path / "p.csv"
+    report = plot_loss_accuracy_graph.PredictionReport(argparse.Namespace(csv=csv_file, annotate=None, gradcam=None), [])
+    report.start(None)
+    row = dict(path=str(tmp_path / "a face with a long name.jpg"), p_fake=0.25, verdict="real")
+    report.add_row(row)
+    whole = csv_file.read_bytes()
+    with files_limited_to(len(whole) + 10):  # Room for 10 bytes of the next row.
+        with pytest.raises(CannotWrite, match=f"cannot write {csv_file}"):
+            report.add_row({**row, "p_fake": 0.75})
+        report.stop()  # Closed while the disk is still full.
+    assert csv_file.read_bytes() == whole
+    assert pd.read_csv(csv_file)["p_fake"].tolist() == [0.25]
+
+
+# --- Where an evaluation is filed ---------------------------------------------------
+
+
+def test_an_evaluation_is_filed_with_the_model_it_evaluates(tmp_path):
+    from load_pre_trained_models import evaluations_folder
+
+    output_dir = tmp_path / "outputs"
+    for trained_here in (output_dir / "vgg16" / "model.keras", tmp_path / "outputs" / ".." / "outputs" / "vgg16" / "model.keras"):
+        assert evaluations_folder(trained_here, output_dir, "vgg16") == output_dir / "vgg16"
+    # A model from elsewhere: named for its folder when it is a model.keras beside its card, else for its file.
+    assert evaluations_folder(tmp_path / "hub" / "vgg16-ffhq" / "model.keras", output_dir, "vgg16") == output_dir / "evaluations" / "vgg16-ffhq"
+    assert evaluations_folder(tmp_path / "mine.keras", output_dir, "vgg16") == output_dir / "evaluations" / "mine"
+    assert evaluations_folder(output_dir / "vgg16" / "previous" / "model.keras", output_dir, "vgg16") == output_dir / "evaluations" / "previous"
+
+
+def test_evaluating_a_model_from_elsewhere_leaves_the_training_runs_folder_and_the_models_alone(trained, tmp_path, capsys):
+    """--evaluate --model X wrote into OUTPUT_DIR/vgg16/eval-*, which a later training run set aside as its own."""
+    split_root, trained_outputs = trained
+    elsewhere = tmp_path / "downloaded"
+    elsewhere.mkdir()
+    for name in ("model.keras", "README.md"):
+        shutil.copy(trained_outputs / "vgg16" / name, elsewhere / name)
+    output_dir = tmp_path / "outputs"
+    assert apply("VGG16", output_dir, "--evaluate", "--data-dir", str(split_root), "--model", str(elsewhere)) == 0
+    assert read_metrics(output_dir / "evaluations" / "downloaded" / "eval-faces")["model_file"] == str(elsewhere / "model.keras")
+    assert f"Wrote {output_dir / 'evaluations' / 'downloaded' / 'eval-faces'}/: metrics.json" in capsys.readouterr().out
+    assert not (output_dir / "vgg16").exists()
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["README.md", "model.keras"]
+
+
+# --- Contact sheets -----------------------------------------------------------------
+
+
+def test_contact_sheets_of_one_frame_or_of_no_face_draw_without_a_warning(trained, tmp_path, recwarn):
+    """A one-frame video, and a GIF with no judged face, printed Matplotlib's warnings with their source lines."""
+    split_root, output_dir = trained
+    (tmp_path / "media").mkdir()
+    face = cv2.imread(str(split_root / "test" / "fake" / "0001.jpg"))
+    writer = cv2.VideoWriter(str(tmp_path / "media" / "one-frame.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, face.shape[1::-1])
+    writer.write(face)
+    writer.release()
+    noise = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), np.uint8)) for seed in range(3)]
+    noise[0].save(tmp_path / "media" / "no-face.gif", save_all=True, append_images=noise[1:], duration=100)
+    for media, faces in (("one-frame.mp4", "off"), ("no-face.gif", "auto")):
+        assert apply("VGG16", output_dir, "--predict", str(tmp_path / "media" / media), "--faces", faces, "--annotate",
+                     str(tmp_path / "sheets")) == 0
+        assert (tmp_path / "sheets" / f"{media}-frames.png").exists()
+    ours = [str(warning.message) for warning in recwarn if Path(warning.filename) == Path(plot_loss_accuracy_graph.__file__)]
+    assert ours == []
+
+
+def test_a_contact_sheet_shows_64_sampled_frames_spread_evenly_and_draws_those():
+    from plot_loss_accuracy_graph import CONTACT_SHEET_FRAMES, PictureResult, Verdicts, VideoResult, save_contact_sheet, shown_frame_positions
+
+    assert CONTACT_SHEET_FRAMES == 64
+    assert shown_frame_positions(1) == [0] and shown_frame_positions(64) == list(range(64))
+    many = shown_frame_positions(100_000)
+    assert len(many) == 64 and (many[0], many[-1]) == (0, 99_999)
+    assert max(np.diff(many)) - min(np.diff(many)) <= 1
+
+    drawn = []
+    thumbnail = np.zeros((18, 32, 3), np.uint8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plot_loss_accuracy_graph, "save_figure", lambda figure, path: drawn.extend(axis.get_title() for axis in figure.axes))
+        video = VideoResult("clip.mp4", [PictureResult("clip.mp4", [], Verdicts(None, None), frame=0)], Verdicts(None, None), p_fake=0.5)
+        save_contact_sheet([(10 * position, thumbnail, 0.1) for position in range(200)], video, "sheet.png")
+    assert [title for title in drawn if title] == [f"frame {10 * position}" for position in shown_frame_positions(200)]
+
+
+def test_annotate_keeps_the_thumbnails_of_the_frames_shown_only(trained, tmp_path, monkeypatch):
+    """--frames 100000 would have kept a thumbnail of every sampled frame, about 20 GB, to show 64."""
+    split_root, output_dir = trained
+    faces = [Image.open(path).convert("RGB") for path in sorted((split_root / "test").rglob("*.jpg"))]
+    frames = (faces * 17)[:100]
+    frames[0].save(tmp_path / "hundred.gif", save_all=True, append_images=frames[1:], duration=40)
+    handed = []
+    monkeypatch.setattr(plot_loss_accuracy_graph, "save_contact_sheet",
+                        lambda thumbnails, *args, **kwargs: handed.append([index for index, _, _ in thumbnails]))
+    assert apply("VGG16", output_dir, "--predict", str(tmp_path / "hundred.gif"), "--faces", "off", "--frames", "100",
+                 "--annotate", str(tmp_path.parent / f"{tmp_path.name}-sheets")) == 0
+    assert handed == [plot_loss_accuracy_graph.shown_frame_positions(100)]  # Every frame sampled: index is position.

@@ -293,7 +293,7 @@ def test_an_evaluation_folder_is_made_only_once_its_inputs_are_read(capsys, tiny
     output_dir = tmp_path / "outputs"
     assert run_script("VGG16", None, output_dir, "--evaluate", "--data-dir", str(folder), "--model", str(saved_model)) == 2
     assert "has no readable image" in capsys.readouterr().err
-    assert not list(output_dir.glob("vgg16/eval-*"))
+    assert not list(output_dir.rglob("eval-*"))  # Neither OUTPUT_DIR/vgg16/ nor OUTPUT_DIR/evaluations/.
 
 
 # --- Resuming, and the best model --------------------------------------------------------

@@ -70,6 +70,26 @@ def test_the_model_card_is_front_matter_and_markdown_with_the_metrics_of_metrics
     assert "8 train, 4 valid, 6 test images" in body and "TensorFlow" in body and "VGG16_finetuning.py" in body
 
 
+def test_a_validation_split_too_small_keeps_the_temperature_at_1_and_the_card_says_so(trained_run):
+    """On 4 validation images the fitted temperature went to 0.12 or to its bound of 20, and made ECE worse."""
+    _, run_dir = trained_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["temperature"] == 1.0 and metrics["calibrated"] is False
+    assert metrics["calibration_skipped"].startswith("the validation split has 4 images (2 real, 2 fake), fewer than the 50")
+    assert metrics["test_ece"] == metrics["test_ece_before_calibration"]
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    assert model.get_layer("temperature_scaling").get_weights()[0].item() == 1.0
+    card = (run_dir / "README.md").read_text()
+    assert f"p(fake) is not calibrated: {metrics['calibration_skipped']}; its temperature stays 1." in card
+    assert "calibrated |" not in card and "before calibration" not in card
+
+
+@pytest.mark.parametrize("real, fake, enough", [(25, 25, True), (40, 10, True), (24, 25, False), (45, 9, False)])
+def test_a_temperature_is_fitted_on_50_validation_images_with_10_of_each_class(real, fake, enough):
+    images = [(f"{number}.jpg", "real") for number in range(real)] + [(f"{number}.jpg", "fake") for number in range(fake)]
+    assert (load_pre_trained_models.too_few_to_calibrate(images) is None) == enough
+
+
 def test_predictions_agree_with_metrics_and_fake_is_1(trained_run):
     _, run_dir = trained_run
     predictions = pd.read_csv(run_dir / "predictions.csv")
@@ -170,6 +190,8 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     # From random weights, in two epochs, it ranks fakes above real faces better than chance
     # (AUC 0.76 on a 2-core CPU with TensorFlow 2.21; seeded, so the same each run).
     assert metrics["test_auc"] > 0.7
+    # Its 60 validation faces are enough to fit a temperature on.
+    assert metrics["calibrated"] is True and metrics["temperature"] != 1.0
 
     next_command = capsys.readouterr().out.strip().splitlines()[-1].split()
     # The script, as a path from where the demo ran, and the face, from the demo dataset.
