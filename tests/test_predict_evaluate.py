@@ -871,7 +871,7 @@ def test_a_disk_that_fills_mid_row_leaves_only_whole_rows_in_the_csv(tmp_path):
     from data_preprocessing import CannotWrite
 
     csv_file = tmp_path / "p.csv"
-    report = plot_loss_accuracy_graph.PredictionReport(argparse.Namespace(csv=csv_file, annotate=None, gradcam=None), [])
+    report = plot_loss_accuracy_graph.PredictionReport(plot_loss_accuracy_graph.ReportSettings(csv=csv_file), [])
     report.start(None)
     row = dict(path=str(tmp_path / "a face with a long name.jpg"), p_fake=0.25, verdict="real")
     report.add_row(row)
