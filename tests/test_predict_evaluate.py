@@ -5,7 +5,6 @@ module into the same output folder, and every test below reads or applies them; 
 first redraws their figures with plot_loss_accuracy_graph.py.
 """
 
-import argparse
 import contextlib
 import errno
 import json
