@@ -1519,19 +1519,30 @@ def locked(lock_file):
 RUN_LOCK = ".lock"
 
 
-# The lock of a folder of --annotate or --gradcam pictures: not a run folder's.
-PICTURES_LOCK = ".predict.lock"
+def pictures_lock_file(folder):
+    """The lock of a folder of --annotate or --gradcam pictures, which is the user's own folder:
+    kept in the system's temporary folder, so that the folder holds only its pictures.
+
+    It is named after the folder's whole resolved path, so that two runs given the same
+    folder by different paths (a link, a relative path) take the same lock. On a system
+    whose temporary folder all users share, each user's name is kept apart too, as a file
+    made by one user could not be opened by another.
+    """
+    owner = str(os.getuid()) if hasattr(os, "getuid") else ""
+    digest = hashlib.sha256(os.fsencode(f"{owner}:{Path(folder).resolve()}")).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"deepfake-predict-{digest}.lock"
 
 
 @contextlib.contextmanager
-def one_run_at_a_time(folder, option="--output-dir", lock_name=RUN_LOCK):
+def one_run_at_a_time(folder, option="--output-dir", lock_file=None):
     """Let one run at a time write into `folder`: a second one stops at once, and names the first; `option` names the folder.
 
-    The lock file holds who runs there while they do, and is emptied when they end. A run
-    killed before it could empty it leaves its name behind, but not its lock, which the
-    operating system releases: the next run takes the folder over, and says so.
+    The lock file, the folder's RUN_LOCK unless `lock_file` names another, holds who runs
+    there while they do, and is emptied when they end. A run killed before it could empty
+    it leaves its name behind, but not its lock, which the operating system releases: the
+    next run takes the folder over, and says so.
     """
-    lock_file = folder / lock_name
+    lock_file = Path(lock_file) if lock_file else folder / RUN_LOCK
     lock_file.touch()
     with open(lock_file, "r+") as handle:
         if not lock(handle, wait=False):

@@ -66,7 +66,6 @@ from data_preprocessing import (
     DEMO_OUTPUT_DIR,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
-    PICTURES_LOCK,
     SPLITS,
     OneLineArgumentParser,
     UserError,
@@ -76,6 +75,7 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
+    pictures_lock_file,
     start_anew,
     printable,
     quiet_tensorflow_start,
@@ -845,7 +845,7 @@ class PredictionReport:
             if folder:
                 folders.setdefault(Path(folder).resolve(), (folder, option))
         for folder, option in folders.values():
-            self.locks.enter_context(one_run_at_a_time(folder, option, PICTURES_LOCK))
+            self.locks.enter_context(one_run_at_a_time(folder, option, pictures_lock_file(folder)))
 
     def open_csv(self):
         """Open --csv, locked; what it held stays until `start`."""

@@ -551,7 +551,18 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
     assert len(error_lines) == 1 and error_lines[0].startswith(f"error: cannot write {target}")
     assert "the disk is full; free some space, then run the same command again" in error_lines[0]
     if option != "--csv":
-        assert [path.name for path in target.iterdir()] == [".predict.lock"]
+        assert list(target.iterdir()) == []
+
+
+def test_predict_leaves_only_its_pictures_in_the_folders_it_writes(trained, tmp_path):
+    split_root, output_dir = trained
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    annotate, gradcam = tmp_path / "annotated", tmp_path / "heat"
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off",
+                 "--annotate", str(annotate), "--gradcam", str(gradcam)) == 0
+    # The user's folders hold the pictures and nothing else: no lock file, hidden or not.
+    assert sorted(path.name for path in annotate.iterdir()) == ["0001.jpg-faces.jpg"]
+    assert sorted(path.name for path in gradcam.iterdir()) == ["0001.jpg-gradcam.png"]
 
 
 def test_a_name_too_long_for_the_file_system_is_said_to_be_so_not_a_full_disk(tmp_path):
@@ -577,7 +588,7 @@ def test_a_247_character_photo_name_gets_its_pictures(trained, tmp_path, capsys)
     pictures = tmp_path / "pictures"
     assert apply("VGG16", output_dir, "--predict", str(photo), "--faces", "off",
                  "--annotate", str(pictures), "--gradcam", str(pictures)) == 0
-    written = [path for path in pictures.iterdir() if path.name != ".predict.lock"]
+    written = list(pictures.iterdir())
     assert len(written) == 2 and all(path.name.startswith("face-face-") for path in written)
     assert "Wrote 1 annotated picture" in capsys.readouterr().out
 
@@ -617,7 +628,7 @@ def test_a_photo_and_a_video_named_in_latin_1_are_judged_written_and_listed(trai
     rows = pd.read_csv(csv_file)
     assert str(media / "caf\\udce9.jpg") in set(rows["path"]) and str(media / "vid\\udce9.mp4") in set(rows["path"])
     assert f"{media / 'caf'}\\udce9.jpg  p_fake=" in captured.out
-    assert sorted(os.listdir(os.fsencode(pictures))) == [b".predict.lock", b"caf\xe9.jpg-faces.jpg", b"vid\xe9.mp4-frames.png"]
+    assert sorted(os.listdir(os.fsencode(pictures))) == [b"caf\xe9.jpg-faces.jpg", b"vid\xe9.mp4-frames.png"]
 
 
 def test_evaluate_writes_a_name_in_latin_1_into_its_predictions(trained, tmp_path):
