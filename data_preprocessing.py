@@ -162,11 +162,11 @@ def find_split_root(data_dir=None):
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
-            raise UserError(f"--data-dir {data_dir} is not a folder; check the path")
+            raise UserError(f"--data-dir {data_dir.absolute()} is not a folder; check the path")
         split_root = split_root_inside(data_dir)
         if split_root is None:
             raise UserError(
-                f"{data_dir} holds neither train/, valid/ and test/ nor {SPLIT_ROOT_IN_ARCHIVE}/; "
+                f"{data_dir.absolute()} holds neither train/, valid/ and test/ nor {SPLIT_ROOT_IN_ARCHIVE}/; "
                 "point --data-dir at the split root or at the Kaggle download's root"
             )
         return split_root

@@ -650,14 +650,18 @@ def saved_model_file(recipe, model, output_dir, demo=False):
         model_file = model_file / "model.keras"
     if model_file.is_file():
         return model_file
+    # Each message gives the whole path: a relative one depends on where the command was run from.
+    if model:
+        raise UserError(f"--model {model_file.absolute()} does not exist; check the path, or give the folder that holds model.keras")
     demo_model = DEMO_OUTPUT_DIR / recipe.name / "model.keras"
-    if not model and not demo and demo_model.is_file():
+    if not demo and demo_model.is_file():
         raise UserError(
-            f"there is no model at {model_file}, but the demo's model is at {demo_model}: add --demo to use it"
+            f"there is no model at {model_file.absolute()}, but the demo's model is at {demo_model.absolute()}: "
+            "add --demo to use it, or --output-dir to look elsewhere"
         )
     raise UserError(
-        f"there is no model at {model_file}; train {recipe.title} first (the same command without "
-        "--predict or --evaluate, with the same --output-dir), or pass --model FILE"
+        f"there is no model in {model_file.parent.absolute()} (looked for {model_file.name}); train {recipe.title} first "
+        "(the same command without --predict or --evaluate), or give --output-dir the folder it was trained into, or --model FILE"
     )
 
 
@@ -684,8 +688,8 @@ def load_ensemble(output_dir):
     members, weights = read_ensemble(output_dir)
     if len(members) < 2:
         raise UserError(
-            f"the ensemble needs two or more models trained into {output_dir} on the same test images; "
-            "train another model with the same --data-dir, --subset and --output-dir"
+            f"the ensemble needs two or more models trained into {Path(output_dir).absolute()} on the same test images; "
+            "train another model with the same --data-dir, --subset and --output-dir, or give --output-dir the folder they were trained into"
         )
     loaded = []
     for metrics, weight in zip(members, weights):
@@ -845,7 +849,7 @@ class Detector:
             return cls(load_ensemble(Path(output_dir)), judging)
         model_file = Path(model) / "model.keras" if Path(model).is_dir() else Path(model)
         if not model_file.is_file():
-            raise UserError(f"there is no model at {model_file}; give a model's folder or its .keras file")
+            raise UserError(f"there is no model at {model_file.absolute()}; give a model's folder or its .keras file")
         return cls([load_member(model_file, recipe)], judging)
 
     def header(self):

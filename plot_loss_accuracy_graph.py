@@ -1369,8 +1369,11 @@ def main(argv=None):
     histories = {path: read_history(path) for path in sorted(output_dir.glob("*/history.csv"))}
     histories = {path: history for path, history in histories.items() if len(history)}
     if not histories:
-        demo = f" (the demo's are in {DEMO_OUTPUT_DIR}: add --demo)" if not args.demo and any(DEMO_OUTPUT_DIR.glob("*/history.csv")) else ""
-        raise UserError(f"no trained model in {output_dir}{demo}; run a fine-tuning script first, or name its output folder")
+        demo = f" (the demo's are in {DEMO_OUTPUT_DIR.absolute()}: add --demo)" if not args.demo and any(DEMO_OUTPUT_DIR.glob("*/history.csv")) else ""
+        raise UserError(
+            f"no trained model in {output_dir.absolute()}{demo}; run a fine-tuning script first, "
+            "or name the folder it wrote into (its --output-dir): python plot_loss_accuracy_graph.py FOLDER"
+        )
     ensure_writable_folder(output_dir)
     for history_file, history in histories.items():
         metrics_file = history_file.with_name("metrics.json")

@@ -6,6 +6,7 @@ first redraws their figures with plot_loss_accuracy_graph.py.
 """
 
 import errno
+import importlib
 import json
 import os
 import re
@@ -350,12 +351,35 @@ def test_wrong_combinations_are_user_errors(capsys, tmp_path, options, fragments
 def test_predict_or_evaluate_without_a_trained_model_says_to_train_first(capsys, tiny_split_root, tmp_path):
     image = str(tiny_split_root / "test" / "real" / "0000.jpg")
     assert apply("VGG16", tmp_path / "outputs", "--predict", image) == 2
-    assert_one_line_error(capsys, str(tmp_path / "outputs" / "vgg16" / "model.keras"), "train VGG16 first", "--model FILE")
+    assert_one_line_error(capsys, f"no model in {tmp_path / 'outputs' / 'vgg16'} (looked for model.keras)", "train VGG16 first", "--model FILE")
     assert apply("VGG16", tmp_path / "outputs", "--evaluate", "--data-dir", str(tiny_split_root)) == 2
     assert_one_line_error(capsys, "train VGG16 first")
     assert not (tmp_path / "outputs" / "vgg16").exists()
     assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--model", "ensemble") == 2
     assert_one_line_error(capsys, "two or more models")
+
+
+def test_no_model_or_no_dataset_says_which_folder_it_looked_in_and_how_to_point_elsewhere(capsys, tiny_split_root, tmp_path):
+    # The test runs in a folder of its own, away from the checkout, as from a user's home folder.
+    script = importlib.import_module("VGG16_finetuning")
+    image = str(tiny_split_root / "test" / "real" / "0000.jpg")
+    for options, folder in (([], Path.cwd() / "outputs" / "vgg16"), (["--demo"], Path.cwd() / "outputs" / "demo" / "vgg16")):
+        assert script.main([*options, "--predict", image]) == 2
+        assert_one_line_error(capsys, f"there is no model in {folder} ", "--output-dir")
+    # --model given: the path given is what is wrong, not the training.
+    assert script.main(["--predict", image, "--model", "mine/model.keras"]) == 2
+    error = capsys.readouterr().err
+    assert f"--model {Path.cwd() / 'mine' / 'model.keras'} does not exist" in error
+    assert "train VGG16 first" not in error and "--model FILE" not in error
+    with pytest.raises(UserError, match=f"there is no model at {re.escape(str(Path.cwd()))}"):
+        load_pre_trained_models.Detector.load("nothing.keras")
+    assert plot_loss_accuracy_graph.main([]) == 2
+    assert_one_line_error(capsys, f"no trained model in {Path.cwd() / 'outputs'};", "--output-dir")
+    for data_dir, message in (("photos", "is not a folder"), (".", "holds neither")):
+        Path("photos").mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=message) as error:
+            data_preprocessing.find_split_root(data_dir if message == "holds neither" else "missing")
+        assert str(Path.cwd()) in str(error.value)
 
 
 def test_predict_with_no_readable_image_is_a_user_error(trained, tmp_path, capsys):

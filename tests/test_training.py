@@ -182,7 +182,7 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     # Without --demo the model is looked for in outputs/: the error says where the demo's is.
     assert main(next_command[3:]) == 2
     error = capsys.readouterr().err
-    assert "no model at outputs/vgg16/model.keras" in error and "outputs/demo/vgg16/model.keras" in error
+    assert f"no model at {tmp_path / 'outputs/vgg16/model.keras'}" in error and str(tmp_path / "outputs/demo/vgg16/model.keras") in error
 
 
 def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_root, tmp_path, monkeypatch, capsys):
