@@ -575,6 +575,9 @@ def train(recipe, training):
         return 130
     results = training.output_dir / "results.md"
     print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
+    if metrics["learned_nothing"]:
+        # Accuracy 0.5 and no error look like success: say plainly that the model is no use yet.
+        print(f"This run learned nothing: {metrics['learned_nothing']}")
     print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
     print(f"Results so far ({results}):\n{results.read_text()}")
     if training.demo:

@@ -425,12 +425,40 @@ def write_run_outputs(run_dir, recipe, training, dataset, predictions, valid_pre
         "train_seconds": round(float(history["seconds"].sum()), 1),
         **calibration_metrics(predictions, valid_predictions, calibration),
     }
+    metrics["learned_nothing"] = learned_nothing(recipe, training, metrics)
     write_test_outputs(run_dir, recipe.title, predictions, metrics)
     plot_history(history, run_dir / "history.png", recipe.title)
     labels = true_labels(predictions)
     plot_calibration(labels, calibration["test_p_fake_before"], predictions["p_fake"], run_dir / "calibration.png", recipe.title)
     write_text_atomically(run_dir / MODEL_CARD, model_card(recipe, training, metrics))
     return metrics
+
+
+# A test AUC this close to 0.5 ranks the faces little better than a coin would.
+CHANCE_AUC_MARGIN = 0.05
+
+
+def learned_nothing(recipe, training, metrics):
+    """Why a run's test metrics show that it learned nothing, and what to try; None where it learned something.
+
+    A model that calls every test image by one class, or whose test AUC is within
+    CHANCE_AUC_MARGIN of chance, has learned nothing worth using, though its accuracy may
+    read 0.5 and nothing failed.
+    """
+    (true_real, false_fake), (false_real, true_fake) = metrics["confusion_matrix"]
+    auc = metrics["test_auc"]
+    if true_fake + false_fake == 0 or true_real + false_real == 0:
+        what = f"it called every test image {'real' if true_fake + false_fake == 0 else 'fake'}"
+    elif auc is not None and abs(auc - 0.5) <= CHANCE_AUC_MARGIN:
+        what = f"its test AUC, {auc:.3f}, is within {CHANCE_AUC_MARGIN} of chance (0.5)"
+    else:
+        return None
+    if training.demo_data and training.weights == "none":
+        # The demo trains from random weights, briefly: a deep net may not get going in that time.
+        other = "" if recipe.title == "VGG16" else ", or VGG16"
+        return f"{what}. {recipe.title} from random weights learns little in {metrics['epochs_run']} epochs of the demo; try --epochs 15{other}"
+    return (f"{what}. Try more --epochs, --warmup-epochs 2 to train the head before the base, or a lower --learning-rate; "
+            "and check the data (python data_preprocessing.py counts each class and lists bad files)")
 
 
 def calibration_metrics(predictions, valid_predictions, calibration):
