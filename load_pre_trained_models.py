@@ -727,13 +727,21 @@ def gradcam_layer(base):
     return base.layers[position]
 
 
-def grad_cam(model, batch):
+def grad_cam(model, batch, toward="fake"):
     """Grad-CAM heat maps (Selvaraju et al., 2017) of a batch of raw pixels, one per image, scaled to 0-1.
 
     Each channel of the last conv feature map is weighted by the mean gradient of the
-    fake score with respect to it; the weighted sum, without its negative part, shows where
-    the features that raised p(fake) are.
+    score `toward` a class with respect to it; the weighted sum, without its negative part,
+    shows where the features that raised that score are. The score toward "fake" is the
+    fake logit; toward "real", minus the logit, so that the map shows what lowered p(fake).
+    `toward` is one class for the whole batch, or one per image. A map that is zero
+    everywhere says that nothing in the image raised that score.
     """
+    towards = [toward] * len(batch) if isinstance(toward, str) else list(toward)
+    if set(towards) - {"fake", "real"} or len(towards) != len(batch):
+        raise ValueError(f"toward={toward!r}: give 'fake' or 'real', or one of them per image")
+    # +1 where the map explains "fake", -1 where it explains "real".
+    signs = tf.constant([[1.0 if each == "fake" else -1.0] for each in towards])
     base = base_of(model)
     feature_map_and_output = keras.Model(base.inputs, [gradcam_layer(base).output, base.output])
     # A model saved before the head ended in a logit has its fake score in its output layer.
@@ -747,7 +755,8 @@ def grad_cam(model, batch):
         # The score before the sigmoid, as in the paper: once p(fake) saturates at 0 or 1,
         # its own gradient vanishes and the map would go blank.
         fake_score = tf.matmul(tf.cast(head_features, "float32"), output_layer.kernel) + output_layer.bias
-    gradients = tf.cast(tape.gradient(fake_score, features), "float32")
+        explained_score = signs * fake_score
+    gradients = tf.cast(tape.gradient(explained_score, features), "float32")
     features = tf.cast(features, "float32")
     channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     heatmaps = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1)).numpy()
@@ -769,7 +778,8 @@ class JudgingOptions:
     min_face: a face narrower than this many pixels is listed as too small, not scored.
     threshold: None gives the band of the model's card (real, uncertain, fake); a value T,
         two-way verdicts at T.
-    gradcam: also compute each score's Grad-CAM heat map.
+    gradcam: also compute each score's Grad-CAM heat map: the evidence for its verdict
+        (for "real" where it is real, for "fake" where it is fake or uncertain).
     batch_size: faces, or pictures, scored at once.
     """
 
@@ -1006,13 +1016,23 @@ class Detector:
             crops = [face.crop for face in batch]
             with self.stopwatch.timing("scoring"):
                 p_fake = p_fake_of_pictures(self.members, crops)
-            heatmaps = [None] * len(batch)
+            verdicts = [self.band(float(value)) for value in p_fake]
+            heatmaps, evidence = [None] * len(batch), [None] * len(batch)
             if self.options.gradcam:
+                # Each map shows the evidence for the verdict given: a face called real gets the
+                # regions that lowered p(fake), which a map of the evidence for fake leaves blank.
+                evidence = [evidence_shown_for(verdict) for verdict in verdicts]
                 with self.stopwatch.timing("Grad-CAM"):
                     model = self.members[0].model
-                    heatmaps = grad_cam(model, np.stack([model_input(crop, image_size(model)) for crop in crops]))
-            for face, value, heatmap in zip(batch, p_fake, heatmaps):
-                face.p_fake, face.verdict, face.heatmap = float(value), self.band(float(value)), heatmap
+                    heatmaps = grad_cam(model, np.stack([model_input(crop, image_size(model)) for crop in crops]), toward=evidence)
+            for face, value, verdict, heatmap, heatmap_of in zip(batch, p_fake, verdicts, heatmaps, evidence):
+                face.p_fake, face.verdict, face.heatmap, face.heatmap_of = float(value), verdict, heatmap, heatmap_of
+
+
+def evidence_shown_for(verdict):
+    """Whose evidence a face's Grad-CAM shows: "real" for a face called real; "fake" for one called fake, or uncertain,
+    as the question an uncertain verdict leaves open is whether anything in it looks fake."""
+    return "real" if verdict == "real" else "fake"
 
 
 def faces_to_judge(finder, image, min_face, frame=None, cut_out=True):

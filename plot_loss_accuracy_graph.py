@@ -647,6 +647,7 @@ class FaceResult:
     frame: int | None = None  # The index of the video frame it was seen in; None in a photo.
     crop: np.ndarray | None = field(default=None, repr=False)  # What was scored: the face cut out at 256x256, or the picture.
     heatmap: np.ndarray | None = field(default=None, repr=False)  # With Grad-CAM: its map of the crop, 0 to 1.
+    heatmap_of: str | None = None  # With Grad-CAM: whose evidence its map shows, "real" or "fake" (that of its verdict).
 
     @property
     def width(self):
@@ -963,7 +964,8 @@ class PredictionReport:
             return
         for face in [face for face in picture.faces if face.heatmap is not None]:
             overlay = self.output_file(self.settings.gradcam, f"{self.names[picture.path]}{gradcam_part(picture.frame, face)}-gradcam.png", "gradcam")
-            save_gradcam_overlay(face.crop, face.heatmap, overlay, face.p_fake, face.verdict, mark=picture.mark)
+            save_gradcam_overlay(face.crop, face.heatmap, overlay, face.p_fake, face.verdict, mark=picture.mark,
+                                 evidence_for=face.heatmap_of or "fake")
 
     def finish(self):
         """Close the CSV, and say what was written where."""
@@ -1057,13 +1059,19 @@ def overlay_figure_size(height, width, scale, mark=None):
     return max(image_width + 1.3, 3.0), image_height + 0.6 + (0.5 if mark else 0)
 
 
-def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mark=None):
+# What a map that is zero everywhere means, as its picture says it.
+NOTHING_RAISED = {"fake": "nothing here raised p(fake)", "real": "nothing here lowered p(fake)"}
+
+
+def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mark=None, evidence_for="fake"):
     """Draw a Grad-CAM heat map (values 0 to 1, any size) over its image, in the jet colours.
 
-    The image is an RGB array: a face as it was cut out, or a whole image, as scored. Red
-    marks the regions that raised p(fake) the most; blue, those that did not. The title
-    gives the model's p(fake) and verdict for the image, and a model's mark (DEMO_MARK or
-    UNKNOWN_MARK), if any, is written in red below it. Writes a PNG; returns its path.
+    The image is an RGB array: a face as it was cut out, or a whole image, as scored. The
+    map shows the evidence `evidence_for` "fake" or "real" (see load_pre_trained_models.grad_cam):
+    red marks the regions that raised that score the most; blue, those that did not; and a
+    map that is zero everywhere is said in words on the picture (NOTHING_RAISED). The
+    title gives the model's p(fake) and verdict for the image, and a model's mark
+    (DEMO_MARK or UNKNOWN_MARK), if any, is written in red below it. Writes a PNG; returns its path.
     """
     image = shown_copy(image)
     height, width = image.shape[:2]
@@ -1080,7 +1088,11 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mar
     # tall as the image, which is why its label takes two lines.
     colours = ScalarMappable(norm=Normalize(0, 1), cmap="jet")
     bar_axis = make_axes_locatable(axis).append_axes("right", size="5%", pad=0.1)
-    figure.colorbar(colours, cax=bar_axis, label="Grad-CAM: share of the\nevidence for fake")
+    figure.colorbar(colours, cax=bar_axis, label=f"Grad-CAM: share of the\nevidence for {evidence_for}")
+    if not np.any(heatmap > 0):
+        # A flat blue map would otherwise read as a map that failed.
+        axis.text(0.5, 0.04, NOTHING_RAISED[evidence_for], transform=axis.transAxes, ha="center", va="bottom",
+                  color="white", fontsize=9, bbox=dict(facecolor="black", edgecolor="none", pad=3))
     axis.set_title(f"p_fake={p_fake:.4f}: {verdict}")
     if mark:
         figure.suptitle(textwrap.fill(mark, 45), color=np.array(MARK_COLOUR) / 255, fontsize=8)

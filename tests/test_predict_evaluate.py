@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import keras
 import matplotlib.figure
 import numpy as np
 import pandas as pd
@@ -432,6 +433,36 @@ def test_gradcam_still_shows_regions_when_p_fake_saturates():
         output_layer.kernel.assign(sign * kernel)
         peaks.append(load_pre_trained_models.grad_cam(model, images).max())
     assert max(peaks) == pytest.approx(1.0)
+
+
+def test_a_face_judged_real_gets_the_map_of_the_evidence_for_real():
+    keras.utils.set_random_seed(0)
+    recipe = next(recipe for recipe in load_recipes() if recipe.title == "VGG16")
+    model = load_pre_trained_models.build_model(recipe, weights="none", img_size=32)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.uint8)
+    toward_fake = load_pre_trained_models.grad_cam(model, images)
+    toward_real = load_pre_trained_models.grad_cam(model, images, toward="real")
+    assert max(toward_fake.max(), toward_real.max()) == pytest.approx(1.0)
+    assert not np.allclose(toward_fake, toward_real)
+    # The evidence for real is the evidence for fake of the same model with its score negated.
+    output_layer = model.get_layer("fake_logit")
+    kernel, bias = output_layer.kernel.numpy(), output_layer.bias.numpy()
+    output_layer.kernel.assign(-kernel)
+    output_layer.bias.assign(-bias)
+    np.testing.assert_allclose(load_pre_trained_models.grad_cam(model, images), toward_real, atol=1e-5)
+    output_layer.kernel.assign(kernel)
+    output_layer.bias.assign(bias)
+    # One class per image: each map is that image's.
+    mixed = load_pre_trained_models.grad_cam(model, images, toward=["fake", "real"])
+    np.testing.assert_allclose(mixed, [toward_fake[0], toward_real[1]], atol=1e-5)
+    # The detector asks, face by face, for the evidence for the verdict it gave.
+    card = plot_loss_accuracy_graph.WhoseVerdicts("VGG16, untrained", None, plot_loss_accuracy_graph.Verdicts(None, None))
+    member = load_pre_trained_models.Member("VGG16", model, Path("model.keras"), card)
+    for threshold, verdict in ((1.0, "real"), (0.0, "fake")):
+        judging = load_pre_trained_models.JudgingOptions(faces="off", threshold=threshold, gradcam=True)
+        face = load_pre_trained_models.Detector([member], judging).judge(images[1]).faces[0]
+        assert (face.verdict, face.heatmap_of) == (verdict, verdict)
+        np.testing.assert_allclose(face.heatmap, (toward_real if verdict == "real" else toward_fake)[1], atol=1e-5)
 
 
 def test_ctrl_c_while_predicting_keeps_the_rows_judged_and_exits_130(trained, tmp_path, monkeypatch, capsys):
