@@ -1524,9 +1524,10 @@ def pictures_lock_file(folder):
     kept in the system's temporary folder, so that the folder holds only its pictures.
 
     It is named after the folder's whole resolved path, so that two runs given the same
-    folder by different paths (a link, a relative path) take the same lock. On a system
-    whose temporary folder all users share, each user's name is kept apart too, as a file
-    made by one user could not be opened by another.
+    folder by different paths (a link, a relative path) take the same lock. Where all users
+    share the temporary folder (Linux), the user's id is part of the name too, as a lock
+    file made by one user could not be opened by another: two users writing into one
+    folder at once are not kept apart.
     """
     owner = str(os.getuid()) if hasattr(os, "getuid") else ""
     digest = hashlib.sha256(os.fsencode(f"{owner}:{Path(folder).resolve()}")).hexdigest()[:20]
