@@ -442,13 +442,16 @@ def learned_nothing(recipe, training, metrics):
     """Why a run's test metrics show that it learned nothing, and what to try; None where it learned something.
 
     A model that calls every test image by one class, or whose test AUC is within
-    CHANCE_AUC_MARGIN of chance, has learned nothing worth using, though its accuracy may
-    read 0.5 and nothing failed.
+    CHANCE_AUC_MARGIN of chance, has learned nothing worth using yet, though its accuracy
+    may read 0.5 and nothing failed.
     """
     (true_real, false_fake), (false_real, true_fake) = metrics["confusion_matrix"]
     auc = metrics["test_auc"]
     if true_fake + false_fake == 0 or true_real + false_real == 0:
-        what = f"it called every test image {'real' if true_fake + false_fake == 0 else 'fake'}"
+        what = f"it called every test image {'real' if true_fake + false_fake == 0 else 'fake'} at p(fake) {metrics['threshold']}"
+        if auc is not None and auc > 0.5 + CHANCE_AUC_MARGIN:
+            # Its scores rank the faces, but have not yet moved apart across the threshold.
+            what += f", though its test AUC of {auc:.3f} says that it has begun to rank them"
     elif auc is not None and abs(auc - 0.5) <= CHANCE_AUC_MARGIN:
         what = f"its test AUC, {auc:.3f}, is within {CHANCE_AUC_MARGIN} of chance (0.5)"
     else:

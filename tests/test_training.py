@@ -193,7 +193,7 @@ def test_a_run_that_learned_nothing_says_so_after_its_accuracy_and_in_metrics_js
     printed = capsys.readouterr().out.splitlines()
     accuracy = next(number for number, line in enumerate(printed) if line.startswith("Test accuracy"))
     said = printed[accuracy + 1]
-    assert said.startswith("This run learned nothing: it called every test image real")
+    assert said.startswith("This run learned nothing: it called every test image real at p(fake) 0.5")
     assert "--epochs" in said and "--warmup-epochs" in said and "check the data" in said
     metrics = json.loads((tmp_path / "outputs" / "vgg16" / "metrics.json").read_text())
     assert said == f"This run learned nothing: {metrics['learned_nothing']}"
@@ -202,16 +202,17 @@ def test_a_run_that_learned_nothing_says_so_after_its_accuracy_and_in_metrics_js
 @pytest.mark.parametrize(
     "title, weights, auc, confusion, expected",
     [
-        ("VGG19", "none", None, [[3, 0], [3, 0]], "it called every test image real. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
+        ("VGG19", "none", None, [[3, 0], [3, 0]], "it called every test image real at p(fake) 0.5. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
+        ("VGG19", "none", 0.793, [[30, 0], [30, 0]], "it called every test image real at p(fake) 0.5, though its test AUC of 0.793 says that it has begun to rank them. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
         ("VGG16", "none", 0.53, [[2, 1], [1, 2]], "its test AUC, 0.530, is within 0.05 of chance (0.5). VGG16 from random weights learns little in 5 epochs of the demo; try --epochs 15"),
         ("VGG19", "none", 0.91, [[3, 0], [1, 2]], None),
-        ("VGG19", "none", 0.2, [[0, 3], [0, 3]], "it called every test image fake. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
+        ("VGG19", "none", 0.2, [[0, 3], [0, 3]], "it called every test image fake at p(fake) 0.5. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
     ],
 )
 def test_what_a_demo_run_that_learned_nothing_is_told(title, weights, auc, confusion, expected):
     recipe = next(recipe for recipe in load_recipes() if recipe.title == title)
     training = SimpleNamespace(demo_data=True, weights=weights)
-    metrics = {"test_auc": auc, "confusion_matrix": confusion, "epochs_run": 5}
+    metrics = {"test_auc": auc, "confusion_matrix": confusion, "epochs_run": 5, "threshold": 0.5}
     assert learned_nothing(recipe, training, metrics) == expected
 
 
