@@ -162,11 +162,11 @@ def find_split_root(data_dir=None):
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
-            raise UserError(f"--data-dir {data_dir} is not a folder; check the path")
+            raise UserError(f"--data-dir {data_dir.absolute()} is not a folder; check the path")
         split_root = split_root_inside(data_dir)
         if split_root is None:
             raise UserError(
-                f"{data_dir} holds neither train/, valid/ and test/ nor {SPLIT_ROOT_IN_ARCHIVE}/; "
+                f"{data_dir.absolute()} holds neither train/, valid/ and test/ nor {SPLIT_ROOT_IN_ARCHIVE}/; "
                 "point --data-dir at the split root or at the Kaggle download's root"
             )
         return split_root
@@ -1519,19 +1519,31 @@ def locked(lock_file):
 RUN_LOCK = ".lock"
 
 
-# The lock of a folder of --annotate or --gradcam pictures: not a run folder's.
-PICTURES_LOCK = ".predict.lock"
+def pictures_lock_file(folder):
+    """The lock of a folder of --annotate or --gradcam pictures, which is the user's own folder:
+    kept in the system's temporary folder, so that the folder holds only its pictures.
+
+    It is named after the folder's whole resolved path, so that two runs given the same
+    folder by different paths (a link, a relative path) take the same lock. Where all users
+    share the temporary folder (Linux), the user's id is part of the name too, as a lock
+    file made by one user could not be opened by another: two users writing into one
+    folder at once are not kept apart.
+    """
+    owner = str(os.getuid()) if hasattr(os, "getuid") else ""
+    digest = hashlib.sha256(os.fsencode(f"{owner}:{Path(folder).resolve()}")).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"deepfake-predict-{digest}.lock"
 
 
 @contextlib.contextmanager
-def one_run_at_a_time(folder, option="--output-dir", lock_name=RUN_LOCK):
+def one_run_at_a_time(folder, option="--output-dir", lock_file=None):
     """Let one run at a time write into `folder`: a second one stops at once, and names the first; `option` names the folder.
 
-    The lock file holds who runs there while they do, and is emptied when they end. A run
-    killed before it could empty it leaves its name behind, but not its lock, which the
-    operating system releases: the next run takes the folder over, and says so.
+    The lock file, the folder's RUN_LOCK unless `lock_file` names another, holds who runs
+    there while they do, and is emptied when they end. A run killed before it could empty
+    it leaves its name behind, but not its lock, which the operating system releases: the
+    next run takes the folder over, and says so.
     """
-    lock_file = folder / lock_name
+    lock_file = Path(lock_file) if lock_file else folder / RUN_LOCK
     lock_file.touch()
     with open(lock_file, "r+") as handle:
         if not lock(handle, wait=False):

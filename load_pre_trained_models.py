@@ -599,6 +599,9 @@ def train(recipe, training):
         return 130
     results = training.output_dir / "results.md"
     print(f"\nTest accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
+    if metrics["learned_nothing"]:
+        # Accuracy 0.5 and no error look like success: say plainly that the model is no use yet.
+        print(f"This run learned nothing: {metrics['learned_nothing']}")
     print(f"Wrote {run_dir}/: {', '.join(RUN_OUTPUTS)}")
     print(f"Results so far ({results}):\n{results.read_text()}")
     if training.demo:
@@ -678,14 +681,18 @@ def saved_model_file(recipe, model, output_dir, demo=False):
         model_file = model_file / "model.keras"
     if model_file.is_file():
         return model_file
+    # Each message gives the whole path: a relative one depends on where the command was run from.
+    if model:
+        raise UserError(f"--model {model_file.absolute()} does not exist; check the path, or give the folder that holds model.keras")
     demo_model = DEMO_OUTPUT_DIR / recipe.name / "model.keras"
-    if not model and not demo and demo_model.is_file():
+    if not demo and demo_model.is_file():
         raise UserError(
-            f"there is no model at {model_file}, but the demo's model is at {demo_model}: add --demo to use it"
+            f"there is no model at {model_file.absolute()}, but the demo's model is at {demo_model.absolute()}: "
+            "add --demo to use it, or --output-dir to look elsewhere"
         )
     raise UserError(
-        f"there is no model at {model_file}; train {recipe.title} first (the same command without "
-        "--predict or --evaluate, with the same --output-dir), or pass --model FILE"
+        f"there is no model in {model_file.parent.absolute()} (looked for {model_file.name}); train {recipe.title} first "
+        "(the same command without --predict or --evaluate), or give --output-dir the folder it was trained into, or --model FILE"
     )
 
 
@@ -712,8 +719,8 @@ def load_ensemble(output_dir):
     members, weights = read_ensemble(output_dir)
     if len(members) < 2:
         raise UserError(
-            f"the ensemble needs two or more models trained into {output_dir} on the same test images; "
-            "train another model with the same --data-dir, --subset and --output-dir"
+            f"the ensemble needs two or more models trained into {Path(output_dir).absolute()} on the same test images; "
+            "train another model with the same --data-dir, --subset and --output-dir, or give --output-dir the folder they were trained into"
         )
     loaded = []
     for metrics, weight in zip(members, weights):
@@ -748,13 +755,21 @@ def gradcam_layer(base):
     return base.layers[position]
 
 
-def grad_cam(model, batch):
+def grad_cam(model, batch, toward="fake"):
     """Grad-CAM heat maps (Selvaraju et al., 2017) of a batch of raw pixels, one per image, scaled to 0-1.
 
     Each channel of the last conv feature map is weighted by the mean gradient of the
-    fake score with respect to it; the weighted sum, without its negative part, shows where
-    the features that raised p(fake) are.
+    score `toward` a class with respect to it; the weighted sum, without its negative part,
+    shows where the features that raised that score are. The score toward "fake" is the
+    fake logit; toward "real", minus the logit, so that the map shows what lowered p(fake).
+    `toward` is one class for the whole batch, or one per image. A map that is zero
+    everywhere says that nothing in the image raised that score.
     """
+    towards = [toward] * len(batch) if isinstance(toward, str) else list(toward)
+    if set(towards) - {"fake", "real"} or len(towards) != len(batch):
+        raise ValueError(f"toward={toward!r}: give 'fake' or 'real', or one of them per image")
+    # +1 where the map explains "fake", -1 where it explains "real".
+    signs = tf.constant([[1.0 if each == "fake" else -1.0] for each in towards])
     base = base_of(model)
     feature_map_and_output = keras.Model(base.inputs, [gradcam_layer(base).output, base.output])
     # A model saved before the head ended in a logit has its fake score in its output layer.
@@ -768,7 +783,8 @@ def grad_cam(model, batch):
         # The score before the sigmoid, as in the paper: once p(fake) saturates at 0 or 1,
         # its own gradient vanishes and the map would go blank.
         fake_score = tf.matmul(tf.cast(head_features, "float32"), output_layer.kernel) + output_layer.bias
-    gradients = tf.cast(tape.gradient(fake_score, features), "float32")
+        explained_score = signs * fake_score
+    gradients = tf.cast(tape.gradient(explained_score, features), "float32")
     features = tf.cast(features, "float32")
     channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     heatmaps = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1)).numpy()
@@ -790,7 +806,8 @@ class JudgingOptions:
     min_face: a face narrower than this many pixels is listed as too small, not scored.
     threshold: None gives the band of the model's card (real, uncertain, fake); a value T,
         two-way verdicts at T.
-    gradcam: also compute each score's Grad-CAM heat map.
+    gradcam: also compute each score's Grad-CAM heat map: the evidence for its verdict
+        (for "real" where it is real, for "fake" where it is fake or uncertain).
     batch_size: faces, or pictures, scored at once.
     """
 
@@ -875,7 +892,7 @@ class Detector:
             return cls(load_ensemble(Path(output_dir)), judging)
         model_file = Path(model) / "model.keras" if Path(model).is_dir() else Path(model)
         if not model_file.is_file():
-            raise UserError(f"there is no model at {model_file}; give a model's folder or its .keras file")
+            raise UserError(f"there is no model at {model_file.absolute()}; give a model's folder or its .keras file")
         return cls([load_member(model_file, recipe)], judging)
 
     def header(self):
@@ -1037,13 +1054,23 @@ class Detector:
             crops = [face.crop for face in batch]
             with self.stopwatch.timing("scoring"):
                 p_fake = p_fake_of_pictures(self.members, crops)
-            heatmaps = [None] * len(batch)
+            verdicts = [self.band(float(value)) for value in p_fake]
+            heatmaps, evidence = [None] * len(batch), [None] * len(batch)
             if self.options.gradcam:
+                # Each map shows the evidence for the verdict given: a face called real gets the
+                # regions that lowered p(fake), which a map of the evidence for fake leaves blank.
+                evidence = [evidence_shown_for(verdict) for verdict in verdicts]
                 with self.stopwatch.timing("Grad-CAM"):
                     model = self.members[0].model
-                    heatmaps = grad_cam(model, np.stack([model_input(crop, image_size(model)) for crop in crops]))
-            for face, value, heatmap in zip(batch, p_fake, heatmaps):
-                face.p_fake, face.verdict, face.heatmap = float(value), self.band(float(value)), heatmap
+                    heatmaps = grad_cam(model, np.stack([model_input(crop, image_size(model)) for crop in crops]), toward=evidence)
+            for face, value, verdict, heatmap, heatmap_of in zip(batch, p_fake, verdicts, heatmaps, evidence):
+                face.p_fake, face.verdict, face.heatmap, face.heatmap_of = float(value), verdict, heatmap, heatmap_of
+
+
+def evidence_shown_for(verdict):
+    """Whose evidence a face's Grad-CAM shows: "real" for a face called real; "fake" for one called fake, or uncertain,
+    as the question an uncertain verdict leaves open is whether anything in it looks fake."""
+    return "real" if verdict == "real" else "fake"
 
 
 def model_name(members, mark):

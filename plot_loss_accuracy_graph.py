@@ -69,7 +69,6 @@ from data_preprocessing import (
     DEMO_OUTPUT_DIR,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
-    PICTURES_LOCK,
     SPLITS,
     OneLineArgumentParser,
     UserError,
@@ -79,6 +78,7 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
+    pictures_lock_file,
     start_anew,
     printable,
     quiet_tensorflow_start,
@@ -432,6 +432,7 @@ def write_run_outputs(run_dir, recipe, training, dataset, predictions, valid_pre
         "train_seconds": round(float(history["seconds"].sum()), 1),
         **calibration_metrics(predictions, valid_predictions, calibration),
     }
+    metrics["learned_nothing"] = learned_nothing(recipe, training, metrics)
     write_test_outputs(run_dir, recipe.title, predictions, metrics)
     write_text_atomically(run_dir / VALID_PREDICTIONS, valid_predictions.to_csv(index=False))
     plot_history(history, run_dir / "history.png", recipe.title)
@@ -439,6 +440,36 @@ def write_run_outputs(run_dir, recipe, training, dataset, predictions, valid_pre
     plot_calibration(labels, calibration["test_p_fake_before"], predictions["p_fake"], run_dir / "calibration.png", recipe.title)
     write_text_atomically(run_dir / MODEL_CARD, model_card(recipe, training, metrics))
     return metrics
+
+
+# A test AUC this close to 0.5 ranks the faces little better than a coin would.
+CHANCE_AUC_MARGIN = 0.05
+
+
+def learned_nothing(recipe, training, metrics):
+    """Why a run's test metrics show that it learned nothing, and what to try; None where it learned something.
+
+    A model that calls every test image by one class, or whose test AUC is within
+    CHANCE_AUC_MARGIN of chance, has learned nothing worth using yet, though its accuracy
+    may read 0.5 and nothing failed.
+    """
+    (true_real, false_fake), (false_real, true_fake) = metrics["confusion_matrix"]
+    auc = metrics["test_auc"]
+    if true_fake + false_fake == 0 or true_real + false_real == 0:
+        what = f"it called every test image {'real' if true_fake + false_fake == 0 else 'fake'} at p(fake) {metrics['threshold']}"
+        if auc is not None and auc > 0.5 + CHANCE_AUC_MARGIN:
+            # Its scores rank the faces, but have not yet moved apart across the threshold.
+            what += f", though its test AUC of {auc:.3f} says that it has begun to rank them"
+    elif auc is not None and abs(auc - 0.5) <= CHANCE_AUC_MARGIN:
+        what = f"its test AUC, {auc:.3f}, is within {CHANCE_AUC_MARGIN} of chance (0.5)"
+    else:
+        return None
+    if training.demo_data and training.weights == "none":
+        # The demo trains from random weights, briefly: a deep net may not get going in that time.
+        other = "" if recipe.title == "VGG16" else ", or VGG16"
+        return f"{what}. {recipe.title} from random weights learns little in {metrics['epochs_run']} epochs of the demo; try --epochs 15{other}"
+    return (f"{what}. Try more --epochs, --warmup-epochs 2 to train the head before the base, or a lower --learning-rate; "
+            "and check the data (python data_preprocessing.py counts each class and lists bad files)")
 
 
 def calibration_metrics(predictions, valid_predictions, calibration):
@@ -711,6 +742,7 @@ class FaceResult:
     frame: int | None = None  # The index of the video frame it was seen in; None in a photo.
     crop: np.ndarray | None = field(default=None, repr=False)  # What was scored: the face cut out at 256x256, or the picture.
     heatmap: np.ndarray | None = field(default=None, repr=False)  # With Grad-CAM: its map of the crop, 0 to 1.
+    heatmap_of: str | None = None  # With Grad-CAM: whose evidence its map shows, "real" or "fake" (that of its verdict).
 
     @property
     def width(self):
@@ -980,7 +1012,7 @@ class PredictionReport:
             if folder:
                 folders.setdefault(Path(folder).resolve(), (folder, option))
         for folder, option in folders.values():
-            self.locks.enter_context(one_run_at_a_time(folder, option, PICTURES_LOCK))
+            self.locks.enter_context(one_run_at_a_time(folder, option, pictures_lock_file(folder)))
 
     def open_csv(self):
         """Open --csv, locked; what it held stays until `start`."""
@@ -1097,7 +1129,8 @@ class PredictionReport:
             return
         for face in [face for face in picture.faces if face.heatmap is not None]:
             overlay = self.output_file(self.settings.gradcam, f"{self.names[picture.path]}{gradcam_part(picture.frame, face)}-gradcam.png", "gradcam")
-            save_gradcam_overlay(face.crop, face.heatmap, overlay, face.p_fake, face.verdict, mark=picture.mark)
+            save_gradcam_overlay(face.crop, face.heatmap, overlay, face.p_fake, face.verdict, mark=picture.mark,
+                                 evidence_for=face.heatmap_of or "fake")
 
     def count_line(self):
         """One line that counts what was judged: files, verdicts by kind, and what was not judged, by reason."""
@@ -1200,13 +1233,19 @@ def overlay_figure_size(height, width, scale, mark=None):
     return max(image_width + 1.3, 3.0), image_height + 0.6 + (0.5 if mark else 0)
 
 
-def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mark=None):
+# What a map that is zero everywhere means, as its picture says it.
+NOTHING_RAISED = {"fake": "nothing here raised p(fake)", "real": "nothing here lowered p(fake)"}
+
+
+def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mark=None, evidence_for="fake"):
     """Draw a Grad-CAM heat map (values 0 to 1, any size) over its image, in the jet colours.
 
-    The image is an RGB array: a face as it was cut out, or a whole image, as scored. Red
-    marks the regions that raised p(fake) the most; blue, those that did not. The title
-    gives the model's p(fake) and verdict for the image, and a model's mark (DEMO_MARK or
-    UNKNOWN_MARK), if any, is written in red below it. Writes a PNG; returns its path.
+    The image is an RGB array: a face as it was cut out, or a whole image, as scored. The
+    map shows the evidence `evidence_for` "fake" or "real" (see load_pre_trained_models.grad_cam):
+    red marks the regions that raised that score the most; blue, those that did not; and a
+    map that is zero everywhere is said in words on the picture (NOTHING_RAISED). The
+    title gives the model's p(fake) and verdict for the image, and a model's mark
+    (DEMO_MARK or UNKNOWN_MARK), if any, is written in red below it. Writes a PNG; returns its path.
     """
     image = shown_copy(image)
     height, width = image.shape[:2]
@@ -1223,7 +1262,11 @@ def save_gradcam_overlay(image, heatmap, path, p_fake, verdict, opacity=0.4, mar
     # tall as the image, which is why its label takes two lines.
     colours = ScalarMappable(norm=Normalize(0, 1), cmap="jet")
     bar_axis = make_axes_locatable(axis).append_axes("right", size="5%", pad=0.1)
-    figure.colorbar(colours, cax=bar_axis, label="Grad-CAM: share of the\nevidence for fake")
+    figure.colorbar(colours, cax=bar_axis, label=f"Grad-CAM: share of the\nevidence for {evidence_for}")
+    if not np.any(heatmap > 0):
+        # A flat blue map would otherwise read as a map that failed.
+        axis.text(0.5, 0.04, NOTHING_RAISED[evidence_for], transform=axis.transAxes, ha="center", va="bottom",
+                  color="white", fontsize=9, bbox=dict(facecolor="black", edgecolor="none", pad=3))
     axis.set_title(f"p_fake={p_fake:.4f}: {verdict}")
     if mark:
         figure.suptitle(textwrap.fill(mark, 45), color=np.array(MARK_COLOUR) / 255, fontsize=8)
@@ -1624,8 +1667,11 @@ def main(argv=None):
     histories = {path: read_history(path) for path in sorted(output_dir.glob("*/history.csv"))}
     histories = {path: history for path, history in histories.items() if len(history)}
     if not histories:
-        demo = f" (the demo's are in {DEMO_OUTPUT_DIR}: add --demo)" if not args.demo and any(DEMO_OUTPUT_DIR.glob("*/history.csv")) else ""
-        raise UserError(f"no trained model in {output_dir}{demo}; run a fine-tuning script first, or name its output folder")
+        demo = f" (the demo's are in {DEMO_OUTPUT_DIR.absolute()}: add --demo)" if not args.demo and any(DEMO_OUTPUT_DIR.glob("*/history.csv")) else ""
+        raise UserError(
+            f"no trained model in {output_dir.absolute()}{demo}; run a fine-tuning script first, "
+            "or name the folder it wrote into (its --output-dir): python plot_loss_accuracy_graph.py FOLDER"
+        )
     ensure_writable_folder(output_dir)
     for history_file, history in histories.items():
         metrics_file = history_file.with_name("metrics.json")

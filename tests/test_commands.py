@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import pytest
@@ -164,7 +165,7 @@ def test_plot_command_points_to_the_demo_and_takes_demo(capsys):
     run_dir.mkdir(parents=True)
     (run_dir / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss,seconds\n0,0.5,0.7,0.5,0.69,1.0\n")
     assert plot_loss_accuracy_graph.main([]) == 2
-    assert_one_line_error(capsys, "no trained model in outputs", "demo's are in outputs/demo: add --demo")
+    assert_one_line_error(capsys, f"no trained model in {Path.cwd() / 'outputs'} (the demo's are in {Path.cwd() / 'outputs' / 'demo'}: add --demo)")
     assert plot_loss_accuracy_graph.main(["--demo"]) == 0
     assert (run_dir / "history.png").is_file()
 

@@ -152,6 +152,23 @@ def test_gradcam_overlay_enlarges_small_images_and_draws_the_heat_map(tmp_path, 
     assert hot.sum() > 1000 and cold.sum() > 1000, "the hot spot and the cold rest do not both show"
 
 
+def test_a_flat_gradcam_map_says_in_words_that_nothing_raised_the_score(tmp_path, monkeypatch):
+    figures_drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda figure, path: figures_drawn.append(figure) or path)
+    face = np.full((40, 40, 3), 128, np.uint8)
+    # A face judged real, whose map of the evidence for real is zero everywhere.
+    figures.save_gradcam_overlay(face, np.zeros((7, 7)), tmp_path / "flat.png", 0.09, "real", evidence_for="real")
+    hot_spot = np.zeros((7, 7))
+    hot_spot[3, 3] = 1.0
+    figures.save_gradcam_overlay(face, hot_spot, tmp_path / "spot.png", 0.91, "fake", evidence_for="fake")
+    (flat_image, flat_bar), (spot_image, spot_bar) = [figure.axes for figure in figures_drawn]
+    assert [text.get_text() for text in flat_image.texts] == ["nothing here lowered p(fake)"]
+    assert flat_bar.get_ylabel() == "Grad-CAM: share of the\nevidence for real"
+    assert list(spot_image.texts) == [] and spot_bar.get_ylabel() == "Grad-CAM: share of the\nevidence for fake"
+    for figure in figures_drawn:
+        plt.close(figure)
+
+
 def test_gradcam_overlay_keeps_enlarged_pixels_sharp(tmp_path):
     # A checkerboard of single black and white pixels turns grey wherever it is smoothed.
     checkerboard = np.indices((150, 200)).sum(axis=0) % 2 * 255

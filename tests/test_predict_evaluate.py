@@ -7,6 +7,7 @@ first redraws their figures with plot_loss_accuracy_graph.py.
 
 import contextlib
 import errno
+import importlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import cv2
+import keras
 import matplotlib.figure
 import numpy as np
 import pandas as pd
@@ -354,12 +356,35 @@ def test_wrong_combinations_are_user_errors(capsys, tmp_path, options, fragments
 def test_predict_or_evaluate_without_a_trained_model_says_to_train_first(capsys, tiny_split_root, tmp_path):
     image = str(tiny_split_root / "test" / "real" / "0000.jpg")
     assert apply("VGG16", tmp_path / "outputs", "--predict", image) == 2
-    assert_one_line_error(capsys, str(tmp_path / "outputs" / "vgg16" / "model.keras"), "train VGG16 first", "--model FILE")
+    assert_one_line_error(capsys, f"no model in {tmp_path / 'outputs' / 'vgg16'} (looked for model.keras)", "train VGG16 first", "--model FILE")
     assert apply("VGG16", tmp_path / "outputs", "--evaluate", "--data-dir", str(tiny_split_root)) == 2
     assert_one_line_error(capsys, "train VGG16 first")
     assert not (tmp_path / "outputs" / "vgg16").exists()
     assert apply("VGG16", tmp_path / "outputs", "--predict", image, "--model", "ensemble") == 2
     assert_one_line_error(capsys, "two or more models")
+
+
+def test_no_model_or_no_dataset_says_which_folder_it_looked_in_and_how_to_point_elsewhere(capsys, tiny_split_root, tmp_path):
+    # The test runs in a folder of its own, away from the checkout, as from a user's home folder.
+    script = importlib.import_module("VGG16_finetuning")
+    image = str(tiny_split_root / "test" / "real" / "0000.jpg")
+    for options, folder in (([], Path.cwd() / "outputs" / "vgg16"), (["--demo"], Path.cwd() / "outputs" / "demo" / "vgg16")):
+        assert script.main([*options, "--predict", image]) == 2
+        assert_one_line_error(capsys, f"there is no model in {folder} ", "--output-dir")
+    # --model given: the path given is what is wrong, not the training.
+    assert script.main(["--predict", image, "--model", "mine/model.keras"]) == 2
+    error = capsys.readouterr().err
+    assert f"--model {Path.cwd() / 'mine' / 'model.keras'} does not exist" in error
+    assert "train VGG16 first" not in error and "--model FILE" not in error
+    with pytest.raises(UserError, match=f"there is no model at {re.escape(str(Path.cwd()))}"):
+        load_pre_trained_models.Detector.load("nothing.keras")
+    assert plot_loss_accuracy_graph.main([]) == 2
+    assert_one_line_error(capsys, f"no trained model in {Path.cwd() / 'outputs'};", "--output-dir")
+    for data_dir, message in (("photos", "is not a folder"), (".", "holds neither")):
+        Path("photos").mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=message) as error:
+            data_preprocessing.find_split_root(data_dir if message == "holds neither" else "missing")
+        assert str(Path.cwd()) in str(error.value)
 
 
 def test_predict_with_no_readable_image_is_a_user_error(trained, tmp_path, capsys):
@@ -412,6 +437,36 @@ def test_gradcam_still_shows_regions_when_p_fake_saturates():
         output_layer.kernel.assign(sign * kernel)
         peaks.append(load_pre_trained_models.grad_cam(model, images).max())
     assert max(peaks) == pytest.approx(1.0)
+
+
+def test_a_face_judged_real_gets_the_map_of_the_evidence_for_real():
+    keras.utils.set_random_seed(0)
+    recipe = next(recipe for recipe in load_recipes() if recipe.title == "VGG16")
+    model = load_pre_trained_models.build_model(recipe, weights="none", img_size=32)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.uint8)
+    toward_fake = load_pre_trained_models.grad_cam(model, images)
+    toward_real = load_pre_trained_models.grad_cam(model, images, toward="real")
+    assert max(toward_fake.max(), toward_real.max()) == pytest.approx(1.0)
+    assert not np.allclose(toward_fake, toward_real)
+    # The evidence for real is the evidence for fake of the same model with its score negated.
+    output_layer = model.get_layer("fake_logit")
+    kernel, bias = output_layer.kernel.numpy(), output_layer.bias.numpy()
+    output_layer.kernel.assign(-kernel)
+    output_layer.bias.assign(-bias)
+    np.testing.assert_allclose(load_pre_trained_models.grad_cam(model, images), toward_real, atol=1e-5)
+    output_layer.kernel.assign(kernel)
+    output_layer.bias.assign(bias)
+    # One class per image: each map is that image's.
+    mixed = load_pre_trained_models.grad_cam(model, images, toward=["fake", "real"])
+    np.testing.assert_allclose(mixed, [toward_fake[0], toward_real[1]], atol=1e-5)
+    # The detector asks, face by face, for the evidence for the verdict it gave.
+    card = plot_loss_accuracy_graph.WhoseVerdicts("VGG16, untrained", None, plot_loss_accuracy_graph.Verdicts(None, None))
+    member = load_pre_trained_models.Member("VGG16", model, Path("model.keras"), card)
+    for threshold, verdict in ((1.0, "real"), (0.0, "fake")):
+        judging = load_pre_trained_models.JudgingOptions(faces="off", threshold=threshold, gradcam=True)
+        face = load_pre_trained_models.Detector([member], judging).judge(images[1]).faces[0]
+        assert (face.verdict, face.heatmap_of) == (verdict, verdict)
+        np.testing.assert_allclose(face.heatmap, (toward_real if verdict == "real" else toward_fake)[1], atol=1e-5)
 
 
 def test_ctrl_c_while_predicting_keeps_the_rows_judged_and_exits_130(trained, tmp_path, monkeypatch, capsys):
@@ -555,7 +610,18 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_leaves_no_part_of_one(
     assert len(error_lines) == 1 and error_lines[0].startswith(f"error: cannot write {target}")
     assert "the disk is full; free some space, then run the same command again" in error_lines[0]
     if option != "--csv":
-        assert [path.name for path in target.iterdir()] == [".predict.lock"]
+        assert list(target.iterdir()) == []
+
+
+def test_predict_leaves_only_its_pictures_in_the_folders_it_writes(trained, tmp_path):
+    split_root, output_dir = trained
+    image = str(split_root / "test" / "fake" / "0001.jpg")
+    annotate, gradcam = tmp_path / "annotated", tmp_path / "heat"
+    assert apply("VGG16", output_dir, "--predict", image, "--faces", "off",
+                 "--annotate", str(annotate), "--gradcam", str(gradcam)) == 0
+    # The user's folders hold the pictures and nothing else: no lock file, hidden or not.
+    assert sorted(path.name for path in annotate.iterdir()) == ["0001.jpg-faces.jpg"]
+    assert sorted(path.name for path in gradcam.iterdir()) == ["0001.jpg-gradcam.png"]
 
 
 def test_a_name_too_long_for_the_file_system_is_said_to_be_so_not_a_full_disk(tmp_path):
@@ -581,7 +647,7 @@ def test_a_247_character_photo_name_gets_its_pictures(trained, tmp_path, capsys)
     pictures = tmp_path / "pictures"
     assert apply("VGG16", output_dir, "--predict", str(photo), "--faces", "off",
                  "--annotate", str(pictures), "--gradcam", str(pictures)) == 0
-    written = [path for path in pictures.iterdir() if path.name != ".predict.lock"]
+    written = list(pictures.iterdir())
     assert len(written) == 2 and all(path.name.startswith("face-face-") for path in written)
     assert "Wrote 1 annotated picture" in capsys.readouterr().out
 
@@ -621,7 +687,7 @@ def test_a_photo_and_a_video_named_in_latin_1_are_judged_written_and_listed(trai
     rows = pd.read_csv(csv_file)
     assert str(media / "caf\\udce9.jpg") in set(rows["path"]) and str(media / "vid\\udce9.mp4") in set(rows["path"])
     assert f"{media / 'caf'}\\udce9.jpg  p_fake=" in captured.out
-    assert sorted(os.listdir(os.fsencode(pictures))) == [b".predict.lock", b"caf\xe9.jpg-faces.jpg", b"vid\xe9.mp4-frames.png"]
+    assert sorted(os.listdir(os.fsencode(pictures))) == [b"caf\xe9.jpg-faces.jpg", b"vid\xe9.mp4-frames.png"]
 
 
 def test_evaluate_writes_a_name_in_latin_1_into_its_predictions(trained, tmp_path):

@@ -413,8 +413,8 @@ def test_annotations_and_heat_maps_go_to_their_folders_only(output_dir, tmp_path
     assert predict(output_dir, str(images), "--annotate", str(annotate), "--gradcam", str(gradcam)) == 0
 
     assert [path.name for path in images.iterdir()] == ["astronaut.png"]
-    # Beside the pictures, only the hidden lock that keeps a second run from writing there too.
-    assert sorted(path.name for path in gradcam.iterdir()) == [".predict.lock", "astronaut.png-face1-gradcam.png"]
+    # The pictures, and no lock file: a second run is kept out by a lock in the temporary folder.
+    assert sorted(path.name for path in gradcam.iterdir()) == ["astronaut.png-face1-gradcam.png"]
     marked = cv2.imread(str(annotate / "astronaut.png-faces.jpg"))[..., ::-1].astype(int)
     assert marked.shape == (512, 512, 3)
     # The square is drawn in the verdict's colour, green or red.

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,6 +88,24 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(another_run, tmp_path, capsys
             raise UserError("a mistake")
     with one_run_at_a_time(tmp_path / "outputs" / "vgg16"):
         assert "Taking over" not in capsys.readouterr().out
+
+
+def test_a_folder_of_pictures_is_locked_from_the_temporary_folder_whatever_path_names_it(tmp_path, monkeypatch):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (tmp_path / "link").symlink_to(pictures)
+    monkeypatch.chdir(tmp_path)
+    lock_file = data_preprocessing.pictures_lock_file(pictures)
+    assert lock_file.parent == Path(tempfile.gettempdir())
+    # A relative path, or a link, to the same folder takes the same lock: a second run is kept out all the same.
+    assert data_preprocessing.pictures_lock_file(Path("pictures")) == lock_file == data_preprocessing.pictures_lock_file(tmp_path / "link")
+    assert data_preprocessing.pictures_lock_file(tmp_path) != lock_file
+    with one_run_at_a_time(pictures, "--annotate", lock_file):
+        with pytest.raises(UserError, match="in use by pid"):
+            with one_run_at_a_time(Path("link"), "--annotate", data_preprocessing.pictures_lock_file(Path("link"))):
+                pass
+    assert list(pictures.iterdir()) == []
+    lock_file.unlink()
 
 
 def test_a_killed_run_resumes_with_one_history_row_per_epoch(tiny_split_root, tmp_path):
@@ -479,8 +498,8 @@ def test_a_second_predict_run_with_the_same_output_stops_at_once(image_file, tmp
         holder = open(target, "a")
     else:
         target.mkdir()
-        (target / data_preprocessing.PICTURES_LOCK).touch()
-        holder = open(target / data_preprocessing.PICTURES_LOCK, "r+")
+        data_preprocessing.pictures_lock_file(target).touch()
+        holder = open(data_preprocessing.pictures_lock_file(target), "r+")
     with holder:
         assert data_preprocessing.lock(holder, wait=False)  # The first run, still writing.
         status = run_script("VGG16", None, tmp_path / "outputs", "--model", str(model_file),

@@ -21,8 +21,8 @@ from conftest import (
     assert_one_line_error,
     run_script,
 )
-from data_preprocessing import UserError, make_demo_dataset
-from plot_loss_accuracy_graph import write_results_table
+from data_preprocessing import UserError, load_recipes, make_demo_dataset
+from plot_loss_accuracy_graph import learned_nothing, write_results_table
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_a_training_run_writes_every_output(trained_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "VGG16" and metrics["n_test"] == 6 and metrics["epochs_run"] == 1
     assert {"test_auc", "test_ap", "test_eer", "valid_auc", "test_precision", "test_recall", "train_seconds",
-            "unfreeze_rule", "warmup_epochs"} <= set(metrics)
+            "unfreeze_rule", "warmup_epochs", "learned_nothing"} <= set(metrics)
     history = pd.read_csv(run_dir / "history.csv")
     assert {"accuracy", "loss", "val_accuracy", "val_loss", "phase", "seconds"} <= set(history.columns)
     assert (output_dir / "results.md").read_text().count("| VGG16 |") == 1
@@ -204,7 +204,38 @@ def test_the_demo_learns_and_ends_with_a_next_command_that_works(tmp_path, monke
     # Without --demo the model is looked for in outputs/: the error says where the demo's is.
     assert main(next_command[3:]) == 2
     error = capsys.readouterr().err
-    assert "no model at outputs/vgg16/model.keras" in error and "outputs/demo/vgg16/model.keras" in error
+    assert f"no model at {tmp_path / 'outputs/vgg16/model.keras'}" in error and str(tmp_path / "outputs/demo/vgg16/model.keras") in error
+
+
+def test_a_run_that_learned_nothing_says_so_after_its_accuracy_and_in_metrics_json(tiny_split_root, tmp_path, monkeypatch, capsys):
+    # A model whose fake score is the same for every face: it calls every test image real.
+    predict_logits = load_pre_trained_models.predict_logits
+    monkeypatch.setattr(load_pre_trained_models, "predict_logits", lambda model, flow: np.full(len(predict_logits(model, flow)), -2.0))
+    assert run_script("VGG16", tiny_split_root, tmp_path / "outputs") == 0
+    printed = capsys.readouterr().out.splitlines()
+    accuracy = next(number for number, line in enumerate(printed) if line.startswith("Test accuracy"))
+    said = printed[accuracy + 1]
+    assert said.startswith("This run learned nothing: it called every test image real at p(fake) 0.5")
+    assert "--epochs" in said and "--warmup-epochs" in said and "check the data" in said
+    metrics = json.loads((tmp_path / "outputs" / "vgg16" / "metrics.json").read_text())
+    assert said == f"This run learned nothing: {metrics['learned_nothing']}"
+
+
+@pytest.mark.parametrize(
+    "title, weights, auc, confusion, expected",
+    [
+        ("VGG19", "none", None, [[3, 0], [3, 0]], "it called every test image real at p(fake) 0.5. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
+        ("VGG19", "none", 0.793, [[30, 0], [30, 0]], "it called every test image real at p(fake) 0.5, though its test AUC of 0.793 says that it has begun to rank them. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
+        ("VGG16", "none", 0.53, [[2, 1], [1, 2]], "its test AUC, 0.530, is within 0.05 of chance (0.5). VGG16 from random weights learns little in 5 epochs of the demo; try --epochs 15"),
+        ("VGG19", "none", 0.91, [[3, 0], [1, 2]], None),
+        ("VGG19", "none", 0.2, [[0, 3], [0, 3]], "it called every test image fake at p(fake) 0.5. VGG19 from random weights learns little in 5 epochs of the demo; try --epochs 15, or VGG16"),
+    ],
+)
+def test_what_a_demo_run_that_learned_nothing_is_told(title, weights, auc, confusion, expected):
+    recipe = next(recipe for recipe in load_recipes() if recipe.title == title)
+    training = SimpleNamespace(demo_data=True, weights=weights)
+    metrics = {"test_auc": auc, "confusion_matrix": confusion, "epochs_run": 5, "threshold": 0.5}
+    assert learned_nothing(recipe, training, metrics) == expected
 
 
 def test_run_stopped_during_evaluation_finishes_without_retraining(tiny_split_root, tmp_path, monkeypatch, capsys):
