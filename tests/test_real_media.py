@@ -205,11 +205,11 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
     assert predict(output_dir, str(video), "--frames", "5", "--csv", str(tmp_path / "v.csv"), "--annotate", str(annotate)) == 0
 
     output = capsys.readouterr().out
-    rows = pd.read_csv(tmp_path / "v.csv")
+    rows = pd.read_csv(tmp_path / "v.csv").iloc[:-1]  # The video's own row comes after its frames'.
     assert rows["frame"].tolist() == sampled_frame_indices(40, 5) == [4, 12, 20, 28, 36]
     # Whole numbers are written as such: the frame, the face, the square.
     first_row = (tmp_path / "v.csv").read_text().splitlines()[1].split(",")
-    assert first_row[1:6] == [str(value) for value in rows.iloc[0][["frame", "face", "crop_x", "crop_y", "crop_size"]]]
+    assert first_row[1:6] == [str(int(value)) for value in rows.iloc[0][["frame", "face", "crop_x", "crop_y", "crop_size"]]]
     assert first_row[1:3] == ["4", "1"]
     for row in rows.itertuples():
         assert square_iou((row.crop_x, row.crop_y, row.crop_size), squares[int(row.frame)]) >= 0.7
@@ -372,7 +372,7 @@ def test_a_face_that_shrinks_for_a_while_is_still_followed_as_one(output_dir, tm
     writer.release()
     assert predict(output_dir, str(video), "--frames", "6", "--csv", str(tmp_path / "z.csv")) == 0
 
-    rows = pd.read_csv(tmp_path / "z.csv")
+    rows = pd.read_csv(tmp_path / "z.csv").iloc[:-1]  # The video's own row comes after its frames'.
     assert rows["note"].fillna("").tolist() == ["", "", "face too small", "face too small", "", ""]
     summary = next(line for line in capsys.readouterr().out.splitlines() if "  video  " in line)
     assert f"p_fake={rows['p_fake'].mean():.4f}" in summary
@@ -604,7 +604,7 @@ def test_the_detector_judges_a_photo_a_faceless_photo_and_a_face_too_small(detec
 
     faceless = detector.judge(media / "coffee.jpg")
     assert faceless.faces == [] and faceless.note == "no face"
-    assert faceless.rows() == [dict(path=str(media / "coffee.jpg"), frame=None, note="no face")]
+    assert faceless.rows() == [dict(path=str(media / "coffee.jpg"), frame=None, note="no face", model=detector.name)]
 
     strict = load_pre_trained_models.Detector.load(output_dir / "vgg16", min_face=400)
     small = strict.judge(media / "astronaut.jpg").faces[0]
