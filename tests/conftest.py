@@ -34,6 +34,10 @@ QUICK_MODULES = ("test_commands.py", "test_data.py", "test_figures.py", "test_st
 LESSON_RUNS = ("test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_the_rate",
                "test_an_interrupted_two_phase_run_resumes_where_it_stopped")
 CHILDREN_AT_ONCE = "2"
+# A group that hangs fails after this many seconds. The slowest groups (test_real_media,
+# test_predict_evaluate) took about 3 minutes on a 2-core machine that ran the whole suite in
+# 9.5 minutes, so pytest-isolated's default of 5 minutes left too little margin.
+GROUP_TIMEOUT = 540
 
 # The per-model scripts, by model title, as (module, output folder): read from the scripts' recipes.
 SCRIPTS = {
@@ -157,6 +161,8 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:keras")
     if config.getoption("isolated_numprocesses", None) is None:
         config.option.isolated_numprocesses = CHILDREN_AT_ONCE
+    if config.getoption("isolated_timeout", None) is None:
+        config.option.isolated_timeout = GROUP_TIMEOUT
 
 
 def pytest_itemcollected(item):
