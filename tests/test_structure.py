@@ -129,3 +129,13 @@ def test_the_ci_workflow_runs_ci_run_on_every_push_and_pull_request():
     assert python["with"]["python-version"] == "3.11" and python["with"]["cache"] == "pip"
     assert workflow["jobs"]["tests"]["runs-on"].startswith("ubuntu")
     assert any(step.get("run") == "bash .ci/run" for step in steps)
+
+
+def test_the_readmes_first_screen_says_what_ships_and_judging_comes_next():
+    readme = (REPOSITORY_DIR / "README.md").read_text()
+    first_screen = readme[: readme.index("## Quick start")]
+    assert "**What ships:**" in first_screen and "**What does not:** trained weights" in first_screen
+    assert "--model FOLDER" in first_screen  # How to use a model someone shared.
+    headings = [line for line in readme.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## Quick start", "## Judging photos and videos"]
+    assert len(readme.encode()) <= 16 * 1024
