@@ -1443,7 +1443,6 @@ def save_contact_sheet(thumbnails, video, path):
     return save_figure(figure, path)
 
 
-
 # ---------------------------------------------------------------------------
 # The ensemble and the results table
 # ---------------------------------------------------------------------------
@@ -1463,8 +1462,6 @@ def ensemble_weights(valid_aucs):
     """
     raw = [max(auc - 0.5, MIN_ENSEMBLE_WEIGHT) for auc in valid_aucs]
     return [weight / sum(raw) for weight in raw]
-
-
 
 
 # What a run folder's metrics.json must hold for the results table and the ensemble to read it:
