@@ -1042,7 +1042,7 @@ class PredictionReport:
 
     def frames(self, pictures):
         """Report a batch of a video's frames as soon as they are judged: their lines, their overlays (--gradcam),
-        and with --annotate a small copy of each frame for the contact sheet."""
+        and with --annotate a small copy of each frame that the contact sheet shows (shown_frame_positions)."""
         for picture in pictures:
             self.print_lines(picture)
             self.overlays(picture)
