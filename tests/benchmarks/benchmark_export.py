@@ -19,7 +19,13 @@ tf2onnx 1.17.0, onnx 1.23.2, onnxruntime 1.32.0), with four other helpers' jobs 
 the 2 cores (so the wall times are high, and only the ratio compares like with like),
 `python tests/benchmarks/benchmark_export.py` gave on 2026-12-07:
 
-    MEASURED
+    ONNX export: 58.1 MB in 38.3 s; largest difference 6.0e-08
+    Keras 0.6 images/s, onnxruntime 0.8 images/s (32 images, batches of 8)
+    ratio: onnxruntime/keras=1.25
+
+(load average about 11; 4.3 GB peak memory). An earlier run, timing Keras then
+onnxruntime one after the other rather than in turns, gave 0.78 with 64 images, as the
+load changed between them: on a quiet machine, run it again before quoting either.
 
 The demo's model (VGG16 at 32 px, one epoch; tests/test_export.py's), exported by
 `--export all` under the same load: model.onnx 58.1 MB in 34.8 s (difference 6.0e-08),
