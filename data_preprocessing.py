@@ -842,6 +842,19 @@ positive_float = checked_number(float, lambda value: value > 0, "more than 0")
 non_negative_int = checked_number(int, lambda value: value >= 0, "0 or more")
 
 
+# What --export writes, in the order it writes them; "all" is every one.
+EXPORT_FORMATS = ("onnx", "saved_model", "litert")
+
+
+def export_formats(text):
+    """An argparse type for --export: formats separated by commas, each once, in EXPORT_FORMATS' order."""
+    given = [name.strip() for name in text.split(",")]
+    unknown = [name for name in given if name not in (*EXPORT_FORMATS, "all")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not a format: use {', '.join(EXPORT_FORMATS)} or all, separated by commas")
+    return tuple(name for name in EXPORT_FORMATS if name in given or "all" in given)
+
+
 def add_data_arguments(parser):
     """The options that say which images to use, shared by every command."""
     parser.add_argument(
@@ -907,7 +920,7 @@ def build_parser(recipe):
         description=f"Fine-tune {recipe.title}'s last {recipe.trainable_conv_layers} conv layers to tell real "
         f"faces from StyleGAN fakes. Training writes OUTPUT_DIR/{recipe.name}/ (model.keras, history.csv and "
         ".png, metrics.json, predictions.csv, roc.png, precision_recall.png, confusion_matrix.png) and "
-        "OUTPUT_DIR/results.md; --predict and --evaluate apply the trained model instead.",
+        "OUTPUT_DIR/results.md; --predict and --evaluate apply the trained model instead, and --export writes it for other runtimes.",
     )
     add_data_arguments(parser)
     training = parser.add_argument_group("training")
@@ -982,9 +995,14 @@ def add_prediction_arguments(parser):
         help="measure the saved model on --data-dir: a folder holding real/ and fake/, or a dataset's test/",
     )
     group.add_argument(
+        "--export", type=export_formats, metavar="FORMAT[,FORMAT...]",
+        help=f"write the saved model as {', '.join(EXPORT_FORMATS)} or all, beside its model.keras (model.onnx, "
+        "saved_model/, model.tflite), each checked against Keras on the run's test images",
+    )
+    group.add_argument(
         "--model", metavar="FILE",
-        help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras); "
-        f"with --predict, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
+        help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras), or its folder; with --predict, "
+        f"also a model.onnx that --export wrote, or '{ENSEMBLE}', which averages every model trained into OUTPUT_DIR",
     )
     group.add_argument(
         "--threshold", type=probability,
@@ -1028,7 +1046,7 @@ OPTION_MODES = {
     "faces": (("predict", "evaluate"), "--faces says how --predict or --evaluate reads images; add one of them"),
     "jpeg_quality": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
     "blur": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
-    "model": (("predict", "evaluate"), "--model names the model for --predict or --evaluate; add one of them"),
+    "model": (("predict", "evaluate", "export"), "--model names the model for --predict, --evaluate or --export; add one of them"),
     "tensorboard": (("training",), "--tensorboard logs training; --predict and --evaluate train nothing"),
     "epochs": (("training",), "--epochs sets how long a model trains; --predict and --evaluate train none"),
     "img_size": (
@@ -1047,8 +1065,8 @@ OPTION_MODES = {
 
 
 def mode_of(args):
-    """What a command does: "predict", "evaluate" or "training"."""
-    return "predict" if args.predict else "evaluate" if args.evaluate else "training"
+    """What a command does: "predict", "evaluate", "export" or "training"."""
+    return "predict" if args.predict else "evaluate" if args.evaluate else "export" if args.export else "training"
 
 
 def check_option_modes(args, defaults):
@@ -1056,11 +1074,15 @@ def check_option_modes(args, defaults):
 
     `defaults` holds each option's value when it is not given, so that a given one is told from it.
     """
-    if args.predict and args.evaluate:
-        raise UserError("--predict and --evaluate are separate runs; give one of them")
+    if sum(bool(mode) for mode in (args.predict, args.evaluate, args.export)) > 1:
+        raise UserError("--predict, --evaluate and --export are separate runs; give one of them")
     for option, (modes, message) in OPTION_MODES.items():
         if getattr(args, option) not in (None, False, defaults[option]) and mode_of(args) not in modes:
             raise UserError(message)
+
+
+# Grad-CAM takes gradients inside the Keras model, which an exported file does not give.
+GRADCAM_NEEDS_KERAS = "Grad-CAM needs the .keras model, whose layers it reads gradients from; give --model its model.keras, or leave out --gradcam"
 
 
 def check_option_combinations(args):
@@ -1074,6 +1096,10 @@ def check_option_combinations(args):
             args.model == ENSEMBLE and (args.gradcam or args.evaluate),
             "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
             "test figures are in the results table",
+        ),
+        (
+            args.gradcam and Path(args.model or "").suffix == ".onnx",
+            GRADCAM_NEEDS_KERAS,
         ),
         (
             args.fine_tune_learning_rate is not None and not args.warmup_epochs,
@@ -1132,7 +1158,7 @@ def parse_arguments(recipe, argv=None):
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
         # Before the images are checked and the model loads, which take a while.
         ensure_writable_folder(args.output_dir)
-    else:
+    elif mode_of(args) == "training":
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data. The demo's is built when the run starts.
         args.data_dir = (args.data_dir if args.uses_demo_data else find_split_root(args.data_dir)).resolve()

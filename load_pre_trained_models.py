@@ -20,6 +20,8 @@ In order, this module then holds:
 - applying a trained model: loading it (or the ensemble) and Grad-CAM; the `Detector`,
   which finds, cuts out and scores the faces of photos and videos, from Python as from
   --predict; --predict, which prints and writes the detector's results; and --evaluate;
+- --export: the model as ONNX, SavedModel and LiteRT files, each checked in its own runtime
+  against Keras, and the OnnxModel that --predict judges with;
 - the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
   an interrupted run, and Ctrl-C, with the callbacks that lose nothing;
 - the command below.
@@ -40,8 +42,10 @@ From Python, a trained detector judges photos and videos:
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
+import hashlib
 import importlib
 import json
 import os
@@ -86,6 +90,7 @@ from data_preprocessing import (
     DEFAULT_MIN_FACE,
     DEMO_OUTPUT_DIR,
     ENSEMBLE,
+    GRADCAM_NEEDS_KERAS,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
     SMALLEST_FINDABLE_FACE,
@@ -93,6 +98,7 @@ from data_preprocessing import (
     ProgressBar,
     TrainingSettings,
     UserError,
+    demo_image,
     ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
@@ -116,6 +122,7 @@ from plot_loss_accuracy_graph import (
     FACE_AT_BORDER,
     FACE_TOO_SMALL,
     FRAME_NOT_DECODED,
+    MODEL_CARD,
     NO_FACE,
     RUN_OUTPUTS,
     UNKNOWN_MARK,
@@ -128,9 +135,12 @@ from plot_loss_accuracy_graph import (
     Verdicts,
     ensemble_band,
     classification_metrics,
+    read_card,
     read_ensemble,
     read_history,
+    read_model_card,
     whose_verdicts,
+    write_card_section,
     write_results_table,
     write_run_outputs,
     write_test_outputs,
@@ -551,7 +561,8 @@ def run(recipe, args):
     """Run a per-model script with its checked options; return the process exit status.
 
     The parsed options stop here: each kind of run gets the plain values and settings it
-    needs. With --predict or --evaluate, apply the saved model and train nothing. Otherwise
+    needs. With --predict or --evaluate, apply the saved model, and with --export write it
+    for other runtimes; these train nothing. Otherwise
     prepare the run (its data, folder, seeds, precision and strategy), then tell the
     lesson, `fine_tune`, or finish an interrupted run's evaluation.
     """
@@ -561,6 +572,8 @@ def run(recipe, args):
         )
         outputs = ReportSettings(csv=args.csv, annotate=args.annotate, gradcam=args.gradcam, frames=args.frames)
         return predict_media(recipe, args.predict, args.model, args.output_dir, args.demo, judging, args.frames, outputs)
+    if args.export:
+        return export_model(recipe, saved_model_file(recipe, args.model, args.output_dir, args.demo), args.export)
     if args.uses_demo_data:
         ensure_demo_dataset(args.data_dir)
     if args.evaluate:
@@ -650,13 +663,7 @@ def load_saved_model(model_file, recipe=None):
         model = keras.models.load_model(model_file, compile=False)
     except Exception as error:  # Keras raises several kinds for a file that is not a model.
         raise UserError(f"could not load the model {model_file} ({error}); pass a .keras file that a run saved") from None
-    if recipe is not None and model.name != f"{recipe.name}{DETECTOR_SUFFIX}":
-        raise UserError(
-            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
-            "pass it to its own script, or a model that this script trained"
-        )
-    if recipe is None and not model.name.endswith(DETECTOR_SUFFIX):
-        raise UserError(f"{model_file} holds the model {model.name!r}, not a detector that these scripts trained")
+    check_detector_name(model, model_file, recipe)
     # A model saved before the scaling moved into the model expects scaled pixels; fed raw
     # ones, it would print wrong scores without a warning.
     if PIXEL_SCALING not in [layer.name for layer in model.layers]:
@@ -666,6 +673,17 @@ def load_saved_model(model_file, recipe=None):
             f"train {title} again to get a model that takes raw pixels"
         )
     return model
+
+
+def check_detector_name(model, model_file, recipe=None):
+    """Refuse a model that is not a detector of these scripts, or, given a recipe, not that script's."""
+    if recipe is not None and model.name != f"{recipe.name}{DETECTOR_SUFFIX}":
+        raise UserError(
+            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
+            "pass it to its own script, or a model that this script trained"
+        )
+    if recipe is None and not model.name.endswith(DETECTOR_SUFFIX):
+        raise UserError(f"{model_file} holds the model {model.name!r}, not a detector that these scripts trained")
 
 
 def title_of(model):
@@ -701,15 +719,19 @@ class Member:
     """A model a detector scores with, its weight in the average, and what its card says of it (WhoseVerdicts)."""
 
     title: str
-    model: object  # A keras.Model, from raw RGB pixels to p(fake).
+    model: object  # A keras.Model, or an OnnxModel, from raw RGB pixels to p(fake).
     file: Path
     card: object
     weight: float = 1.0
 
 
 def load_member(model_file, recipe=None, weight=1.0):
-    """A Member from a model file and the card beside it."""
-    model = load_saved_model(model_file, recipe)
+    """A Member from a model file (.keras, or a model.onnx that --export wrote) and the card beside it."""
+    if Path(model_file).suffix == ".onnx":
+        model = OnnxModel.load(model_file)
+        check_detector_name(model, model_file, recipe)
+    else:
+        model = load_saved_model(model_file, recipe)
     title = recipe.title if recipe else title_of(model)
     return Member(title, model, Path(model_file), whose_verdicts(title, model_file), weight)
 
@@ -853,6 +875,8 @@ class Detector:
     def __init__(self, members, judging=JudgingOptions()):
         if judging.gradcam and len(members) > 1:
             raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
+        if judging.gradcam and isinstance(members[0].model, OnnxModel):
+            raise UserError(GRADCAM_NEEDS_KERAS)
         self.members, self.options = members, judging
         marks = [member.card.mark for member in members if member.card.mark]
         # One member without a card, or trained on the demo, is enough to mark the ensemble's verdicts.
@@ -1344,6 +1368,368 @@ def write_evaluation(recipe, settings, model, model_file, images, eval_dir, eval
 
 
 # ---------------------------------------------------------------------------
+# --export: the model for other runtimes, each file checked against Keras
+# ---------------------------------------------------------------------------
+
+
+# An exported file must give Keras' p(fake) to within this, or it is not kept; float32
+# arithmetic in another order differs by about 1e-7.
+EXPORT_TOLERANCE = 1e-4
+# The images each exported file is checked on.
+CHECK_IMAGES = 32
+# The names of an exported model's input (N x S x S x 3 float32, RGB 0 to 255) and output (N x 1), in every runtime.
+EXPORT_INPUT, EXPORT_OUTPUT = "rgb_pixels", "p_fake"
+
+
+class ExportFailed(UserError):
+    """A model that cannot be exported, or whose exported file does not give Keras' p(fake): one line, exit status 1."""
+
+    exit_status = 1
+
+
+class OnnxModel:
+    """A detector exported to ONNX, run by onnxruntime.
+
+    It has what scoring needs of a Keras model (a name, an input shape and predict_on_batch),
+    so that a model.onnx judges faces through the same path as model.keras.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.name = session.get_modelmeta().graph_name
+        self.input_shape = tuple(side if isinstance(side, int) else None for side in session.get_inputs()[0].shape)
+
+    @classmethod
+    def load(cls, path):
+        import onnxruntime  # Only for ONNX models: it takes a while to import.
+
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=onnxruntime.get_available_providers())
+        except Exception as error:  # onnxruntime raises its own kinds for a file it cannot run.
+            raise UserError(f"onnxruntime cannot run {path} ({first_line(error)}); pass a model.onnx that --export wrote") from None
+        return cls(session)
+
+    def predict_on_batch(self, batch):
+        return self.session.run([EXPORT_OUTPUT], {EXPORT_INPUT: np.asarray(batch, np.float32)})[0]
+
+
+def run_onnx(path):
+    """A function from raw pixels to p(fake), run by onnxruntime."""
+    return OnnxModel.load(path).predict_on_batch
+
+
+def run_saved_model(path):
+    """A function from raw pixels to p(fake), run by TensorFlow from the SavedModel's serving signature."""
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return lambda batch: serve(**{EXPORT_INPUT: tf.constant(batch)})[EXPORT_OUTPUT].numpy()
+
+
+def run_litert(path):
+    """A function from raw pixels to p(fake), run by the LiteRT interpreter."""
+    from ai_edge_litert.interpreter import Interpreter  # Only for LiteRT files.
+
+    run = Interpreter(model_path=str(path)).get_signature_runner()
+    return lambda batch: run(**{EXPORT_INPUT: batch})[EXPORT_OUTPUT]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A runtime's file: its title, its name beside model.keras, Keras' name for the format, the runtime that
+    checks it (`run`, from the file to a function of raw pixels), and the lines that use it, for the card."""
+
+    title: str
+    file_name: str
+    keras_format: str
+    runtime: str
+    run: object
+    usage: tuple
+
+
+EXPORTS = {
+    "onnx": ExportFormat("ONNX", "model.onnx", "onnx", "onnxruntime", run_onnx, (
+        "import onnxruntime",
+        'session = onnxruntime.InferenceSession("model.onnx")',
+        f'p_fake = session.run(["{EXPORT_OUTPUT}"], {{"{EXPORT_INPUT}": faces}})[0]',
+    )),
+    "saved_model": ExportFormat("SavedModel", "saved_model", "tf_saved_model", "TensorFlow", run_saved_model, (
+        "import tensorflow as tf  # TensorFlow Serving serves a copy of saved_model/ as MODEL/1/",
+        'serve = tf.saved_model.load("saved_model").signatures["serving_default"]',
+        f'p_fake = serve({EXPORT_INPUT}=tf.constant(faces))["{EXPORT_OUTPUT}"].numpy()',
+    )),
+    "litert": ExportFormat("LiteRT", "model.tflite", "litert", "LiteRT", run_litert, (
+        "from ai_edge_litert.interpreter import Interpreter",
+        'run = Interpreter(model_path="model.tflite").get_signature_runner()',
+        f'p_fake = run({EXPORT_INPUT}=faces)["{EXPORT_OUTPUT}"]',
+    )),
+}
+EXPORTED_FILES = tuple(export_format.file_name for export_format in EXPORTS.values())
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """An exported file as it was checked: its size, SHA-256 and export time, and its runtime's largest
+    difference from Keras' p(fake) on the check's images."""
+
+    format: str
+    file: Path
+    size: int
+    sha256: str
+    seconds: float
+    largest_difference: float
+    checked_on: str
+
+    def record(self):
+        """What metrics.json and the card's front matter keep of it."""
+        return {
+            "file": self.file.name, "runtime": EXPORTS[self.format].runtime, "size_bytes": self.size, "sha256": self.sha256,
+            "export_seconds": round(self.seconds, 1), "largest_difference": self.largest_difference, "checked_on": self.checked_on,
+        }
+
+
+@dataclass(frozen=True)
+class CheckImages:
+    """The raw pixels each exported file is checked on (N x S x S x 3 float32, RGB 0 to 255), and where they come from."""
+
+    pixels: np.ndarray
+    source: str
+
+
+def export_model(recipe, model_file, formats):
+    """--export: write the model in each format beside its file, check each against Keras, and list them in its card.
+
+    Args:
+        recipe: the script's ModelRecipe, to refuse a model of another script.
+        model_file: the .keras file (saved_model_file), beside its card.
+        formats: names of EXPORTS, in order.
+
+    Returns:
+        The exit status, 0. A failure raises a UserError, and leaves no file half-written.
+    """
+    if model_file.suffix != ".keras":
+        raise UserError(f"--export reads a .keras model, and {model_file} is not one; give --model the model.keras a run saved, or its folder")
+    if read_model_card(model_file) is None:
+        raise UserError(
+            f"{model_file} has no model card ({MODEL_CARD}) beside it: its exported files could not say what it was trained on, "
+            "nor give its verdicts' band; export the folder that its run wrote, which holds both"
+        )
+    ensure_writable_folder(model_file.parent, "--model (a copy of its folder where files can be written)")
+    model = load_saved_model(model_file, recipe)
+    refuse_low_precision(model, model_file, formats)
+    images = check_images(model_file.parent, image_size(model))
+    expected = model.predict_on_batch(images.pixels).ravel()
+    print(f"Exporting {model_file}; each file is checked against Keras' p(fake) on {images.source}")
+    for name in formats:
+        check = export_and_check(model, model_file, name, images, expected)
+        record_exports(model_file, {name: check.record()})
+        print(f"{check.file}: {check.size / 2**20:.1f} MB, exported in {check.seconds:.1f} s; "
+              f"{EXPORTS[name].runtime} gives p(fake) within {check.largest_difference:.1e} of Keras'")
+    print(f"Listed in {model_file.with_name(MODEL_CARD)}, each with its SHA-256 and the lines that run it")
+    return 0
+
+
+def refuse_low_precision(model, model_file, formats):
+    """Refuse, before any export, a model that computes in float16 or bfloat16 where onnxruntime or LiteRT is asked for.
+
+    A model trained with --mixed-precision keeps its layers' policy. Exported from it, the
+    ONNX file has bfloat16 convolutions that onnxruntime refuses to load, and the LiteRT file
+    needs TensorFlow's own ops, which the LiteRT interpreter lacks; the SavedModel runs.
+    """
+    compute_dtypes = {layer.dtype_policy.compute_dtype for layer in [*model.layers, *base_of(model).layers]} - {"float32"}
+    refused = [EXPORTS[name].title for name in formats if name in ("onnx", "litert")]
+    if compute_dtypes and refused:
+        raise ExportFailed(
+            f"{model_file} computes in {', '.join(sorted(compute_dtypes))} (it was trained with --mixed-precision), which "
+            f"{' and '.join(refused)} cannot run; --export saved_model writes it, or train it again without --mixed-precision"
+        )
+
+
+def check_images(run_dir, img_size):
+    """The pixels that exported files are checked on: the run's test images where predictions.csv lists them
+    and they can be read, half of each class, or else CHECK_IMAGES drawn demo faces."""
+    paths = test_images_of_run(run_dir)
+    if paths:
+        return CheckImages(np.stack([model_input(read_upright(path), img_size) for path in paths]), f"{len(paths)} of the run's test images")
+    rng = np.random.default_rng(0)
+    faces = [demo_image(rng, CLASSES[number % 2]) for number in range(CHECK_IMAGES)]
+    return CheckImages(np.stack([model_input(face, img_size) for face in faces]), f"{CHECK_IMAGES} drawn demo faces")
+
+
+def test_images_of_run(run_dir):
+    """Up to CHECK_IMAGES test images that a run's predictions.csv lists, half of each class; none where one is missing."""
+    try:
+        table = pd.read_csv(run_dir / "predictions.csv")
+        paths = [Path(path) for path in table.groupby("label").head(CHECK_IMAGES // 2)["path"]]
+    except (OSError, KeyError, ValueError):  # No such file, or one that is not the run's table.
+        return []
+    return paths if paths and all(path.is_file() for path in paths) else []
+
+
+def export_and_check(model, model_file, name, images, expected):
+    """Export the model as EXPORTS[name] under a temporary name beside model_file, check it in its own runtime,
+    then rename it; return its ExportCheck.
+
+    A file that cannot be made, or that its runtime cannot run or that gives a p(fake) more
+    than EXPORT_TOLERANCE from Keras' (`expected`), is removed, and an ExportFailed says why.
+    """
+    export_format = EXPORTS[name]
+    final = model_file.with_name(export_format.file_name)
+    # It keeps the file's ending, which LiteRT requires.
+    temporary = model_file.with_name(f".exporting-{export_format.file_name}")
+    remove_path(temporary)
+    try:
+        with writing(final):
+            started = time.perf_counter()
+            write_export(model, model_file, export_format, temporary)
+            seconds = time.perf_counter() - started
+            difference = largest_difference(export_format, temporary, images, expected)
+            check = ExportCheck(name, final, size_of(temporary), sha256_of(temporary), seconds, difference, images.source)
+            put_in_place(temporary, final)
+    except BaseException:
+        remove_path(temporary)
+        raise
+    return check
+
+
+def write_export(model, model_file, export_format, path):
+    """Export the model to `path`: its input named, of any batch size, its output named p_fake."""
+    img_size = image_size(model)
+    # A dict names the output in every format: "p_fake", not "output_0" or "Identity:0".
+    named = keras.Model(model.inputs, {EXPORT_OUTPUT: model.outputs[0]}, name=model.name)
+    signature = [keras.InputSpec(shape=(None, img_size, img_size, 3), dtype="float32", name=EXPORT_INPUT)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Keras' patch of tf2onnx for NumPy 2 warns of np.object.
+            named.export(str(path), format=export_format.keras_format, input_signature=signature, verbose=False)
+        if export_format.keras_format == "onnx":
+            describe_onnx_file(path, model.name)
+    except OSError:
+        raise  # `writing` says the disk is full, or what else stopped the write.
+    except Exception as error:  # The exporters raise many kinds.
+        if "No space left on device" in str(error):  # TensorFlow's file system reports it in its own errors.
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+        raise ExportFailed(
+            f"{model_file} could not be exported to {export_format.title} ({first_line(error)}); "
+            f"nothing was written. Check that Keras and {export_format.runtime}'s packages are at requirements.txt's versions"
+        ) from None
+
+
+def describe_onnx_file(path, model_name):
+    """Name the ONNX graph after the detector, as --predict checks it, and its batch dimension N."""
+    import onnx  # Installed with tf2onnx, which Keras exports ONNX with.
+
+    described = onnx.load(str(path))
+    described.graph.name = model_name
+    for value in [*described.graph.input, *described.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.save(described, str(path))
+
+
+def largest_difference(export_format, path, images, expected):
+    """The largest difference between the exported file's p(fake), run in its runtime, and Keras'; ExportFailed if
+    the runtime cannot run it, or if the difference is above EXPORT_TOLERANCE."""
+    try:
+        p_fake = np.asarray(export_format.run(path)(images.pixels), float).ravel()
+    except Exception as error:  # Each runtime raises its own kinds.
+        raise ExportFailed(
+            f"{export_format.runtime} cannot run the exported {export_format.title} file ({first_line(error)}); it was not kept"
+        ) from None
+    difference = float(np.max(np.abs(p_fake - expected)))
+    if not difference <= EXPORT_TOLERANCE:  # NaN too.
+        raise ExportFailed(
+            f"{export_format.runtime} gives a p(fake) {difference:.1e} away from Keras' on {images.source}, more than "
+            f"{EXPORT_TOLERANCE:g}; the {export_format.title} file was not kept. Check that its packages are at requirements.txt's versions"
+        )
+    return difference
+
+
+def first_line(error):
+    """An error's message, first line only, as a one-line message quotes it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def files_of(path):
+    """A file, or the files under a folder, in the order of their paths."""
+    return sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+
+
+def size_of(path):
+    return sum(file.stat().st_size for file in files_of(path))
+
+
+def sha256_of(path):
+    """A file's SHA-256; for a folder, that of the `sha256sum` lines of its files, by path, as
+    `find . -type f -printf '%P\n' | sort | xargs sha256sum | sha256sum` prints it inside the folder."""
+    if not path.is_dir():
+        return file_sha256(path)
+    lines = "".join(f"{file_sha256(file)}  {file.relative_to(path).as_posix()}\n" for file in files_of(path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def put_in_place(temporary, final):
+    """Rename `temporary` to `final`; a folder there already is first moved aside, and removed once replaced."""
+    if not final.is_dir():
+        os.replace(temporary, final)
+        return
+    aside = final.with_name(f".replaced-{final.name}")
+    remove_path(aside)
+    final.rename(aside)
+    temporary.rename(final)
+    remove_path(aside)
+
+
+def remove_path(path):
+    """Remove a file or a folder, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def record_exports(model_file, records):
+    """Add the ExportCheck records ({format: record}) to metrics.json beside the model, where there is one, and to its card."""
+    metrics_file = model_file.with_name("metrics.json")
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        metrics["exports"] = {**metrics.get("exports", {}), **records}
+        write_json_atomically(metrics_file, metrics)
+    front, _ = read_card(model_file)
+    # Files exported earlier stay listed, unless they are gone since.
+    exports = {name: record for name, record in {**front.get("exports", {}), **records}.items()
+               if model_file.with_name(record["file"]).exists()}
+    write_card_section(model_file, "Exported files", exports_section(exports), "exports", exports)
+
+
+def exports_section(exports):
+    """The card's lines on its exported files: a table of their sizes, SHA-256 and checked differences, and how to run each."""
+    lines = [
+        f"Each file gives the p(fake) of model.keras, as its own runtime computed it on the images named, to within the "
+        f"largest difference shown (at most {EXPORT_TOLERANCE:g}). Input `{EXPORT_INPUT}`: N x S x S x 3 float32, RGB pixels "
+        f"0 to 255 of faces framed as the dataset frames them; output `{EXPORT_OUTPUT}`: N x 1.", "",
+        "| File | Runtime | Size | SHA-256 | Largest difference | Checked on |", "|---|---|---|---|---|---|",
+    ]
+    names = [name for name in EXPORTS if name in exports]
+    for name in names:
+        record = exports[name]
+        file_name = record["file"] + ("/" if name == "saved_model" else "")
+        lines.append(f"| {file_name} | {record['runtime']} | {record['size_bytes'] / 2**20:.1f} MB | `{record['sha256']}` | "
+                     f"{record['largest_difference']:.1e} | {record['checked_on']} |")
+    if "saved_model" in exports:
+        lines += ["", "The SHA-256 of saved_model/ is that of `sha256sum`'s lines for its files, sorted by path."]
+    for name in names:
+        lines += ["", f"{EXPORTS[name].title}, in {EXPORTS[name].runtime} (`faces` as the input above):", "", "```python",
+                  *EXPORTS[name].usage, "```"]
+    return lines
+
+
+# ---------------------------------------------------------------------------
 # The harness: what runs the lesson safely
 # ---------------------------------------------------------------------------
 
@@ -1447,8 +1833,8 @@ def set_aside_previous_run(run_dir):
     previous/ still holds the last finished run. One of each is kept, not more.
     """
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    # Evaluations of the earlier model, and its TensorBoard logs, go with it.
+    outputs = [run_dir / name for name in (*RUN_OUTPUTS, *EXPORTED_FILES) if (run_dir / name).exists()]
+    # Evaluations of the earlier model, its exported files and its TensorBoard logs go with it.
     outputs += sorted(run_dir.glob(f"{EVALUATION_PREFIX}*")) + [path for path in [run_dir / "logs"] if path.exists()]
     if not outputs:
         return

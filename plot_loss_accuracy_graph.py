@@ -591,13 +591,37 @@ def package_version(name):
 
 def read_model_card(model_file):
     """What the card beside a model file says of it (its "deepfake_detector" block), or None without a card."""
+    front, _ = read_card(model_file)
+    return front.get("deepfake_detector") if isinstance(front, dict) else None
+
+
+def read_card(model_file):
+    """The card beside a model file: its front matter (None without one) and the text after it ("" without a card)."""
     try:
         text = Path(model_file).with_name(MODEL_CARD).read_text()
-        front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+        if not text.startswith("---\n"):
+            return None, text
+        _, front, body = text.split("---\n", 2)
+        return yaml.safe_load(front), body
     # A card that is not UTF-8 raises a ValueError, and one nested thousands deep a RecursionError.
-    except (OSError, IndexError, ValueError, RecursionError, yaml.YAMLError):
-        return None
-    return front.get("deepfake_detector") if isinstance(front, dict) else None
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        return None, ""
+
+
+def write_card_section(model_file, heading, lines, front_key, front_value):
+    """Put a section in the card beside a model file, in place of any earlier one of that heading, and its
+    figures under `front_key` in the front matter, where a model hub reads them."""
+    front, body = read_card(model_file)
+    front = {**front, front_key: front_value}
+    marker = f"\n## {heading}\n"
+    if marker in body:
+        before, after = body.split(marker, 1)
+        # The section ends where the next one begins, or with the card.
+        next_section = after.find("\n## ")
+        body = before + ("" if next_section < 0 else after[next_section:])
+    body = body.rstrip("\n") + "\n" + marker + "\n" + "\n".join(lines) + "\n"
+    text = "\n".join(["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---"]) + "\n" + body
+    write_text_atomically(Path(model_file).with_name(MODEL_CARD), text)
 
 
 def not_text(value):
