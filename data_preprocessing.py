@@ -680,16 +680,17 @@ def readable_images(paths, required=True):
     return good
 
 
-def media_to_predict(paths):
+def media_to_predict(paths, required=True):
     """The readable images, the videos, and the unreadable images among --predict's paths.
 
     Unreadable images are reported and skipped, and listed, so that each still gets its row in --csv.
+    Unless one is not `required` (the page's uploads), no readable image or video is the user's mistake.
     """
     files = files_to_predict(paths)
     is_a_video = {path: is_video(path) for path in files}  # Each animated image is opened once.
     videos = [path for path in files if is_a_video[path]]
     images = [path for path in files if not is_a_video[path]]
-    readable = readable_images(images, required=not videos)
+    readable = readable_images(images, required=required and not videos)
     return readable, videos, sorted(set(images) - set(readable))
 
 
@@ -842,6 +843,10 @@ positive_float = checked_number(float, lambda value: value > 0, "more than 0")
 non_negative_int = checked_number(int, lambda value: value >= 0, "0 or more")
 
 
+# A TCP port that a user's program may listen on, for --port.
+port_number = checked_number(int, lambda value: 1 <= value <= 65535, "between 1 and 65535")
+
+
 def add_data_arguments(parser):
     """The options that say which images to use, shared by every command."""
     parser.add_argument(
@@ -900,6 +905,10 @@ DEFAULT_FRAMES = 32
 
 # The --model value that asks for the weighted average of every trained model.
 ENSEMBLE = "ensemble"
+
+# Where --serve's page listens by default: this machine only, on Gradio's usual port.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
 
 
 def build_parser(recipe):
@@ -984,7 +993,7 @@ def add_prediction_arguments(parser):
     group.add_argument(
         "--model", metavar="FILE",
         help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras); "
-        f"with --predict, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
+        f"with --predict or --serve, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
     )
     group.add_argument(
         "--threshold", type=probability,
@@ -995,7 +1004,7 @@ def add_prediction_arguments(parser):
         "--faces", choices=["auto", "off"],
         help="auto: find the faces, cut each out as the dataset frames its faces, and score it (the whole image "
         "where none is found); off: score the whole image, for images already cropped like the dataset's "
-        "(default: auto with --predict, off with --evaluate)",
+        "(default: auto with --predict and --serve, off with --evaluate)",
     )
     group.add_argument(
         "--min-face", type=face_width, metavar="PIXELS",
@@ -1013,22 +1022,33 @@ def add_prediction_arguments(parser):
     group.add_argument(
         "--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each face scored to DIR"
     )
+    group.add_argument(
+        "--serve", action="store_true",
+        help="open a local web page that judges the photos and videos dropped on it, as --predict does, until Ctrl-C",
+    )
+    group.add_argument("--port", type=port_number, help=f"with --serve: the page's port (default {DEFAULT_PORT})")
+    group.add_argument(
+        "--host", help=f"with --serve: the address the page listens on (default {DEFAULT_HOST}, this machine only; "
+        "0.0.0.0 lets anyone who can reach the machine upload)",
+    )
     group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
     group.add_argument("--blur", type=blur_sigma, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
 
 
-# The mode each option belongs to, declared once: "training", "predict" or "evaluate", and
+# The mode each option belongs to, declared once: "training", "predict", "evaluate" or "serve", and
 # what to say when it is given to another. parse_arguments refuses such an option, so that
 # none is silently ignored; the rules after it concern options that depend on each other.
 OPTION_MODES = {
     "gradcam": (("predict",), "--gradcam draws heat maps of --predict's images; add --predict PATH"),
     "csv": (("predict",), "--csv writes --predict's lines; add --predict PATH"),
     "annotate": (("predict",), "--annotate marks the faces of --predict's images and videos; add --predict PATH"),
-    "frames": (("predict",), "--frames samples the videos given to --predict; add --predict PATH"),
-    "faces": (("predict", "evaluate"), "--faces says how --predict or --evaluate reads images; add one of them"),
+    "frames": (("predict", "serve"), "--frames samples the videos given to --predict or --serve; add one of them"),
+    "faces": (("predict", "evaluate", "serve"), "--faces says how --predict, --evaluate or --serve reads images; add one of them"),
     "jpeg_quality": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
     "blur": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
-    "model": (("predict", "evaluate"), "--model names the model for --predict or --evaluate; add one of them"),
+    "model": (("predict", "evaluate", "serve"), "--model names the model for --predict, --evaluate or --serve; add one of them"),
+    "port": (("serve",), "--port and --host say where --serve's page listens; add --serve"),
+    "host": (("serve",), "--port and --host say where --serve's page listens; add --serve"),
     "tensorboard": (("training",), "--tensorboard logs training; --predict and --evaluate train nothing"),
     "epochs": (("training",), "--epochs sets how long a model trains; --predict and --evaluate train none"),
     "img_size": (
@@ -1047,8 +1067,8 @@ OPTION_MODES = {
 
 
 def mode_of(args):
-    """What a command does: "predict", "evaluate" or "training"."""
-    return "predict" if args.predict else "evaluate" if args.evaluate else "training"
+    """What a command does: "predict", "evaluate", "serve" or "training"."""
+    return "predict" if args.predict else "evaluate" if args.evaluate else "serve" if args.serve else "training"
 
 
 def check_option_modes(args, defaults):
@@ -1056,8 +1076,8 @@ def check_option_modes(args, defaults):
 
     `defaults` holds each option's value when it is not given, so that a given one is told from it.
     """
-    if args.predict and args.evaluate:
-        raise UserError("--predict and --evaluate are separate runs; give one of them")
+    if sum(map(bool, (args.predict, args.evaluate, args.serve))) > 1:
+        raise UserError("--predict, --evaluate and --serve are separate runs; give one of them")
     for option, (modes, message) in OPTION_MODES.items():
         if getattr(args, option) not in (None, False, defaults[option]) and mode_of(args) not in modes:
             raise UserError(message)
@@ -1092,7 +1112,7 @@ def check_option_combinations(args):
 
 def default_faces(args):
     """--faces when not given: photos and videos are seldom cropped like the dataset; evaluation sets usually are."""
-    return "auto" if args.predict else "off"
+    return "auto" if args.predict or args.serve else "off"
 
 
 def parse_arguments(recipe, argv=None):
@@ -1121,6 +1141,9 @@ def parse_arguments(recipe, argv=None):
         args.min_face = DEFAULT_MIN_FACE
     if args.frames is None:
         args.frames = DEFAULT_FRAMES
+    if args.serve:
+        args.host = args.host or DEFAULT_HOST
+        args.port = args.port or DEFAULT_PORT
     # Without a warmup there is one phase, trained at --learning-rate, as in the original.
     if args.fine_tune_learning_rate is None:
         args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
@@ -1132,7 +1155,7 @@ def parse_arguments(recipe, argv=None):
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
         # Before the images are checked and the model loads, which take a while.
         ensure_writable_folder(args.output_dir)
-    else:
+    elif not args.serve:  # The page writes nothing of the user's, and reads only what is uploaded to it.
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data. The demo's is built when the run starts.
         args.data_dir = (args.data_dir if args.uses_demo_data else find_split_root(args.data_dir)).resolve()
