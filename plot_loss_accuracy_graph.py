@@ -1584,6 +1584,9 @@ class DetectorPage:
     own judging); this class only takes the uploads, shows the report, and cleans up. Each
     request has a folder of its own in `workspace`; its uploads are deleted once judged, and
     its pictures once the next request starts (Gradio has kept copies of them by then).
+
+    Gradio keeps one file for identical uploads: a file dropped again after it was judged,
+    here or by someone else at the same time, is gone, and its request asks for it again.
     """
 
     def __init__(self, detector, settings, judge, workspace):
@@ -1598,7 +1601,7 @@ class DetectorPage:
             gr.HTML(page_banner(self.detector.mark), visible=bool(self.detector.mark))
             gr.Markdown(page_header(self.detector))
             files = gr.File(label=f"Photos and videos (at most {self.settings.max_files}, "
-                            f"{self.settings.max_file_bytes // 2**20} MB each)", file_count="multiple")
+                            f"{self.settings.max_file_bytes // 2**20} MB each)", file_count="multiple", elem_id="uploads")
             gradcam = gr.Checkbox(label="Grad-CAM: also show which regions of each face drove its score",
                                   visible=len(self.detector.members) == 1)
             button = gr.Button("Judge", variant="primary")
@@ -1629,6 +1632,9 @@ class DetectorPage:
         if len(files) > self.settings.max_files:
             raise UserError(f"{len(files)} files: the page judges at most {self.settings.max_files} at once; "
                             "send them in smaller groups")
+        gone = [Path(file).name for file in files if not Path(file).is_file()]
+        if gone:
+            raise UserError(f"{', '.join(gone)}: deleted once judged; drop the file again to judge it again")
         folder = self.request_folder()
         uploads = folder / "uploads"
         paths = take_uploads(files, uploads)
@@ -1662,7 +1668,7 @@ def take_uploads(files, uploads):
         while path.exists():
             path, number = uploads / f"{file.stem}~{number}{file.suffix}", number + 1
         shutil.move(file, path)
-        with contextlib.suppress(OSError):  # Gradio keeps each upload in a folder of its own.
+        with contextlib.suppress(OSError):  # Gradio keeps each upload in a folder of its own; not empty, another name is left.
             file.parent.rmdir()
         paths.append(path)
     return paths
