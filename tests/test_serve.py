@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -183,6 +184,14 @@ def test_a_file_over_the_size_limit_is_refused(server, tmp_path):
     with open(big, "rb") as file:
         answer = httpx.post(f"{server.url}gradio_api/upload", files={"files": ("big.jpg", file)}, timeout=60)
     assert answer.status_code == 413 and "File size exceeded maximum allowed size of 209715200 bytes" in answer.text
+
+
+def test_no_file_of_the_machine_is_readable_through_the_page(server, model_dir):
+    (server.temporary / "secret.txt").write_text("in the folder the server was started in")
+    for path in (server.temporary / "secret.txt", model_dir / "vgg16" / "model.keras", REPOSITORY_DIR / "README.md",
+                 Path("/etc/passwd")):
+        answer = httpx.get(f"{server.url}gradio_api/file={path}", timeout=30)
+        assert answer.status_code == 403, (path, answer.status_code)
 
 
 def test_two_clients_at_once_are_both_answered(server, media, tmp_path):
