@@ -1150,12 +1150,14 @@ def parse_arguments(recipe, argv=None):
     args = resolve_data_options(args)
     if args.predict:
         check_prediction_outputs(args)
+    elif args.serve:
+        check_page_address(args.host, args.port)
     elif args.evaluate:
         args.evaluation_folder = args.data_dir / "test" if args.uses_demo_data else evaluation_folder(args.data_dir)
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
         # Before the images are checked and the model loads, which take a while.
         ensure_writable_folder(args.output_dir)
-    elif not args.serve:  # The page writes nothing of the user's, and reads only what is uploaded to it.
+    else:
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data. The demo's is built when the run starts.
         args.data_dir = (args.data_dir if args.uses_demo_data else find_split_root(args.data_dir)).resolve()
@@ -1202,6 +1204,19 @@ class TrainingSettings:
         """The settings of a script's checked options (parse_arguments)."""
         given = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls) if field.name != "demo_data"}
         return cls(**given, demo_data=args.uses_demo_data)
+
+
+def check_page_address(host, port):
+    """Refuse an address that --serve's page could not listen on (a port taken, a host not of this machine), before the model loads."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            # As the page's server does, so that a port that was just let go counts as free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise UserError(f"--host {host} --port {port}: the page cannot listen there ({error.strerror or error}); "
+                        "give another --port, or stop what uses it") from None
 
 
 def check_prediction_outputs(args):

@@ -1585,8 +1585,9 @@ class DetectorPage:
     request has a folder of its own in `workspace`; its uploads are deleted once judged, and
     its pictures once the next request starts (Gradio has kept copies of them by then).
 
-    Gradio keeps one file for identical uploads: a file dropped again after it was judged,
-    here or by someone else at the same time, is gone, and its request asks for it again.
+    As Gradio keeps one file for identical uploads, a request for a file already judged and
+    deleted (judged again without dropping it again, or dropped by two people at once) asks
+    for it to be dropped again.
     """
 
     def __init__(self, detector, settings, judge, workspace):
@@ -1693,8 +1694,8 @@ def serve_page(detector, settings, judge):
                 max_file_size=settings.max_file_bytes, allowed_paths=[], ssr_mode=False, enable_monitoring=False,
                 mcp_server=False, pwa=False, show_error=True,
             )
-        except OSError as error:
-            raise UserError(f"the page cannot listen on {settings.host}:{settings.port} ({error}); "
+        except OSError:  # Taken since the options were checked: Gradio's own words name its settings, not ours.
+            raise UserError(f"--host {settings.host} --port {settings.port}: the page cannot listen there; "
                             "give another --port, or stop what uses it") from None
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: --host {settings.host}: anyone who can reach this machine can upload to the page", file=sys.stderr)

@@ -267,12 +267,20 @@ def astronauts_row(browser):
 
 
 def test_serve_options_are_checked_before_anything_loads(capsys):
-    for options, fragment in ((["--serve", "--predict", "x.jpg"], "--predict, --evaluate and --serve are separate runs"),
-                              (["--port", "8000"], "--port and --host say where --serve's page listens; add --serve"),
-                              (["--serve", "--epochs", "3"], "--epochs sets how long a model trains"),
-                              (["--serve", "--port", "70000"], "70000 must be between 1 and 65535")):
-        assert VGG16_finetuning.main(options) == 2
-        assert_one_line_error(capsys, fragment)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for options, fragment in (
+            (["--serve", "--port", str(port)], f"--host 127.0.0.1 --port {port}: the page cannot listen there"),
+            (["--serve", "--host", "no.such.host.invalid"], "the page cannot listen there"),
+            (["--serve", "--predict", "x.jpg"], "--predict, --evaluate and --serve are separate runs"),
+            (["--port", "8000"], "--port and --host say where --serve's page listens; add --serve"),
+            (["--serve", "--epochs", "3"], "--epochs sets how long a model trains"),
+            (["--serve", "--port", "70000"], "70000 must be between 1 and 65535"),
+        ):
+            assert VGG16_finetuning.main(options) == 2
+            assert_one_line_error(capsys, fragment)
 
 
 def test_ctrl_c_stops_the_server_with_one_line(server):
