@@ -700,7 +700,7 @@ def saved_model_file(recipe, model, output_dir, demo=False):
         )
     raise UserError(
         f"there is no model in {model_file.parent.absolute()} (looked for {model_file.name}); train {recipe.title} first "
-        "(the same command without --predict or --evaluate), or give --output-dir the folder it was trained into, or --model FILE"
+        "(the same command without --predict, --evaluate or --serve), or give --output-dir the folder it was trained into, or --model FILE"
     )
 
 
