@@ -680,16 +680,17 @@ def readable_images(paths, required=True):
     return good
 
 
-def media_to_predict(paths):
+def media_to_predict(paths, required=True):
     """The readable images, the videos, and the unreadable images among --predict's paths.
 
     Unreadable images are reported and skipped, and listed, so that each still gets its row in --csv.
+    Unless one is not `required` (the page's uploads), no readable image or video is the user's mistake.
     """
     files = files_to_predict(paths)
     is_a_video = {path: is_video(path) for path in files}  # Each animated image is opened once.
     videos = [path for path in files if is_a_video[path]]
     images = [path for path in files if not is_a_video[path]]
-    readable = readable_images(images, required=not videos)
+    readable = readable_images(images, required=required and not videos)
     return readable, videos, sorted(set(images) - set(readable))
 
 
@@ -855,6 +856,10 @@ def export_formats(text):
     return tuple(name for name in EXPORT_FORMATS if name in given or "all" in given)
 
 
+# A TCP port that a user's program may listen on, for --port.
+port_number = checked_number(int, lambda value: 1 <= value <= 65535, "between 1 and 65535")
+
+
 def add_data_arguments(parser):
     """The options that say which images to use, shared by every command."""
     parser.add_argument(
@@ -913,6 +918,10 @@ DEFAULT_FRAMES = 32
 
 # The --model value that asks for the weighted average of every trained model.
 ENSEMBLE = "ensemble"
+
+# Where --serve's page listens by default: this machine only, on Gradio's usual port.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
 
 
 def build_parser(recipe):
@@ -1002,7 +1011,8 @@ def add_prediction_arguments(parser):
     group.add_argument(
         "--model", metavar="FILE",
         help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras), or its folder; with --predict, "
-        f"also a model.onnx that --export wrote, or '{ENSEMBLE}', which averages every model trained into OUTPUT_DIR",
+        f"also a model.onnx that --export wrote; with --predict or --serve, '{ENSEMBLE}', which averages every model "
+        "trained into OUTPUT_DIR",
     )
     group.add_argument(
         "--threshold", type=probability,
@@ -1013,7 +1023,7 @@ def add_prediction_arguments(parser):
         "--faces", choices=["auto", "off"],
         help="auto: find the faces, cut each out as the dataset frames its faces, and score it (the whole image "
         "where none is found); off: score the whole image, for images already cropped like the dataset's "
-        "(default: auto with --predict, off with --evaluate)",
+        "(default: auto with --predict and --serve, off with --evaluate)",
     )
     group.add_argument(
         "--min-face", type=face_width, metavar="PIXELS",
@@ -1031,22 +1041,36 @@ def add_prediction_arguments(parser):
     group.add_argument(
         "--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each face scored to DIR"
     )
+    group.add_argument(
+        "--serve", action="store_true",
+        help="open a local web page that judges the photos and videos dropped on it, as --predict does, until Ctrl-C",
+    )
+    group.add_argument("--port", type=port_number, help=f"with --serve: the page's port (default {DEFAULT_PORT})")
+    group.add_argument(
+        "--host", help=f"with --serve: the address the page listens on (default {DEFAULT_HOST}, this machine only; "
+        "0.0.0.0 lets anyone who can reach the machine upload)",
+    )
     group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
     group.add_argument("--blur", type=blur_sigma, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
 
 
-# The mode each option belongs to, declared once: "training", "predict" or "evaluate", and
+# The mode each option belongs to, declared once: "training", "predict", "evaluate" or "serve", and
 # what to say when it is given to another. parse_arguments refuses such an option, so that
 # none is silently ignored; the rules after it concern options that depend on each other.
 OPTION_MODES = {
     "gradcam": (("predict",), "--gradcam draws heat maps of --predict's images; add --predict PATH"),
     "csv": (("predict",), "--csv writes --predict's lines; add --predict PATH"),
     "annotate": (("predict",), "--annotate marks the faces of --predict's images and videos; add --predict PATH"),
-    "frames": (("predict",), "--frames samples the videos given to --predict; add --predict PATH"),
-    "faces": (("predict", "evaluate"), "--faces says how --predict or --evaluate reads images; add one of them"),
+    "frames": (("predict", "serve"), "--frames samples the videos given to --predict or --serve; add one of them"),
+    "faces": (("predict", "evaluate", "serve"), "--faces says how --predict, --evaluate or --serve reads images; add one of them"),
     "jpeg_quality": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
     "blur": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
-    "model": (("predict", "evaluate", "export"), "--model names the model for --predict, --evaluate or --export; add one of them"),
+    "model": (
+        ("predict", "evaluate", "export", "serve"),
+        "--model names the model for --predict, --evaluate, --export or --serve; add one of them",
+    ),
+    "port": (("serve",), "--port and --host say where --serve's page listens; add --serve"),
+    "host": (("serve",), "--port and --host say where --serve's page listens; add --serve"),
     "tensorboard": (("training",), "--tensorboard logs training; --predict and --evaluate train nothing"),
     "epochs": (("training",), "--epochs sets how long a model trains; --predict and --evaluate train none"),
     "img_size": (
@@ -1065,8 +1089,9 @@ OPTION_MODES = {
 
 
 def mode_of(args):
-    """What a command does: "predict", "evaluate", "export" or "training"."""
-    return "predict" if args.predict else "evaluate" if args.evaluate else "export" if args.export else "training"
+    """What a command does: "predict", "evaluate", "export", "serve" or "training"."""
+    modes = {"predict": args.predict, "evaluate": args.evaluate, "export": args.export, "serve": args.serve}
+    return next((mode for mode, given in modes.items() if given), "training")
 
 
 def check_option_modes(args, defaults):
@@ -1074,8 +1099,8 @@ def check_option_modes(args, defaults):
 
     `defaults` holds each option's value when it is not given, so that a given one is told from it.
     """
-    if sum(bool(mode) for mode in (args.predict, args.evaluate, args.export)) > 1:
-        raise UserError("--predict, --evaluate and --export are separate runs; give one of them")
+    if sum(bool(mode) for mode in (args.predict, args.evaluate, args.export, args.serve)) > 1:
+        raise UserError("--predict, --evaluate, --export and --serve are separate runs; give one of them")
     for option, (modes, message) in OPTION_MODES.items():
         if getattr(args, option) not in (None, False, defaults[option]) and mode_of(args) not in modes:
             raise UserError(message)
@@ -1118,7 +1143,7 @@ def check_option_combinations(args):
 
 def default_faces(args):
     """--faces when not given: photos and videos are seldom cropped like the dataset; evaluation sets usually are."""
-    return "auto" if args.predict else "off"
+    return "auto" if args.predict or args.serve else "off"
 
 
 def parse_arguments(recipe, argv=None):
@@ -1147,12 +1172,17 @@ def parse_arguments(recipe, argv=None):
         args.min_face = DEFAULT_MIN_FACE
     if args.frames is None:
         args.frames = DEFAULT_FRAMES
+    if args.serve:
+        args.host = args.host or DEFAULT_HOST
+        args.port = args.port or DEFAULT_PORT
     # Without a warmup there is one phase, trained at --learning-rate, as in the original.
     if args.fine_tune_learning_rate is None:
         args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
     args = resolve_data_options(args)
     if args.predict:
         check_prediction_outputs(args)
+    elif args.serve:
+        check_page_address(args.host, args.port)
     elif args.evaluate:
         args.evaluation_folder = args.data_dir / "test" if args.uses_demo_data else evaluation_folder(args.data_dir)
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
@@ -1205,6 +1235,19 @@ class TrainingSettings:
         """The settings of a script's checked options (parse_arguments)."""
         given = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls) if field.name != "demo_data"}
         return cls(**given, demo_data=args.uses_demo_data)
+
+
+def check_page_address(host, port):
+    """Refuse an address that --serve's page could not listen on (a port taken, a host not of this machine), before the model loads."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            # As the page's server does, so that a port that was just let go counts as free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise UserError(f"--host {host} --port {port}: the page cannot listen there ({error.strerror or error}); "
+                        "give another --port, or stop what uses it") from None
 
 
 def check_prediction_outputs(args):

@@ -19,7 +19,8 @@ In order, this module then holds:
   The parsed options stop there: below it, functions take named values and settings;
 - applying a trained model: loading it (or the ensemble) and Grad-CAM; the `Detector`,
   which finds, cuts out and scores the faces of photos and videos, from Python as from
-  --predict; --predict, which prints and writes the detector's results; and --evaluate;
+  --predict; --predict, which prints and writes the detector's results; --serve, which
+  shows them on a local page; and --evaluate;
 - --export: the model as ONNX, SavedModel and LiteRT files, each checked in its own runtime
   against Keras, and the OnnxModel that --predict judges with;
 - the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
@@ -56,6 +57,7 @@ import time
 import warnings
 import math
 import zipfile
+from copy import copy as shallow_copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,7 @@ from plot_loss_accuracy_graph import (
     UNKNOWN_MARK,
     UNREADABLE,
     FaceResult,
+    PageSettings,
     PictureResult,
     PredictionReport,
     ReportSettings,
@@ -139,6 +142,7 @@ from plot_loss_accuracy_graph import (
     read_ensemble,
     read_history,
     read_model_card,
+    serve_page,
     whose_verdicts,
     write_card_section,
     write_results_table,
@@ -574,6 +578,10 @@ def run(recipe, args):
         return predict_media(recipe, args.predict, args.model, args.output_dir, args.demo, judging, args.frames, outputs)
     if args.export:
         return export_model(recipe, saved_model_file(recipe, args.model, args.output_dir, args.demo), args.export)
+    if args.serve:
+        judging = JudgingOptions(faces=args.faces, min_face=args.min_face, threshold=args.threshold, batch_size=args.batch_size)
+        page = PageSettings(host=args.host, port=args.port, frames=args.frames)
+        return serve_detector(recipe, args.model, args.output_dir, args.demo, judging, page)
     if args.uses_demo_data:
         ensure_demo_dataset(args.data_dir)
     if args.evaluate:
@@ -710,7 +718,7 @@ def saved_model_file(recipe, model, output_dir, demo=False):
         )
     raise UserError(
         f"there is no model in {model_file.parent.absolute()} (looked for {model_file.name}); train {recipe.title} first "
-        "(the same command without --predict or --evaluate), or give --output-dir the folder it was trained into, or --model FILE"
+        "(the same command without --predict, --evaluate or --serve), or give --output-dir the folder it was trained into, or --model FILE"
     )
 
 
@@ -918,6 +926,14 @@ class Detector:
         if not model_file.is_file():
             raise UserError(f"there is no model at {model_file.absolute()}; give a model's folder or its .keras file")
         return cls([load_member(model_file, recipe)], judging)
+
+    def with_gradcam(self):
+        """This detector, with its models and face finder, that also computes each score's Grad-CAM heat map."""
+        if len(self.members) > 1:
+            raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
+        explaining = shallow_copy(self)
+        explaining.options = dataclasses.replace(self.options, gradcam=True)
+        return explaining
 
     def header(self):
         """The lines that say how the verdicts are given, and whose they are (from each model's card)."""
@@ -1173,8 +1189,7 @@ def predict_media(recipe, paths, model, output_dir, demo, judging, frames, outpu
     try:
         images, videos, unreadable = media_to_predict(paths)
         report = PredictionReport(outputs, images + videos)
-        model_file = ENSEMBLE if model == ENSEMBLE else saved_model_file(recipe, model, output_dir, demo)
-        detector = Detector.load(model_file, output_dir=output_dir, recipe=recipe, **dataclasses.asdict(judging))
+        detector = load_detector(recipe, model, output_dir, demo, judging)
         report.start(detector.name)
         print("\n".join(detector.header()))
         videos_judged = judge_all(detector, report, images, videos, unreadable, frames)
@@ -1190,6 +1205,12 @@ def predict_media(recipe, paths, model, output_dir, demo, judging, frames, outpu
     report.finish()
     print(f"Time: {detector.stopwatch.summary()}")
     return 0
+
+
+def load_detector(recipe, model, output_dir, demo, judging):
+    """The Detector of --model (a file or folder, or the ensemble of `output_dir`'s models), or of the model trained there."""
+    model_file = ENSEMBLE if model == ENSEMBLE else saved_model_file(recipe, model, output_dir, demo)
+    return Detector.load(model_file, output_dir=output_dir, recipe=recipe, **dataclasses.asdict(judging))
 
 
 def judge_all(detector, report, images, videos, unreadable, frames):
@@ -1213,7 +1234,7 @@ def judge_all(detector, report, images, videos, unreadable, frames):
         video = detector.judge_video(path, frames, on_batch=report_frames)
         if video.note == UNREADABLE:
             warn_skipping(path, video.reason)
-            report.unreadable(path)
+            report.unreadable(path, video.reason)
             continue
         warn_of(video)
         report.video(video)
@@ -1228,6 +1249,31 @@ def warn_of(result, warned=None):
             print(f"warning: {printable(result.path)}: {warning}", file=sys.stderr)
             if warned is not None:
                 warned.add(warning)
+
+
+# ---------------------------------------------------------------------------
+# --serve: the detector on a local page
+# ---------------------------------------------------------------------------
+
+
+def serve_detector(recipe, model, output_dir, demo, judging, page):
+    """--serve: load the detector once, as --predict does, then judge what is dropped on its page until Ctrl-C.
+
+    `page` is a PageSettings: where the page listens and how much it takes at once.
+    """
+    try:
+        detector = load_detector(recipe, model, output_dir, demo, judging)
+    except KeyboardInterrupt:
+        print("\nInterrupted.")
+        return 130
+    print("\n".join(detector.header()))
+    return serve_page(detector, page, judge_uploads)
+
+
+def judge_uploads(detector, report, paths, frames, gradcam=False):
+    """Judge the files of one request of the page into its `report`, as --predict judges its files."""
+    images, videos, unreadable = media_to_predict(paths, required=False)
+    judge_all(detector.with_gradcam() if gradcam else detector, report, images, videos, unreadable, frames)
 
 
 # ---------------------------------------------------------------------------

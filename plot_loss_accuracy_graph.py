@@ -16,8 +16,10 @@ videos. In order, it holds:
    CSV, and the names of its pictures;
 6. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
 7. the faces marked on photos, and the contact sheets of videos, of --annotate;
-8. the ensemble's weights, and the results table;
-9. the command below.
+8. the page of --serve (serve_page): a thin layer that shows, on a local Gradio page, what
+   --predict's report makes of the files dropped on it;
+9. the ensemble's weights, and the results table;
+10. the command below.
 
 Run on its own, it redraws OUTPUT_DIR/<model>/history.png for every trained model (every
 folder with a history.csv), then rewrites OUTPUT_DIR/results.csv and
@@ -43,9 +45,12 @@ import math
 import os
 import reprlib
 import shlex
+import shutil
 import stat
 import sys
+import tempfile
 import textwrap
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +71,9 @@ from sklearn import metrics as sklearn_metrics
 
 from data_preprocessing import (
     CLASSES,
+    DEFAULT_FRAMES,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
     DEMO_OUTPUT_DIR,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
@@ -78,6 +86,7 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
+    photo_problem,
     pictures_lock_file,
     start_anew,
     printable,
@@ -1078,7 +1087,7 @@ class PredictionReport:
 
     def video(self, video):
         """Report a video's own line, once its frames are reported, and draw its contact sheet (--annotate)."""
-        print(video_line(video))
+        self.say(video_line(video))
         for row in video.rows():
             self.add_row(row)
         self.files += 1
@@ -1090,9 +1099,13 @@ class PredictionReport:
     def print_lines(self, picture):
         """Print a picture's lines, and keep each as a row of the CSV."""
         for line in picture.lines():
-            print(line)
+            self.say(line)
         for row in picture.rows():
             self.add_row(row)
+
+    def say(self, line):
+        """Print a line of the report (the page keeps it instead)."""
+        print(line)
 
     def output_file(self, folder, name, kind):
         """The path in `folder` of a picture of `kind`, which no other picture of this run has taken:
@@ -1103,8 +1116,8 @@ class PredictionReport:
         self.pictures[path] = kind
         return path
 
-    def unreadable(self, path):
-        """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
+    def unreadable(self, path, reason=None):
+        """An input that could not be read (its warning, which gives the `reason`, is printed already): a row of its own in the CSV."""
         self.files += 1
         self.tally.update([UNREADABLE])
         self.add_row(dict(path=str(path), note=UNREADABLE, model=self.model))
@@ -1334,7 +1347,9 @@ def marked_image(image, faces, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
-    marked = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
+    # At least a pixel each way: a strip of 1 x 100,000 pixels is still drawn.
+    shrunk = (max(1, round(width * scale)), max(1, round(height * scale)))
+    marked = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
     labels = []  # The boxes of the labels drawn so far, which the next one must not cover.
@@ -1465,6 +1480,260 @@ def save_contact_sheet(thumbnails, video, path):
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------------
+# The page of --serve
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    """Where --serve's page listens, and how much it takes at once.
+
+    host, port: its address; 127.0.0.1 is this machine only.
+    frames: the frames judged of each video (--frames).
+    max_file_bytes: the largest file an upload may be; Gradio refuses a larger one as it arrives.
+    max_files: the most files judged in one request.
+    waiting: the requests that may wait while one is judged; more are refused, so that a
+        burst of uploads never fills the memory.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    frames: int = DEFAULT_FRAMES
+    max_file_bytes: int = 200 * 2**20
+    max_files: int = 50
+    waiting: int = 16
+
+
+# Under the results: what a verdict means, for someone who has not read the README.
+VERDICTS_EXPLAINED = """\
+**What a verdict means.** The model gives each face a p(fake), from 0 to 1, and the band above
+turns it into *real*, *uncertain* (amber) or *fake*. It judges **faces only**: each face is found,
+cut out as its training faces were and scored; a picture without a face, or with a face too
+small, gets no verdict, only a note that says why. A video's p(fake) is the mean over the face
+seen most. A verdict is as good as the data the model was trained on, and no better.
+"""
+
+
+class PageReport(PredictionReport):
+    """What the page shows of one request: --predict's report, its lines and rows kept instead of printed.
+
+    The uploads lie in `uploads`; the rows and lines name them by their names there. With
+    `progress(done, total, what)`, each photo and each frame judged moves the page's progress bar.
+    """
+
+    def __init__(self, settings, uploads, paths, progress):
+        super().__init__(settings, paths)
+        self.uploads, self.progress = uploads, progress
+        self.lines, self.rows = [], []
+        self.total = len(paths)
+
+    def name(self, path):
+        return str(Path(path).relative_to(self.uploads))
+
+    def say(self, line):
+        self.lines.append(line.replace(f"{self.uploads}{os.sep}", ""))
+
+    def add_row(self, row):
+        self.rows.append(dict(row, path=self.name(row["path"])))
+
+    def warn(self, path, warnings):
+        """Show the warnings of an input, each once, as --predict prints them."""
+        for warning in warnings:
+            line = f"warning: {self.name(path)}: {warning}"
+            if line not in self.lines:
+                self.lines.append(line)
+
+    def photo(self, picture):
+        self.warn(picture.path, picture.warnings + ([picture.reason] if picture.reason else []))
+        super().photo(picture)
+        self.progress(self.files, self.total, self.name(picture.path))
+
+    def frames(self, pictures):
+        super().frames(pictures)
+        for picture in pictures:
+            self.warn(picture.path, picture.warnings)
+        last = pictures[-1] if pictures else None
+        if last is not None:
+            seen = self.frames_seen[last.path] + 1
+            self.progress(self.files + seen / self.settings.frames, self.total, f"{self.name(last.path)}: frame {seen} of {self.settings.frames}")
+
+    def video(self, video):
+        self.warn(video.path, video.warnings)
+        super().video(video)
+        self.progress(self.files, self.total, self.name(video.path))
+
+    def unreadable(self, path, reason=None):
+        super().unreadable(path, reason)
+        self.warn(path, [reason or photo_problem(path)])
+        self.progress(self.files, self.total, self.name(path))
+
+    def table(self):
+        """The rows as the CSV's cells, each as --csv writes it (every digit of p_fake)."""
+        return [[str(cell) for cell in csv_cells(row)] for row in self.rows]
+
+    def write_csv(self, path):
+        """The rows, as --csv writes them; written whole, then renamed."""
+        text = io.StringIO()
+        csv.writer(text).writerows([CSV_COLUMNS, *self.table()])
+        write_text_atomically(path, text.getvalue())
+        return path
+
+    def summary(self):
+        """The count of what was judged, then every line, as --predict prints them."""
+        return "\n".join([self.count_line(), "", "```", *self.lines, "```"])
+
+
+def page_header(detector):
+    """The page's header: whose verdicts these are, from the model's card, and the band they are given with."""
+    first, *models = detector.header()
+    return "\n".join(["# Is this face real or fake?", "", first, "", *(f"- {line.strip()}" for line in models)])
+
+
+def page_banner(mark):
+    """The banner of a demo model, or of one without a card, that no one can miss; empty for a model with a card."""
+    if not mark:
+        return ""
+    colour = "#%02x%02x%02x" % MARK_COLOUR
+    return (f'<div id="model-mark" style="background:{colour};color:white;font-size:1.4em;font-weight:bold;'
+            f'padding:0.8em;border-radius:6px;text-align:center">{mark}</div>')
+
+
+class DetectorPage:
+    """The page that judges the photos and videos dropped on it with one Detector, one request at a time.
+
+    The detector judges, with `judge(detector, report, paths, frames, gradcam)` (--predict's
+    own judging); this class only takes the uploads, shows the report, and cleans up. Each
+    request has a folder of its own in `workspace`; its uploads are deleted once judged, and
+    its pictures once the next request starts (Gradio has kept copies of them by then).
+
+    As Gradio keeps one file for identical uploads, a request for a file already judged and
+    deleted (judged again without dropping it again, or dropped by two people at once) asks
+    for it to be dropped again.
+    """
+
+    def __init__(self, detector, settings, judge, workspace):
+        self.detector, self.settings, self.judge, self.workspace = detector, settings, judge, Path(workspace)
+        self.requests = 0
+
+    def build(self):
+        """The page's Gradio Blocks."""
+        import gradio as gr  # Only here: the scripts' other runs never load it.
+
+        with gr.Blocks(title="Deepfake detector", analytics_enabled=False, delete_cache=(600, 3600)) as page:
+            gr.HTML(page_banner(self.detector.mark), visible=bool(self.detector.mark))
+            gr.Markdown(page_header(self.detector))
+            files = gr.File(label=f"Photos and videos (at most {self.settings.max_files}, "
+                            f"{self.settings.max_file_bytes // 2**20} MB each)", file_count="multiple", elem_id="uploads")
+            gradcam = gr.Checkbox(label="Grad-CAM: also show which regions of each face drove its score",
+                                  visible=len(self.detector.members) == 1)
+            button = gr.Button("Judge", variant="primary")
+            summary = gr.Markdown()
+            table = gr.Dataframe(headers=list(CSV_COLUMNS), label="A row per face, as --predict --csv writes it",
+                                 interactive=False, elem_id="verdicts")
+            download = gr.File(label="The CSV")
+            pictures = gr.Gallery(label="Faces marked, videos' frames and p(fake) over time, Grad-CAM", columns=2,
+                                  height="auto")
+            gr.Markdown(VERDICTS_EXPLAINED)
+
+            def judge_request(files, gradcam, progress=gr.Progress()):
+                def moved(done, total, what):
+                    progress(done / max(total, 1), desc=what)
+                try:
+                    return self.judged(files or [], gradcam, moved)
+                except UserError as error:
+                    raise gr.Error(str(error)) from None
+
+            button.click(judge_request, [files, gradcam], [summary, table, download, pictures], api_name="judge")
+        page.queue(default_concurrency_limit=1, max_size=self.settings.waiting)
+        return page
+
+    def judged(self, files, gradcam, progress):
+        """Judge one request's uploads; return what the page shows: the lines, the table, the CSV and the pictures."""
+        if not files:
+            raise UserError("no file given: drop photos or videos on the page first")
+        if len(files) > self.settings.max_files:
+            raise UserError(f"{len(files)} files: the page judges at most {self.settings.max_files} at once; "
+                            "send them in smaller groups")
+        gone = [Path(file).name for file in files if not Path(file).is_file()]
+        if gone:
+            raise UserError(f"{', '.join(gone)}: deleted once judged; drop the file again to judge it again")
+        folder = self.request_folder()
+        uploads = folder / "uploads"
+        paths = take_uploads(files, uploads)
+        report = PageReport(ReportSettings(annotate=folder / "pictures", gradcam=folder / "gradcam" if gradcam else None,
+                                           frames=self.settings.frames), uploads, paths, progress)
+        try:
+            report.start(self.detector.name)
+            self.judge(self.detector, report, paths, self.settings.frames, gradcam)
+        finally:
+            report.stop()
+            shutil.rmtree(uploads, ignore_errors=True)
+        pictures = [(str(path), path.name) for path in report.pictures]
+        return report.summary(), report.table(), str(report.write_csv(folder / "verdicts.csv")), pictures
+
+    def request_folder(self):
+        """A new folder for a request's uploads and pictures; the earlier requests' are removed."""
+        for earlier in self.workspace.glob("request-*"):
+            shutil.rmtree(earlier, ignore_errors=True)
+        self.requests += 1
+        folder = self.workspace / f"request-{self.requests}"
+        folder.mkdir(parents=True)
+        return folder
+
+
+def take_uploads(files, uploads):
+    """Move each uploaded file into `uploads`, under its own name (name~2.jpg where two share one); return their paths."""
+    uploads.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for file in map(Path, files):
+        path, number = uploads / file.name, 2
+        while path.exists():
+            path, number = uploads / f"{file.stem}~{number}{file.suffix}", number + 1
+        shutil.move(file, path)
+        with contextlib.suppress(OSError):  # Gradio keeps each upload in a folder of its own; not empty, another name is left.
+            file.parent.rmdir()
+        paths.append(path)
+    return paths
+
+
+def serve_page(detector, settings, judge):
+    """Serve the page of `detector` (with PageSettings `settings`) until Ctrl-C; return the exit status, 130.
+
+    `judge(detector, report, paths, frames, gradcam)` judges a request's files into its
+    PageReport, as --predict does. Nothing leaves the machine: no share link, no analytics,
+    and the page reads no file of the machine but those uploaded to it.
+    """
+    workspace = Path(tempfile.mkdtemp(prefix="deepfake-page-"))
+    # Before Gradio loads: its uploads go into this folder, which is removed when the page closes.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["GRADIO_TEMP_DIR"] = str(workspace / "gradio")
+    page = DetectorPage(detector, settings, judge, workspace).build()
+    try:
+        try:
+            page.launch(
+                server_name=settings.host, server_port=settings.port, share=False, quiet=True, prevent_thread_lock=True,
+                max_file_size=settings.max_file_bytes, allowed_paths=[], ssr_mode=False, enable_monitoring=False,
+                mcp_server=False, pwa=False, show_error=True,
+            )
+        except OSError:  # Taken since the options were checked: Gradio's own words name its settings, not ours.
+            raise UserError(f"--host {settings.host} --port {settings.port}: the page cannot listen there; "
+                            "give another --port, or stop what uses it") from None
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: --host {settings.host}: anyone who can reach this machine can upload to the page", file=sys.stderr)
+        print(f"The page is at http://{settings.host}:{settings.port}/ ; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(Exception):  # Closing must not hide why it closed.
+            page.close(verbose=False)
+        shutil.rmtree(workspace, ignore_errors=True)
+    print("\nStopped the page.", flush=True)
+    return 130
 
 
 # ---------------------------------------------------------------------------
