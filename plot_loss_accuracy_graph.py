@@ -1194,6 +1194,8 @@ class ClusterCsv:
     def __init__(self, path):
         self.path = Path(path)
         self.rows = 0
+        # Made for this run: removed again if the run stops before it adds a row.
+        self.created, self.added = not self.path.exists(), False
         self.handle = open_alone(self.path, "--csv")
         try:
             self.judged = self.files_judged_already()
@@ -1229,6 +1231,7 @@ class ClusterCsv:
     def add(self, rows):
         """Append a file's rows (dicts of CSV_COLUMNS), all at once."""
         write_rows_whole(self.handle, self.path, [csv_cells(row) for row in rows])
+        self.added = True
 
     def put_in_order(self):
         """Replace the CSV whole with its rows in order, each once: a row repeated (a file judged again) is kept once."""
@@ -1242,9 +1245,12 @@ class ClusterCsv:
                     self.rows += 1
                 previous = row_order(cells)
         os.replace(sorting, self.path)
+        self.added = True
 
     def close(self):
         self.handle.close()
+        if self.created and not self.added:
+            self.path.unlink(missing_ok=True)
 
 
 def rows_in_order(csv_file):
