@@ -9,6 +9,7 @@ this module holds:
 3. checking every image once (the verdicts are cached), and the dataset a run trains on;
 4. the small synthetic demo dataset;
 5. the photos and videos that --predict judges: the one place that tells images from videos;
+   with --cluster, also list files and URIs, and the Ray cluster it joins;
 6. the scripts' command line and its checks;
 7. the shared ground: one-line errors, a progress bar, files written whole (or a line that
    says why not), and one run per folder at a time.
@@ -743,8 +744,10 @@ def remote_files(uri):
     except (OSError, ValueError) as error:  # pyarrow's own errors derive from these.
         raise UserError(f"--predict {uri}: cannot list it ({error}); check the URI and the credentials for it") from None
     scheme = uri.split("://")[0]
-    hidden = [file.path for file in listed if any(part.startswith(".") for part in file.path.split("/"))]
-    return sorted(f"{scheme}://{file.path}" for file in listed if file.type == pyarrow.fs.FileType.File and file.path not in hidden)
+    files = [file.path for file in listed if file.type == pyarrow.fs.FileType.File]
+    # Hidden below the prefix given, as files_under passes them over.
+    hidden = [any(part.startswith(".") for part in path.removeprefix(root).split("/")) for path in files]
+    return sorted(f"{scheme}://{path}" for path, is_hidden in zip(files, hidden) if not is_hidden)
 
 
 # The lines Ray's C++ core prints as it starts: the log level it was given, and its tries at a cluster

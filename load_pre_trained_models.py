@@ -19,7 +19,8 @@ In order, this module then holds:
   The parsed options stop there: below it, functions take named values and settings;
 - applying a trained model: loading it (or the ensemble) and Grad-CAM; the `Detector`,
   which finds, cuts out and scores the faces of photos and videos, from Python as from
-  --predict; --predict, which prints and writes the detector's results; and --evaluate;
+  --predict; --predict, which prints and writes the detector's results; --predict
+  --cluster, the same on the actors of a Ray cluster; and --evaluate;
 - the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
   an interrupted run, and Ctrl-C, with the callbacks that lose nothing;
 - the command below.
@@ -1452,7 +1453,8 @@ def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table):
         if files:
             judge_files(ray, files, shipped, plan, table, tally)
     except KeyboardInterrupt:
-        print(f"\nInterrupted. {counted(tally.files, 'file')} judged; run the same command again to judge the rest".rstrip())
+        resume = f"; {table.path} holds their rows: run the same command again to judge the rest" if table else ""
+        print(f"\nInterrupted. {counted(tally.files, 'file')} judged{resume}")
         return 130
     except ray.exceptions.RayError as error:
         last_line = str(error).strip().splitlines()[-1]

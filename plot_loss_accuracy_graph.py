@@ -13,7 +13,8 @@ videos. In order, it holds:
 4. what the detector finds (FaceResult, PictureResult, VideoResult, with their notes and
    Verdicts) and the words and CSV rows that say it;
 5. what --predict prints and writes from those results (PredictionReport): its lines, its
-   CSV, and the names of its pictures;
+   CSV, and the names of its pictures; and the CSV of --predict --cluster (ClusterCsv),
+   whose rows come in any order, and are put in order at the end;
 6. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
 7. the faces marked on photos, and the contact sheets of videos, of --annotate;
 8. the ensemble's weights, and the results table;

@@ -110,6 +110,8 @@ def test_a_run_stopped_then_killed_then_cut_by_a_lost_node_judges_each_file_once
         shutil.copy(media / "astronaut.jpg", folder / f"astronaut-{copy}.jpg")
         shutil.copy(media / "coffee.jpg", folder / f"coffee-{copy}.jpg")
     inputs = {str(path) for path in folder.iterdir()}
+    listed = tmp_path / "files.txt"  # Given as a list of paths, a line each.
+    listed.write_text("# The files to judge\n" + "\n".join(sorted(inputs)) + "\n")
     csv_file = tmp_path / "rows.csv"
     head_and_worker, worker = cluster
     written, add = [], plot_loss_accuracy_graph.ClusterCsv.add
@@ -121,7 +123,7 @@ def test_a_run_stopped_then_killed_then_cut_by_a_lost_node_judges_each_file_once
             raise KeyboardInterrupt
 
     monkeypatch.setattr(plot_loss_accuracy_graph.ClusterCsv, "add", ctrl_c_after_two_files)
-    assert predict(model_file, folder, csv_file, "--cluster", head_and_worker.address) == 130
+    assert predict(model_file, listed, csv_file, "--cluster", head_and_worker.address) == 130
     assert "run the same command again" in capsys.readouterr().out
     assert {row[0] for row in read_rows(csv_file)} == set(written)
     monkeypatch.undo()
@@ -137,7 +139,7 @@ def test_a_run_stopped_then_killed_then_cut_by_a_lost_node_judges_each_file_once
 
     remover = threading.Thread(target=remove_the_worker_once_rows_come, daemon=True)
     remover.start()
-    assert predict(model_file, folder, csv_file, "--cluster", head_and_worker.address) == 0
+    assert predict(model_file, listed, csv_file, "--cluster", head_and_worker.address) == 0
     remover.join(timeout=1)
     assert not remover.is_alive()  # The node went mid-run.
 

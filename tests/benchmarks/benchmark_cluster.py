@@ -24,17 +24,30 @@ What it measured
 ----------------
 On the project's 2-core CPU (no GPU; Python 3.11, TensorFlow 2.21, Ray 2.60.0), on
 2026-12-07, `python tests/benchmarks/benchmark_cluster.py`, while four other sessions
-loaded the machine (load average 10 to 15 on its 2 cores, so every time here is several
-times what an idle machine would take; the ratios are the figures to keep):
+loaded the machine (load average 7 at the end, 10 to 15 in the hour before, on its 2 cores:
+every time here is several times what an idle machine would take; the ratios are the figures to keep):
 
-    MEASURED_TABLE
+    | Command, untrained VGG16 at 64 px, --faces off | Images/s | Seconds | Driver peak MiB |
+    | --predict, 1,000 files                          |     13.5 |      74 |            1153 |
+    | --predict --cluster, 1,000 files                |      8.4 |     118 |            1123 |
+    | --predict --cluster, 100 files                  |      2.6 |      39 |            1132 |
+
+    per face at 224 px: scoring 1028.1 ms; finding it with MTCNN in a 256 px image 218.9 ms
+    ratios: cluster/predict=1.60 driver_peak_1000/100=0.99
+
+The cluster's run took 1.6 times as long: starting Ray and its actor (TensorFlow, the model
+and MTCNN in a process of its own) costs about 35 s, the 100 files' run nearly all of it;
+past that, it judged (1,000 - 100) / (118 - 39) = 11 images a second, against 13.5 for
+the whole --predict run, as one actor on a 2-core machine has nothing to share the work
+with. The driver held the same memory for 1,000 files as for 100 (0.99): rows stream
+through it a file at a time, and only the list of paths grows, by about 100 bytes a file.
 
 How long a million faces would take
 -----------------------------------
 Scoring is the part that a GPU speeds up; finding the face is MTCNN's, on the CPU cores of
 the node. The dataset's faces are cropped already (--faces off), so only scoring counts:
-on this CPU, per face at 224 px, PER_FACE_CPU s, so a million faces would take about
-MILLION_CPU CPU-hours, and on N such 2-core nodes that time over N. On a GPU the
+on this CPU, per face at 224 px, 1.03 s under that load, so a million faces would take about
+286 hours, and on N such 2-core nodes that time over N. On a GPU the
 per-face cost is ASSUMED, not measured here (no GPU on this machine): about 2 ms for
 VGG16 at 224 px in batches of 32 on one modern data-centre GPU, so one actor per GPU
 judges a million faces in about 2,000 s, 33 minutes; N GPU nodes take 33/N minutes,
@@ -87,8 +100,9 @@ def save_untrained_model(folder, img_size):
 
 def run_measured(command):
     """Run `command`; return its seconds and its peak resident memory in MiB (VmHWM, read as it runs)."""
+    output = tempfile.TemporaryFile("w+")  # Not a pipe: a full one would stop the command.
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
     peak_kib = 0
     while process.poll() is None:
         try:
@@ -97,10 +111,11 @@ def run_measured(command):
         except (OSError, AttributeError):  # It ended between the poll and the read.
             pass
         time.sleep(0.2)
-    output = process.stdout.read()
+    seconds = time.perf_counter() - started
+    output.seek(0)
     if process.returncode != 0:
-        sys.exit(f"{' '.join(map(str, command))} failed:\n{output[-3000:]}")
-    return time.perf_counter() - started, peak_kib / 1024
+        sys.exit(f"{' '.join(map(str, command))} failed:\n{output.read()[-3000:]}")
+    return seconds, peak_kib / 1024
 
 
 def predict_command(model_file, folder, csv_file, *options):
