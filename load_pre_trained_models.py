@@ -1264,12 +1264,13 @@ class JudgeOnWorker:
     def __init__(self, shipped):
         import ray
 
-        self.folder = Path(tempfile.mkdtemp(prefix="deepfake-detector-"))
-        model_file = self.folder / "model.keras"
-        model_file.write_bytes(ray.get(shipped.model_bytes))
-        if shipped.card is not None:
-            (self.folder / MODEL_CARD).write_text(shipped.card, encoding="utf-8")
-        member = load_member(model_file, shipped.recipe)
+        # Keras reads the model whole: its copy on this worker's disk goes once it is loaded.
+        with tempfile.TemporaryDirectory(prefix="deepfake-detector-") as folder:
+            model_file = Path(folder) / "model.keras"
+            model_file.write_bytes(ray.get(shipped.model_bytes))
+            if shipped.card is not None:
+                model_file.with_name(MODEL_CARD).write_text(shipped.card, encoding="utf-8")
+            member = load_member(model_file, shipped.recipe)
         self.detector = Detector([dataclasses.replace(member, file=shipped.model_file)], shipped.judging)
         self.frames = shipped.frames
 
@@ -1277,9 +1278,16 @@ class JudgeOnWorker:
         """The rows of a batch of files ({"path": [...]}), as a pyarrow Table of CLUSTER_ROW_TYPES."""
         import pyarrow
 
+        with tempfile.TemporaryDirectory(prefix="deepfake-inputs-") as downloads:
+            rows = self.rows_of(batch["path"].tolist(), Path(downloads))
+        schema = pyarrow.schema([(column, getattr(pyarrow, kind)()) for column, kind in CLUSTER_ROW_TYPES.items()])
+        return pyarrow.Table.from_pylist(rows, schema=schema)
+
+    def rows_of(self, paths, downloads):
+        """The rows of each file of `paths`, the photos' faces scored together; a URI is read from its copy in `downloads`."""
         rows, photos = [], {}
-        for number, path in enumerate(batch["path"].tolist()):
-            local, problem = self.local_copy(path, number)
+        for number, path in enumerate(paths):
+            local, problem = local_copy(path, downloads / f"{number}{Path(path).suffix}")
             if problem is None and not is_video(local):
                 problem = photo_problem(local)
             if problem is not None:
@@ -1290,26 +1298,7 @@ class JudgeOnWorker:
                 photos[path] = local
         for path, picture in zip(photos, self.detector.judge_photos(photos.values())):
             rows += photo_rows(path, picture)
-        for copy in self.folder.glob("input-*"):
-            copy.unlink()
-        schema = pyarrow.schema([(column, getattr(pyarrow, kind)()) for column, kind in CLUSTER_ROW_TYPES.items()])
-        return pyarrow.Table.from_pylist(rows, schema=schema)
-
-    def local_copy(self, path, number):
-        """Where this worker reads `path`: itself, or a URI's copy in the actor's folder; and why it cannot, or None."""
-        import pyarrow.fs
-
-        uri = uri_of(path)
-        if uri is None:
-            return Path(path), None
-        copy = self.folder / f"input-{number}{Path(uri).suffix}"
-        try:
-            filesystem, inside = pyarrow.fs.FileSystem.from_uri(uri)
-            with filesystem.open_input_stream(inside) as source:
-                copy.write_bytes(source.read())
-        except (OSError, ValueError) as error:  # pyarrow's own errors derive from these.
-            return copy, f"it can no longer be read ({error})"
-        return copy, None
+        return rows
 
     def video_rows(self, path, local):
         """A video's rows, as judge_all reports them: its frames' rows, then its own (or the unreadable one)."""
@@ -1322,10 +1311,26 @@ class JudgeOnWorker:
 
         video = self.detector.judge_video(local, self.frames, on_batch=keep)
         if video.note == UNREADABLE:
-            return rows + unreadable_rows(path, video.reason, self.detector.name)
+            return marked_last(rows + unreadable_rows(path, video.reason, self.detector.name))
         video.path = path
         own = dict(video.rows()[0], said=video_line(video), warning=warnings_of(video), counted=video.verdict or video.note)
         return marked_last(rows + [own])
+
+
+def local_copy(path, copy):
+    """Where a worker reads `path`: itself, or for a URI its `copy`, read through pyarrow; and why it cannot, or None."""
+    import pyarrow.fs
+
+    uri = uri_of(path)
+    if uri is None:
+        return Path(path), None
+    try:
+        filesystem, inside = pyarrow.fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(inside) as source:
+            copy.write_bytes(source.read())
+    except (OSError, ValueError) as error:  # pyarrow's own errors derive from these.
+        return copy, f"it can no longer be read ({error})"
+    return copy, None
 
 
 def photo_rows(path, picture):
