@@ -1117,9 +1117,9 @@ def add_prediction_arguments(parser):
     group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write one row per scored face to this CSV file")
     group.add_argument(
         "--cluster", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
-        help="with --predict: judge on a Ray cluster, rows to --csv and a progress bar on the terminal: "
-        "without ADDRESS, a Ray started on this machine; with one (ray://head:10001, auto), that cluster's. "
-        f"PATH may then also be a {LIST_FILE_SUFFIX} file listing paths, or a URI (s3://, gs://)",
+        help="with --predict: judge on the Ray cluster at ADDRESS (ray://head:10001, auto), or without it on a Ray "
+        "started here; with --csv, the rows go there under a progress bar, and the same command run again judges only "
+        f"the files not in it yet. PATH may then also be a {LIST_FILE_SUFFIX} file listing paths, or a URI (s3://, gs://)",
     )
     group.add_argument(
         "--annotate", type=Path, metavar="DIR",
