@@ -1114,12 +1114,16 @@ def add_prediction_arguments(parser):
         "--frames", type=positive_int, metavar="N",
         help=f"with --predict: how many frames, spread evenly over each video, to judge (default {DEFAULT_FRAMES})",
     )
-    group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write one row per scored face to this CSV file")
+    group.add_argument(
+        "--csv", type=file_or_folder, metavar="FILE",
+        help="with --predict: also write one row per scored face to this CSV file; with --cluster, FILE may be a folder "
+        "(an existing one, or a name ending with /): it gets CSV shards written by Ray, and summary.json",
+    )
     group.add_argument(
         "--cluster", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
         help="with --predict: judge on the Ray cluster at ADDRESS (ray://head:10001, auto), or without it on a Ray "
         "started here; with --csv, the rows go there under a progress bar, and the same command run again judges only "
-        f"the files not in it yet. PATH may then also be a {LIST_FILE_SUFFIX} file listing paths, or a URI (s3://, gs://)",
+        f"the files not in its file yet. PATH may then also be a {LIST_FILE_SUFFIX} file listing paths, or a URI (s3://, gs://)",
     )
     group.add_argument(
         "--annotate", type=Path, metavar="DIR",
@@ -1321,7 +1325,9 @@ def check_prediction_outputs(args):
     elif not folders_given and not files_given:
         # Said before TensorFlow and the model load; a missing path among others is a warning, later.
         raise UserError(f"--predict {args.predict[0]}: {missing_path_problem(args.predict[0])}; check the path")
-    if args.csv:
+    if args.csv and is_folder_name(args.csv):
+        check_csv_folder(args.csv, folders_given, args.cluster)
+    elif args.csv:
         check_csv_target(args.csv, files_given, folders_given)
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
         if folder:
@@ -1329,6 +1335,34 @@ def check_prediction_outputs(args):
             refuse_output_inside(folder, folders_given + [path.parent for path in files_given], option)
             refuse_a_folder_of_models_or_data(folder, option)
             ensure_writable_folder(folder, option)
+
+
+class FolderName(type(Path())):
+    """A path given with a separator at its end: the name of a folder, which need not exist yet."""
+
+
+def file_or_folder(text):
+    """A Path of the command line, a FolderName where `text` ends with a separator (which Path would drop)."""
+    return FolderName(text) if text.endswith(("/", os.sep)) else Path(text)
+
+
+def is_folder_name(path):
+    """Whether `path` names a folder: one that exists, or a FolderName."""
+    return isinstance(path, FolderName) or path.is_dir()
+
+
+def check_csv_folder(folder, folders_given, cluster):
+    """Refuse a --csv folder without --cluster, inside the images' folders, among a model's files, or not empty.
+
+    A rerun cannot add to a folder of Ray's shards: a shard a killed run cut short would lose rows unseen.
+    """
+    if not cluster:
+        raise UserError(f"--csv {folder} is a folder: only --cluster writes shards into one; name a file")
+    refuse_output_inside(folder, folders_given, "--csv")
+    refuse_a_folder_of_models_or_data(folder, "--csv")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"--csv {folder} already holds files; name a new or empty folder for the shards")
+    ensure_writable_folder(folder, "--csv")
 
 
 def check_csv_target(csv_file, files_given, folders_given):

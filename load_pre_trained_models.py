@@ -44,12 +44,14 @@ import dataclasses
 import functools
 import gc
 import importlib
+import itertools
 import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import math
@@ -101,6 +103,7 @@ from data_preprocessing import (
     ensure_writable_folder,
     exits_on_user_error,
     files_for_cluster,
+    is_folder_name,
     is_video,
     load_dataset,
     load_evaluation_images,
@@ -118,6 +121,7 @@ from data_preprocessing import (
     writing,
 )
 from plot_loss_accuracy_graph import (
+    CSV_COLUMNS,
     EVALUATION_PREFIX,
     FACE_AT_BORDER,
     FACE_TOO_SMALL,
@@ -1261,7 +1265,7 @@ class JudgeOnWorker:
     """A Ray actor: a Detector built once from a ShippedModel, that judges batches of files into their rows,
     as --predict on one machine would (a row per face, per picture without one, per unreadable file)."""
 
-    def __init__(self, shipped):
+    def __init__(self, shipped, tally=None):
         import ray
 
         # Keras reads the model whole: its copy on this worker's disk goes once it is loaded.
@@ -1273,6 +1277,7 @@ class JudgeOnWorker:
             member = load_member(model_file, shipped.recipe)
         self.detector = Detector([dataclasses.replace(member, file=shipped.model_file)], shipped.judging)
         self.frames = shipped.frames
+        self.tally = tally  # A ClusterTally actor told of each batch's files, for the progress bar; or None.
 
     def __call__(self, batch):
         """The rows of a batch of files ({"path": [...]}), as a pyarrow Table of CLUSTER_ROW_TYPES."""
@@ -1281,7 +1286,10 @@ class JudgeOnWorker:
         with tempfile.TemporaryDirectory(prefix="deepfake-inputs-") as downloads:
             rows = self.rows_of(batch["path"].tolist(), Path(downloads))
         schema = pyarrow.schema([(column, getattr(pyarrow, kind)()) for column, kind in CLUSTER_ROW_TYPES.items()])
-        return pyarrow.Table.from_pylist(rows, schema=schema)
+        table = pyarrow.Table.from_pylist(rows, schema=schema)
+        if self.tally is not None:
+            self.tally.merge.remote(ClusterTally.of_rows(table.to_pylist()))
+        return table
 
     def rows_of(self, paths, downloads):
         """The rows of each file of `paths`, the photos' faces scored together; a URI is read from its copy in `downloads`."""
@@ -1415,6 +1423,23 @@ class ClusterTally:
     def progress(self):
         return f"{counted(self.faces, 'face')}, {counted(self.notes, 'note')}, {counted(self.failures, 'failure')}"
 
+    @classmethod
+    def of_rows(cls, rows):
+        """The tally of the rows of whole files, each file's rows together."""
+        tally = cls()
+        for _, file_rows in itertools.groupby(rows, key=lambda row: row["path"]):
+            tally.add(list(file_rows))
+        return tally
+
+    def merge(self, other):
+        """Add another tally's counts: as an actor, the progress of every worker's batches."""
+        self.files, self.faces = self.files + other.files, self.faces + other.faces
+        self.notes, self.failures = self.notes + other.notes, self.failures + other.failures
+        self.counts.update(other.counts)
+
+    def so_far(self):
+        return self
+
 
 def predict_on_cluster(recipe, inputs, address, model, output_dir, demo, judging, frames, csv_file):
     """--predict --cluster: judge the files of `inputs` on the Ray cluster at `address` (LOCAL_RAY: one started here).
@@ -1423,14 +1448,16 @@ def predict_on_cluster(recipe, inputs, address, model, output_dir, demo, judging
     (ShippedModel). Ray Data streams the paths to the actors and their rows back, a block at
     a time: the driver keeps no list of results. With `csv_file`, a file's rows are appended
     as soon as they come (ClusterCsv), under a progress bar, and put in order at the end;
-    a file already in the CSV is not judged again. Without, the rows' lines are printed.
+    a file already in the CSV is not judged again. Where `csv_file` is a folder, Ray writes
+    the rows there as shards (CSV files), and summary.json closes it. Without, the rows' lines are printed.
     """
     model_file = saved_model_file(recipe, model, output_dir, demo)
-    table = ClusterCsv(csv_file) if csv_file else None
+    shards = csv_file if csv_file and is_folder_name(csv_file) else None
+    table = ClusterCsv(csv_file) if csv_file and not shards else None
     try:
         ray = connect_to_ray(address, SHIPPED_MODULES)
         try:
-            return judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table)
+            return judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table, shards)
         finally:
             ray.shutdown()
     finally:
@@ -1438,8 +1465,9 @@ def predict_on_cluster(recipe, inputs, address, model, output_dir, demo, judging
             table.close()
 
 
-def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table):
-    """Judge, with the Ray module `ray` already connected, the files of `inputs` not yet in `table` (a ClusterCsv or None)."""
+def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table, shards):
+    """Judge, with the Ray module `ray` already connected, the files of `inputs` not yet in `table` (a ClusterCsv or None),
+    into the folder `shards` where it is not None."""
     # Loaded here first, so that a model that cannot judge stops the run with one line before the cluster works.
     detector = Detector.load(model_file, recipe=recipe, **dataclasses.asdict(judging))
     print("\n".join(detector.header()))
@@ -1455,10 +1483,14 @@ def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table):
     plan = actor_plan(resources.get("CPU", 0), resources.get("GPU", 0), nodes)
     tally = ClusterTally()
     try:
-        if files:
+        if shards:
+            tally = write_shards(ray, files, shipped, plan, shards)
+        elif files:
             judge_files(ray, files, shipped, plan, table, tally)
     except KeyboardInterrupt:
         resume = f"; {table.path} holds their rows: run the same command again to judge the rest" if table else ""
+        if shards:
+            resume = f"; {shards} holds shards of their rows, without summary.json: judge again into a new folder"
         print(f"\nInterrupted. {counted(tally.files, 'file')} judged{resume}")
         return 130
     except ray.exceptions.RayError as error:
@@ -1472,15 +1504,20 @@ def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table):
     return 0
 
 
-def judge_files(ray, files, shipped, plan, table, tally):
-    """Stream `files` through a pool of JudgeOnWorker actors (`plan`); write or print each file's rows once all are in."""
+def judged_rows(ray, files, shipped, plan, tally=None):
+    """The Ray Dataset of the rows of `files`, judged by a pool of JudgeOnWorker actors (`plan`), which tell `tally`."""
     blocks = min(len(files), max(4 * plan.count, math.ceil(len(files) / FILES_PER_BLOCK)))
-    rows = ray.data.from_items([{"path": path} for path in files], override_num_blocks=blocks).map_batches(
-        JudgeOnWorker, fn_constructor_args=(shipped,), batch_size=judging_batch(shipped), batch_format="numpy",
+    return ray.data.from_items([{"path": path} for path in files], override_num_blocks=blocks).map_batches(
+        JudgeOnWorker, fn_constructor_args=(shipped, tally), batch_size=judging_batch(shipped), batch_format="numpy",
         # Ray Data spreads the actors over the nodes, and gives them max_restarts=-1 and max_task_retries=-1:
         # an actor whose worker or node dies starts again elsewhere, and its batches are judged again.
         compute=ray.data.ActorPoolStrategy(size=plan.count), num_cpus=plan.cpus, num_gpus=plan.gpus,
     )
+
+
+def judge_files(ray, files, shipped, plan, table, tally):
+    """Stream `files` through a pool of JudgeOnWorker actors (`plan`); write or print each file's rows once all are in."""
+    rows = judged_rows(ray, files, shipped, plan)
     progress = ProgressBar(len(files), unit="file") if table else None
     waiting = {}  # The rows of files whose last row has not come yet.
     for block in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -1490,6 +1527,73 @@ def judge_files(ray, files, shipped, plan, table, tally):
                 file_judged(waiting.pop(row["path"]), table, tally)
         if progress:
             progress.update(tally.files, tally.progress())
+
+
+def write_shards(ray, files, shipped, plan, folder):
+    """Judge `files` into CSV shards that Ray Data writes in `folder`, under a progress bar; then write its
+    summary.json, counted from the shards, and return that tally.
+
+    The bar's counts come from the actors as they judge (a ClusterTally actor, which takes no CPU);
+    a batch judged again, where a node died, is counted twice there, but not in the summary.
+    """
+    progress = ProgressBar(len(files), unit="file")
+    if files:
+        reported = ray.remote(num_cpus=0)(ClusterTally).remote()
+        rows = judged_rows(ray, files, shipped, plan, reported).select_columns(list(CSV_COLUMNS))
+        failed = []
+        writer = threading.Thread(target=catching(rows.write_csv, failed), args=(str(folder),), daemon=True)
+        writer.start()
+        while writer.is_alive():
+            writer.join(timeout=0.5)
+            so_far = ray.get(reported.so_far.remote())
+            progress.update(min(so_far.files, len(files) - 1), so_far.progress())
+        if failed:
+            raise failed[0]
+    shard_files = sorted(folder.glob("*.csv"))
+    tally = tally_of_shards(shard_files)
+    progress.update(len(files), tally.progress())
+    summary = dict(dataclasses.asdict(tally), counts=dict(tally.counts), shards=len(shard_files), model=str(shipped.model_file),
+                   columns=list(CSV_COLUMNS))
+    write_json_atomically(folder / "summary.json", summary)
+    print(f"Wrote {folder}: {counted(len(shard_files), 'shard')} of {counted(tally.rows, 'row')}, and summary.json")
+    return tally
+
+
+def catching(function, failed):
+    """`function`, that puts what it raises in the list `failed`: a thread's error, for the thread that waits on it."""
+
+    def call(*arguments):
+        try:
+            function(*arguments)
+        except Exception as error:  # noqa: BLE001 - raised again by the waiting thread.
+            failed.append(error)
+
+    return call
+
+
+def tally_of_shards(shard_files):
+    """The count of the rows in CSV shards, read a shard at a time; a file is counted once, by its rows' path."""
+    import pyarrow
+    import pyarrow.csv
+
+    types = {column: getattr(pyarrow, CLUSTER_ROW_TYPES[column])() for column in CSV_COLUMNS}
+    read = pyarrow.csv.ConvertOptions(column_types=types, include_columns=list(CSV_COLUMNS), strings_can_be_null=True)
+    tally, paths = ClusterShardTally(), set()
+    for shard in shard_files:
+        rows = pyarrow.csv.read_csv(shard, convert_options=read).to_pylist()
+        # The closing count counts each photo's face or note, and each video's own row (frame empty), as --predict does.
+        tally.merge(ClusterTally.of_rows([dict(row, counted=row["verdict"] or row["note"] if row["frame"] is None else None) for row in rows]))
+        paths.update(row["path"] for row in rows)
+        tally.rows += len(rows)
+    tally.files = len(paths)
+    return tally
+
+
+@dataclass
+class ClusterShardTally(ClusterTally):
+    """A ClusterTally of a folder's shards, which also counts their rows."""
+
+    rows: int = 0
 
 
 def judging_batch(shipped):

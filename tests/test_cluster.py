@@ -7,10 +7,12 @@ a worker that did not get the card would give other verdicts and marks than the 
 """
 
 import csv
+import json
 import shutil
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import ray.cluster_utils
@@ -59,6 +61,14 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_machine(model_file, media, tmp_path_factory):
+    """The CSV of --predict on the media, on this machine."""
+    csv_file = tmp_path_factory.mktemp("one") / "one.csv"
+    assert predict(model_file, media, csv_file) == 0
+    return csv_file
+
+
+@pytest.fixture(scope="module")
 def cluster():
     """A head and a worker node, on this machine."""
     cluster = ray.cluster_utils.Cluster(initialize_head=True, head_node_args=NODE)
@@ -89,14 +99,12 @@ def same_rows(rows, expected):
         assert (row[p_fake] == expected_row[p_fake] == "") or float(row[p_fake]) == pytest.approx(float(expected_row[p_fake]), abs=1e-6)
 
 
-def test_a_two_node_cluster_writes_the_rows_of_predict_in_order(model_file, media, cluster, tmp_path, capsys):
-    assert predict(model_file, media, tmp_path / "one.csv") == 0
-    capsys.readouterr()
+def test_a_two_node_cluster_writes_the_rows_of_predict_in_order(model_file, media, one_machine, cluster, tmp_path, capsys):
     assert predict(model_file, media, tmp_path / "cluster.csv", "--cluster", cluster[0].address) == 0
 
     rows = read_rows(tmp_path / "cluster.csv")
     assert rows == sorted(rows, key=row_order)
-    same_rows(rows, sorted(read_rows(tmp_path / "one.csv"), key=row_order))
+    same_rows(rows, sorted(read_rows(one_machine), key=row_order))
     assert {row[0] for row in rows} == {str(media / name) for name in ("astronaut.jpg", "coffee.jpg", "corrupt.jpg", "clip.mp4")}
     assert any(row[CSV_COLUMNS.index("verdict")] for row in rows)  # The card's band gave verdicts on the workers.
     output = capsys.readouterr().out
@@ -160,3 +168,31 @@ def test_without_ray_or_with_an_address_that_does_not_answer_one_line(model_file
     monkeypatch.setitem(sys.modules, "ray", None)  # As if Ray were not installed.
     assert predict(model_file, media, tmp_path / "rows.csv", "--cluster") == 2
     assert_one_line_error(capsys, "--cluster needs Ray", "pip install")
+
+
+def test_a_csv_folder_gets_shards_of_the_same_rows_and_a_summary(model_file, media, one_machine, cluster, tmp_path, capsys):
+    assert predict(model_file, media, f"{tmp_path / 'shards'}/", "--cluster", cluster[0].address) == 0  # A new folder.
+
+    folder = tmp_path / "shards"
+    shards = sorted(folder.glob("*.csv"))
+    rows = sorted((row for shard in shards for row in read_rows(shard)), key=row_order)
+    expected = read_rows(one_machine)
+    same_rows([numbers_as_floats(row) for row in rows], [numbers_as_floats(row) for row in sorted(expected, key=row_order)])
+    summary = json.loads((folder / "summary.json").read_text())
+    verdict, note = CSV_COLUMNS.index("verdict"), CSV_COLUMNS.index("note")
+    assert summary["files"] == 4 and summary["failures"] == 1 and summary["rows"] == len(expected)
+    assert summary["shards"] == len(shards) and summary["columns"] == list(CSV_COLUMNS)
+    assert summary["faces"] == sum(row[CSV_COLUMNS.index("p_fake")] != "" and row[2] != "" for row in expected)
+    assert summary["counts"] == dict(Counter(row[verdict] or row[note] for row in expected if row[1] == ""))
+    assert "4/4 files [" in capsys.readouterr().out
+
+
+def test_a_csv_folder_without_cluster_one_line(model_file, media, tmp_path, capsys):
+    assert predict(model_file, media, tmp_path) == 2
+    assert_one_line_error(capsys, "is a folder: only --cluster writes shards", "name a file")
+
+
+def numbers_as_floats(row):
+    """A row's numbers written one way, as Ray's writer and Python's csv write them differently (0 and 0.0)."""
+    return [cell if column in ("path", "verdict", "note", "model") or cell == "" else str(float(cell))
+            for column, cell in zip(CSV_COLUMNS, row)]
