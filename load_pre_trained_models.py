@@ -19,8 +19,9 @@ In order, this module then holds:
   The parsed options stop there: below it, functions take named values and settings;
 - applying a trained model: loading it (or the ensemble) and Grad-CAM; the `Detector`,
   which finds, cuts out and scores the faces of photos and videos, from Python as from
-  --predict; --predict, which prints and writes the detector's results; --serve, which
-  shows them on a local page; and --evaluate;
+  --predict; --predict, which prints and writes the detector's results; --predict
+  --cluster, the same on the actors of a Ray cluster; --serve, which shows them on a
+  local page; and --evaluate;
 - --export: the model as ONNX, SavedModel and LiteRT files, each checked in its own runtime
   against Keras, and the OnnxModel that --predict judges with;
 - the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
@@ -48,15 +49,19 @@ import functools
 import gc
 import hashlib
 import importlib
+import itertools
 import json
+import math
 import os
 import shlex
 import shutil
 import sys
+import tempfile
+import threading
 import time
 import warnings
-import math
 import zipfile
+from collections import Counter
 from copy import copy as shallow_copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +105,13 @@ from data_preprocessing import (
     ProgressBar,
     TrainingSettings,
     UserError,
+    connect_to_ray,
     demo_image,
     ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
+    files_for_cluster,
+    is_folder_name,
     is_video,
     load_dataset,
     load_evaluation_images,
@@ -114,12 +122,14 @@ from data_preprocessing import (
     printable,
     recipe_named,
     report_bad_files,
+    uri_of,
     warn_skipping,
     write_json_atomically,
     write_text_atomically,
     writing,
 )
 from plot_loss_accuracy_graph import (
+    CSV_COLUMNS,
     EVALUATION_PREFIX,
     FACE_AT_BORDER,
     FACE_TOO_SMALL,
@@ -129,6 +139,7 @@ from plot_loss_accuracy_graph import (
     RUN_OUTPUTS,
     UNKNOWN_MARK,
     UNREADABLE,
+    ClusterCsv,
     FaceResult,
     PageSettings,
     PictureResult,
@@ -138,11 +149,14 @@ from plot_loss_accuracy_graph import (
     Verdicts,
     ensemble_band,
     classification_metrics,
+    count_line,
+    counted,
     read_card,
     read_ensemble,
     read_history,
     read_model_card,
     serve_page,
+    video_line,
     whose_verdicts,
     write_card_section,
     write_results_table,
@@ -574,6 +588,10 @@ def run(recipe, args):
         judging = JudgingOptions(
             faces=args.faces, min_face=args.min_face, threshold=args.threshold, gradcam=bool(args.gradcam), batch_size=args.batch_size
         )
+        if args.cluster:
+            return predict_on_cluster(
+                recipe, args.predict, args.cluster, args.model, args.output_dir, args.demo, judging, args.frames, args.csv
+            )
         outputs = ReportSettings(csv=args.csv, annotate=args.annotate, gradcam=args.gradcam, frames=args.frames)
         return predict_media(recipe, args.predict, args.model, args.output_dir, args.demo, judging, args.frames, outputs)
     if args.export:
@@ -1274,6 +1292,395 @@ def judge_uploads(detector, report, paths, frames, gradcam=False):
     """Judge the files of one request of the page into its `report`, as --predict judges its files."""
     images, videos, unreadable = media_to_predict(paths, required=False)
     judge_all(detector.with_gradcam() if gradcam else detector, report, images, videos, unreadable, frames)
+
+
+# ---------------------------------------------------------------------------
+# --predict --cluster: the same judging, by the actors of a Ray cluster
+# ---------------------------------------------------------------------------
+
+
+# The files a cluster's workers import our code from: Ray ships them, so that a node needs only the packages.
+SHIPPED_MODULES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("data_preprocessing.py", "data_augmentation.py", "plot_loss_accuracy_graph.py", "load_pre_trained_models.py")
+)
+
+# The columns of the rows a cluster's actors return, by pyarrow type: the CSV's, then what the terminal
+# says of a row, the warnings of its file, what the closing count counts it as, and whether it is its file's last.
+CLUSTER_ROW_TYPES = {
+    "path": "string", "frame": "int64", "face": "int64", "crop_x": "int64", "crop_y": "int64", "crop_size": "int64",
+    "mirrored": "float64", "confidence": "float64", "p_fake": "float64", "verdict": "string", "note": "string",
+    "model": "string", "said": "string", "warning": "string", "counted": "string", "last": "bool_",
+}
+
+# Files in a block of the input, at most: a block is what a worker that dies takes with it, to be judged again.
+FILES_PER_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """What each actor of a cluster builds its Detector from: the .keras file's bytes (a Ray object) and its
+    card's text, never a path that only the driver has; and how it judges."""
+
+    model_bytes: object  # A ray.ObjectRef of the .keras file's bytes.
+    card: str | None  # The model card beside the file (README.md); None for a model without one.
+    model_file: Path  # The file as the driver named it, as the CSV's model column names it.
+    recipe: object
+    judging: JudgingOptions
+    frames: int
+
+
+class JudgeOnWorker:
+    """A Ray actor: a Detector built once from a ShippedModel, that judges batches of files into their rows,
+    as --predict on one machine would (a row per face, per picture without one, per unreadable file)."""
+
+    def __init__(self, shipped, tally=None):
+        import ray
+
+        # Keras reads the model whole: its copy on this worker's disk goes once it is loaded.
+        with tempfile.TemporaryDirectory(prefix="deepfake-detector-") as folder:
+            model_file = Path(folder) / "model.keras"
+            model_file.write_bytes(ray.get(shipped.model_bytes))
+            if shipped.card is not None:
+                model_file.with_name(MODEL_CARD).write_text(shipped.card, encoding="utf-8")
+            member = load_member(model_file, shipped.recipe)
+        self.detector = Detector([dataclasses.replace(member, file=shipped.model_file)], shipped.judging)
+        self.frames = shipped.frames
+        self.tally = tally  # A ClusterTally actor told of each batch's files, for the progress bar; or None.
+
+    def __call__(self, batch):
+        """The rows of a batch of files ({"path": [...]}), as a pyarrow Table of CLUSTER_ROW_TYPES."""
+        import pyarrow
+
+        with tempfile.TemporaryDirectory(prefix="deepfake-inputs-") as downloads:
+            rows = self.rows_of(batch["path"].tolist(), Path(downloads))
+        schema = pyarrow.schema([(column, getattr(pyarrow, kind)()) for column, kind in CLUSTER_ROW_TYPES.items()])
+        table = pyarrow.Table.from_pylist(rows, schema=schema)
+        if self.tally is not None:
+            self.tally.merge.remote(ClusterTally.of_rows(table.to_pylist()))
+        return table
+
+    def rows_of(self, paths, downloads):
+        """The rows of each file of `paths`, the photos' faces scored together; a URI is read from its copy in `downloads`."""
+        rows, photos = [], {}
+        for number, path in enumerate(paths):
+            local, problem = local_copy(path, downloads / f"{number}{Path(path).suffix}")
+            if problem is None and not is_video(local):
+                problem = photo_problem(local)
+            if problem is not None:
+                rows += unreadable_rows(path, problem, self.detector.name)
+            elif is_video(local):
+                rows += self.video_rows(path, local)
+            else:
+                photos[path] = local
+        for path, picture in zip(photos, self.detector.judge_photos(photos.values())):
+            rows += photo_rows(path, picture)
+        return rows
+
+    def video_rows(self, path, local):
+        """A video's rows, as judge_all reports them: its frames' rows, then its own (or the unreadable one)."""
+        rows, warned = [], set()
+
+        def keep(pictures):
+            for picture in pictures:
+                picture.path = path
+                rows.extend(picture_rows(picture, warnings_of(picture, warned), counted=[None] * len(picture.rows())))
+
+        video = self.detector.judge_video(local, self.frames, on_batch=keep)
+        if video.note == UNREADABLE:
+            return marked_last(rows + unreadable_rows(path, video.reason, self.detector.name))
+        video.path = path
+        own = dict(video.rows()[0], said=video_line(video), warning=warnings_of(video), counted=video.verdict or video.note)
+        return marked_last(rows + [own])
+
+
+def local_copy(path, copy):
+    """Where a worker reads `path`: itself, or for a URI its `copy`, read through pyarrow; and why it cannot, or None."""
+    import pyarrow.fs
+
+    uri = uri_of(path)
+    if uri is None:
+        return Path(path), None
+    try:
+        filesystem, inside = pyarrow.fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(inside) as source:
+            copy.write_bytes(source.read())
+    except (OSError, ValueError) as error:  # pyarrow's own errors derive from these.
+        return copy, f"it can no longer be read ({error})"
+    return copy, None
+
+
+def photo_rows(path, picture):
+    """A photo's rows, as judge_all reports them, and the warnings it prints of it."""
+    picture.path = path
+    warning = warnings_of(picture)
+    if picture.note == UNREADABLE:
+        warning = "\n".join(filter(None, [warning, skipping_warning(path, picture.reason)]))
+    counted = [face.verdict or face.note for face in picture.faces] or [picture.note]
+    return marked_last(picture_rows(picture, warning, counted))
+
+
+def picture_rows(picture, warning, counted):
+    """A picture's CSV rows, each with its printed line and what the count counts; the warning goes with the first."""
+    return [
+        dict(row, said=said, warning=warning if number == 0 else None, counted=kind)
+        for number, (row, said, kind) in enumerate(zip(picture.rows(), picture.lines(), counted))
+    ]
+
+
+def unreadable_rows(path, reason, model):
+    """The row of a file that cannot be read, as PredictionReport.unreadable writes it."""
+    row = dict(path=str(path), note=UNREADABLE, model=model)
+    return [dict(row, said=None, warning=skipping_warning(path, reason), counted=UNREADABLE, last=True)]
+
+
+def marked_last(rows):
+    return [dict(row, last=number == len(rows) - 1) for number, row in enumerate(rows)]
+
+
+def skipping_warning(path, problem):
+    """The warning warn_skipping prints."""
+    return f"warning: skipping {printable(path)}: {problem}"
+
+
+def warnings_of(result, warned=None):
+    """The warnings warn_of prints of a result, as lines of one text (None where there are none)."""
+    said = [warning for warning in result.warnings if warned is None or warning not in warned]
+    if warned is not None:
+        warned.update(said)
+    return "\n".join(f"warning: {printable(result.path)}: {warning}" for warning in said) or None
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many actors judge, and what each holds of its node: CPUs and GPUs."""
+
+    count: int
+    cpus: float
+    gpus: float
+
+
+def actor_plan(cpus, gpus, nodes):
+    """One actor per GPU, or one per node without GPUs, as TensorFlow already uses every core of its node.
+
+    Each takes at most a CPU, and one CPU of the cluster stays free to read with: where
+    actors hold every CPU, Ray Data waits for ever ("backpressured: ResourceBudget").
+    """
+    count = int(gpus) or nodes
+    return ActorPlan(count, cpus=max(0.0, min(1.0, (cpus - 1) / count)), gpus=1.0 if gpus else 0.0)
+
+
+@dataclass
+class ClusterTally:
+    """What a cluster's run has judged so far: files, scored faces, rows with a note, unreadable files, and the
+    closing count's verdicts and reasons."""
+
+    files: int = 0
+    faces: int = 0
+    notes: int = 0
+    failures: int = 0
+    counts: Counter = dataclasses.field(default_factory=Counter)
+
+    def add(self, rows):
+        """Count a file's rows."""
+        self.files += 1
+        self.faces += sum(row["face"] is not None and row["p_fake"] is not None for row in rows)
+        self.notes += sum(row["note"] is not None and row["note"] != UNREADABLE for row in rows)
+        self.failures += any(row["note"] == UNREADABLE for row in rows)
+        self.counts.update(row["counted"] for row in rows if row["counted"])
+
+    def progress(self):
+        return f"{counted(self.faces, 'face')}, {counted(self.notes, 'note')}, {counted(self.failures, 'failure')}"
+
+    @classmethod
+    def of_rows(cls, rows):
+        """The tally of the rows of whole files, each file's rows together."""
+        tally = cls()
+        for _, file_rows in itertools.groupby(rows, key=lambda row: row["path"]):
+            tally.add(list(file_rows))
+        return tally
+
+    def merge(self, other):
+        """Add another tally's counts: as an actor, the progress of every worker's batches."""
+        self.files, self.faces = self.files + other.files, self.faces + other.faces
+        self.notes, self.failures = self.notes + other.notes, self.failures + other.failures
+        self.counts.update(other.counts)
+
+    def so_far(self):
+        return self
+
+
+def predict_on_cluster(recipe, inputs, address, model, output_dir, demo, judging, frames, csv_file):
+    """--predict --cluster: judge the files of `inputs` on the Ray cluster at `address` (LOCAL_RAY: one started here).
+
+    Each actor builds its Detector once from the model's bytes and card, which Ray ships
+    (ShippedModel). Ray Data streams the paths to the actors and their rows back, a block at
+    a time: the driver keeps no list of results. With `csv_file`, a file's rows are appended
+    as soon as they come (ClusterCsv), under a progress bar, and put in order at the end;
+    a file already in the CSV is not judged again. Where `csv_file` is a folder, Ray writes
+    the rows there as shards (CSV files), and summary.json closes it. Without, the rows' lines are printed.
+    """
+    model_file = saved_model_file(recipe, model, output_dir, demo)
+    shards = csv_file if csv_file and is_folder_name(csv_file) else None
+    table = ClusterCsv(csv_file) if csv_file and not shards else None
+    try:
+        ray = connect_to_ray(address, SHIPPED_MODULES)
+        try:
+            return judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table, shards)
+        finally:
+            ray.shutdown()
+    finally:
+        if table:
+            table.close()
+
+
+def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table, shards):
+    """Judge, with the Ray module `ray` already connected, the files of `inputs` not yet in `table` (a ClusterCsv or None),
+    into the folder `shards` where it is not None."""
+    # Loaded here first, so that a model that cannot judge stops the run with one line before the cluster works.
+    detector = Detector.load(model_file, recipe=recipe, **dataclasses.asdict(judging))
+    print("\n".join(detector.header()))
+    judged_before = table.judged if table else set()
+    files = [path for path in files_for_cluster(inputs) if path not in judged_before]
+    if judged_before:
+        print(f"{table.path} holds the rows of {counted(len(judged_before), 'file')}: judging the {counted(len(files), 'other')}")
+    card_file = Path(model_file).with_name(MODEL_CARD)
+    shipped = ShippedModel(ray.put(Path(model_file).read_bytes()), card_file.read_text(encoding="utf-8") if card_file.is_file() else None,
+                           Path(model_file), recipe, judging, frames)
+    resources = ray.cluster_resources()
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    plan = actor_plan(resources.get("CPU", 0), resources.get("GPU", 0), nodes)
+    tally = ClusterTally()
+    try:
+        if shards:
+            tally = write_shards(ray, files, shipped, plan, shards)
+        elif files:
+            judge_files(ray, files, shipped, plan, table, tally)
+    except KeyboardInterrupt:
+        resume = f"; {table.path} holds their rows: run the same command again to judge the rest" if table else ""
+        if shards:
+            resume = f"; {shards} holds shards of their rows, without summary.json: judge again into a new folder"
+        print(f"\nInterrupted. {counted(tally.files, 'file')} judged{resume}")
+        return 130
+    except ray.exceptions.RayError as error:
+        last_line = str(error).strip().splitlines()[-1]
+        raise UserError(f"the cluster's workers could not judge ({last_line}); every node needs this project's "
+                        "requirements: pip install -r requirements.txt") from None
+    print(count_line(tally.files, tally.counts))
+    if table:
+        table.put_in_order()
+        print(f"Wrote {table.path}: {counted(table.rows, 'row')}, in order of path, frame and face")
+    return 0
+
+
+def judged_rows(ray, files, shipped, plan, tally=None):
+    """The Ray Dataset of the rows of `files`, judged by a pool of JudgeOnWorker actors (`plan`), which tell `tally`."""
+    blocks = min(len(files), max(4 * plan.count, math.ceil(len(files) / FILES_PER_BLOCK)))
+    return ray.data.from_items([{"path": path} for path in files], override_num_blocks=blocks).map_batches(
+        JudgeOnWorker, fn_constructor_args=(shipped, tally), batch_size=judging_batch(shipped), batch_format="numpy",
+        # Ray Data spreads the actors over the nodes, and gives them max_restarts=-1 and max_task_retries=-1:
+        # an actor whose worker or node dies starts again elsewhere, and its batches are judged again.
+        compute=ray.data.ActorPoolStrategy(size=plan.count), num_cpus=plan.cpus, num_gpus=plan.gpus,
+    )
+
+
+def judge_files(ray, files, shipped, plan, table, tally):
+    """Stream `files` through a pool of JudgeOnWorker actors (`plan`); write or print each file's rows once all are in."""
+    rows = judged_rows(ray, files, shipped, plan)
+    progress = ProgressBar(len(files), unit="file") if table else None
+    waiting = {}  # The rows of files whose last row has not come yet.
+    for block in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in block.to_pylist():
+            waiting.setdefault(row["path"], []).append(row)
+            if row["last"]:
+                file_judged(waiting.pop(row["path"]), table, tally)
+        if progress:
+            progress.update(tally.files, tally.progress())
+
+
+def write_shards(ray, files, shipped, plan, folder):
+    """Judge `files` into CSV shards that Ray Data writes in `folder`, under a progress bar; then write its
+    summary.json, counted from the shards, and return that tally.
+
+    The bar's counts come from the actors as they judge (a ClusterTally actor, which takes no CPU);
+    a batch judged again, where a node died, is counted twice there, but not in the summary.
+    """
+    progress = ProgressBar(len(files), unit="file")
+    if files:
+        reported = ray.remote(num_cpus=0)(ClusterTally).remote()
+        rows = judged_rows(ray, files, shipped, plan, reported).select_columns(list(CSV_COLUMNS))
+        failed = []
+        writer = threading.Thread(target=catching(rows.write_csv, failed), args=(str(folder),), daemon=True)
+        writer.start()
+        while writer.is_alive():
+            writer.join(timeout=0.5)
+            so_far = ray.get(reported.so_far.remote())
+            progress.update(min(so_far.files, len(files) - 1), so_far.progress())
+        if failed:
+            raise failed[0]
+    shard_files = sorted(folder.glob("*.csv"))
+    tally = tally_of_shards(shard_files)
+    progress.update(len(files), tally.progress())
+    summary = dict(dataclasses.asdict(tally), counts=dict(tally.counts), shards=len(shard_files), model=str(shipped.model_file),
+                   columns=list(CSV_COLUMNS))
+    write_json_atomically(folder / "summary.json", summary)
+    print(f"Wrote {folder}: {counted(len(shard_files), 'shard')} of {counted(tally.rows, 'row')}, and summary.json")
+    return tally
+
+
+def catching(function, failed):
+    """`function`, that puts what it raises in the list `failed`: a thread's error, for the thread that waits on it."""
+
+    def call(*arguments):
+        try:
+            function(*arguments)
+        except Exception as error:  # noqa: BLE001 - raised again by the waiting thread.
+            failed.append(error)
+
+    return call
+
+
+def tally_of_shards(shard_files):
+    """The count of the rows in CSV shards, read a shard at a time; a file is counted once, by its rows' path."""
+    import pyarrow
+    import pyarrow.csv
+
+    types = {column: getattr(pyarrow, CLUSTER_ROW_TYPES[column])() for column in CSV_COLUMNS}
+    read = pyarrow.csv.ConvertOptions(column_types=types, include_columns=list(CSV_COLUMNS), strings_can_be_null=True)
+    tally, paths = ClusterShardTally(), set()
+    for shard in shard_files:
+        rows = pyarrow.csv.read_csv(shard, convert_options=read).to_pylist()
+        # The closing count counts each photo's face or note, and each video's own row (frame empty), as --predict does.
+        tally.merge(ClusterTally.of_rows([dict(row, counted=row["verdict"] or row["note"] if row["frame"] is None else None) for row in rows]))
+        paths.update(row["path"] for row in rows)
+        tally.rows += len(rows)
+    tally.files = len(paths)
+    return tally
+
+
+@dataclass
+class ClusterShardTally(ClusterTally):
+    """A ClusterTally of a folder's shards, which also counts their rows."""
+
+    rows: int = 0
+
+
+def judging_batch(shipped):
+    """Files an actor judges at once: as many as its detector scores faces at once, at most FILES_PER_BLOCK."""
+    return min(shipped.judging.batch_size, FILES_PER_BLOCK)
+
+
+def file_judged(rows, table, tally):
+    """A file's rows: appended to the CSV, or printed as --predict prints them; and counted."""
+    tally.add(rows)
+    if table:
+        table.add(rows)
+        return
+    for row in rows:
+        if row["warning"]:
+            print(row["warning"], file=sys.stderr)
+        if row["said"]:
+            print(row["said"])
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ videos. In order, it holds:
 4. what the detector finds (FaceResult, PictureResult, VideoResult, with their notes and
    Verdicts) and the words and CSV rows that say it;
 5. what --predict prints and writes from those results (PredictionReport): its lines, its
-   CSV, and the names of its pictures;
+   CSV, and the names of its pictures; and the CSV of --predict --cluster (ClusterCsv),
+   whose rows come in any order, and are put in order at the end;
 6. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
 7. the faces marked on photos, and the contact sheets of videos, of --annotate;
 8. the page of --serve (serve_page): a thin layer that shows, on a local Gradio page, what
@@ -38,8 +39,10 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import heapq
 import importlib.metadata
 import io
+import itertools
 import json
 import math
 import os
@@ -78,6 +81,7 @@ from data_preprocessing import (
     MODEL_SCRIPTS,
     OUTPUT_DIR,
     SPLITS,
+    TEXT_ENCODING,
     OneLineArgumentParser,
     UserError,
     dataset_name,
@@ -1129,26 +1133,8 @@ class PredictionReport:
             self.csv_rows += 1
 
     def write_csv_cells(self, cells):
-        """Write one row of --csv whole, or not at all: a disk that fills mid-row leaves no part of it.
-
-        The row is written past the file's buffer, straight to its descriptor: a part left in
-        the buffer after a failed write would be written when the file closes, once the cut
-        has freed some space, as the tail of a row without its start.
-        """
-        row = io.StringIO()
-        csv.writer(row).writerow(cells)
-        data = row.getvalue().encode(self.csv_file.encoding, self.csv_file.errors)
-        descriptor = self.csv_file.fileno()
-        before = os.fstat(descriptor)
-        with writing(self.settings.csv):
-            try:
-                while data:  # A write may take only part of the row, the disk's last free bytes.
-                    data = data[os.write(descriptor, data):]
-            except BaseException:  # A full disk, or Ctrl-C between two parts of the row.
-                # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
-                if stat.S_ISREG(before.st_mode):
-                    os.ftruncate(descriptor, before.st_size)
-                raise
+        """Write one row of --csv whole, or not at all (write_rows_whole)."""
+        write_rows_whole(self.csv_file, self.settings.csv, [cells])
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
@@ -1170,12 +1156,7 @@ class PredictionReport:
                                  evidence_for=face.heatmap_of or "fake")
 
     def count_line(self):
-        """One line that counts what was judged: files, verdicts by kind, and what was not judged, by reason."""
-        verdicts = ", ".join(f"{self.tally[verdict]} {verdict}" for verdict in ("real", "uncertain", "fake"))
-        given = sum(self.tally[verdict] for verdict in ("real", "uncertain", "fake"))
-        reasons = [f"{count} {note}" for note, count in sorted(self.tally.items()) if note not in ("real", "uncertain", "fake")]
-        not_judged = f"; not judged: {', '.join(reasons)}" if reasons else ""
-        return f"{counted(self.files, 'file')}: {counted(given, 'verdict')} ({verdicts}){not_judged}"
+        return count_line(self.files, self.tally)
 
     def finish(self):
         """Close the CSV, say what was judged, and what was written where."""
@@ -1188,6 +1169,140 @@ class PredictionReport:
             print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {self.settings.annotate}")
         if self.settings.gradcam:
             print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {self.settings.gradcam}")
+
+
+def count_line(files, tally):
+    """One line that counts what was judged: files, verdicts by kind, and what was not judged, by reason (`tally`)."""
+    verdicts = ", ".join(f"{tally[verdict]} {verdict}" for verdict in ("real", "uncertain", "fake"))
+    given = sum(tally[verdict] for verdict in ("real", "uncertain", "fake"))
+    reasons = [f"{count} {note}" for note, count in sorted(tally.items()) if note not in ("real", "uncertain", "fake")]
+    not_judged = f"; not judged: {', '.join(reasons)}" if reasons else ""
+    return f"{counted(files, 'file')}: {counted(given, 'verdict')} ({verdicts}){not_judged}"
+
+
+def write_rows_whole(handle, path, rows):
+    """Write rows of cells to the CSV open as `handle` (at `path`) whole, or not at all: a disk that fills
+    mid-row leaves no part of them.
+
+    The rows are written past the file's buffer, straight to its descriptor: a part left in
+    the buffer after a failed write would be written when the file closes, once the cut
+    has freed some space, as the tail of a row without its start.
+    """
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    data = text.getvalue().encode(handle.encoding, handle.errors)
+    descriptor = handle.fileno()
+    before = os.fstat(descriptor)
+    with writing(path):
+        try:
+            while data:  # A write may take only part of the rows, the disk's last free bytes.
+                data = data[os.write(descriptor, data):]
+        except BaseException:  # A full disk, or Ctrl-C between two parts of the rows.
+            # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
+            if stat.S_ISREG(before.st_mode):
+                os.ftruncate(descriptor, before.st_size)
+            raise
+
+
+# ---------------------------------------------------------------------------
+# The CSV of --predict --cluster: rows as they come, then in order
+# ---------------------------------------------------------------------------
+
+
+# Rows sorted at once in memory when a cluster's CSV is put in order; more are merged from sorted runs on disk.
+SORTED_AT_ONCE = 100_000
+
+
+def row_order(cells):
+    """Where a row of --csv stands in a cluster's CSV: by path, then frame (a video's own row after its frames), then face."""
+    path, frame, face = cells[:3]
+    return (path, int(frame) if frame else math.inf, int(face) if face else 0)
+
+
+class ClusterCsv:
+    """The --csv of --predict --cluster: the rows of each file appended at once, in the order the workers finish
+    them, then put in order (row_order) when all are in.
+
+    Run again with the same --csv, after Ctrl-C, a kill or a finished run, it keeps the rows there and
+    the next run judges only the files without any (`judged`). The last file written may have been
+    cut short: it is judged again, and each of its rows kept once.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.rows = 0
+        # Made for this run: removed again if the run stops before it adds a row.
+        self.created, self.added = not self.path.exists(), False
+        self.handle = open_alone(self.path, "--csv")
+        try:
+            self.judged = self.files_judged_already()
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def files_judged_already(self):
+        """The paths of the files with rows in the CSV, less the last one; a CSV without a header gets one."""
+        self.cut_to_the_last_whole_line()
+        with open(self.path, newline="", **TEXT_ENCODING) as file:
+            rows = csv.reader(file)
+            if next(rows, None) is None:
+                write_rows_whole(self.handle, self.path, [CSV_COLUMNS])
+                return set()
+            judged, last = set(), None
+            for cells in rows:
+                if len(cells) == len(CSV_COLUMNS):
+                    judged.add(cells[0])
+                    last = cells[0]
+        judged.discard(last)
+        return judged
+
+    def cut_to_the_last_whole_line(self):
+        """Cut off a row that a killed run left without its end, so that the next is not written onto it."""
+        size = os.fstat(self.handle.fileno()).st_size
+        with open(self.path, "rb") as file:
+            file.seek(max(0, size - 2**16))
+            tail = file.read()
+        if tail and not tail.endswith(b"\n"):
+            os.ftruncate(self.handle.fileno(), size - len(tail) + tail.rfind(b"\n") + 1)
+
+    def add(self, rows):
+        """Append a file's rows (dicts of CSV_COLUMNS), all at once."""
+        write_rows_whole(self.handle, self.path, [csv_cells(row) for row in rows])
+        self.added = True
+
+    def put_in_order(self):
+        """Replace the CSV whole with its rows in order, each once: a row repeated (a file judged again) is kept once."""
+        sorting = self.path.with_name(f".{self.path.name}.sorting")
+        with writing(self.path, sorting), open(sorting, "w", newline="", **TEXT_ENCODING) as target:
+            writer, previous = csv.writer(target), None
+            writer.writerow(CSV_COLUMNS)
+            for cells in rows_in_order(self.path):
+                if row_order(cells) != previous:
+                    writer.writerow(cells)
+                    self.rows += 1
+                previous = row_order(cells)
+        os.replace(sorting, self.path)
+        self.added = True
+
+    def close(self):
+        self.handle.close()
+        if self.created and not self.added:
+            self.path.unlink(missing_ok=True)
+
+
+def rows_in_order(csv_file):
+    """Yield the whole rows of a CSV of --predict in order (row_order), holding SORTED_AT_ONCE of them at most:
+    each run of that many is sorted and set aside on disk, then the runs are merged."""
+    with contextlib.ExitStack() as runs, open(csv_file, newline="", **TEXT_ENCODING) as file:
+        rows = csv.reader(file)
+        next(rows, None)
+        sorted_runs = []
+        while chunk := list(itertools.islice(rows, SORTED_AT_ONCE)):
+            run = runs.enter_context(tempfile.TemporaryFile("w+", newline="", **TEXT_ENCODING))
+            csv.writer(run).writerows(sorted((cells for cells in chunk if len(cells) == len(CSV_COLUMNS)), key=row_order))
+            run.seek(0)
+            sorted_runs.append(csv.reader(run))
+        yield from heapq.merge(*sorted_runs, key=row_order)
 
 
 def output_names(paths):
