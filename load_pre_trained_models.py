@@ -536,7 +536,9 @@ def predictions_table(images, p_fake):
     """predictions.csv's rows: each (path, class name) of `images` with its p(fake)."""
     return pd.DataFrame(
         {
-            "path": [str(path) for path, _ in images],
+            # Plain Python strings: a file name that is not UTF-8 holds surrogates, which the
+            # Arrow strings that pandas 3 uses where pyarrow is installed (Ray brings it) refuse.
+            "path": pd.Series([str(path) for path, _ in images], dtype=object),
             "label": [class_name for _, class_name in images],
             "p_fake": p_fake,
         }

@@ -339,7 +339,7 @@ def test_the_ensemble_as_a_detector_averages_the_models_and_two_detectors_live_s
         (["--predict", "x.jpg", "--evaluate"], ["separate runs"]),
         (["--predict", "x.jpg", "--model", "ensemble", "--gradcam", "maps"], ["Grad-CAM explains one model"]),
         (["--annotate", "marked"], ["--annotate", "add --predict"]),
-        (["--frames", "8"], ["--frames", "add --predict"]),
+        (["--frames", "8"], ["--frames", "add one of them"]),
         (["--faces", "auto"], ["--faces", "add one of them"]),
         (["--predict", "x.jpg", "--min-face", "10"], ["--min-face", "20 or more"]),
         (["--predict", "x.jpg", "--faces", "off", "--min-face", "40"], ["--min-face", "--faces auto"]),
