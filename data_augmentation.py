@@ -13,10 +13,10 @@ model needs no preprocessing code of ours. In order, this module holds:
 3. the images that --evaluate scores, perhaps blurred or JPEG-compressed first;
 4. faces: the frame the dataset cuts a face out in (measured on the dataset; see
    FRAME_SIDE_PER_FACE_SCALE), MTCNN that finds them in a copy no larger than the search
-   needs, and the face followed across a video's frames (main_face: a sighting joins the
+   needs and frames them in the image itself, and the face followed across a video's frames (main_face: a sighting joins the
    nearest face last seen within twice its square's side, so that a face that shrinks,
    grows or is missed for a while stays one face);
-5. a video's frames, sampled evenly;
+5. a video's frames, sampled evenly, key frames preferred, read with PyAV in one pass;
 6. the command below, which draws what the model trains on.
 
 Only the training images are augmented, so that the model sees a slightly different
