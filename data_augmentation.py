@@ -750,6 +750,8 @@ class FaceFinder:
         The faces are searched in a copy reduced by search_scale, and framed in the image itself (see StageInFullImage).
         """
         min_confidence = MIN_FACE_CONFIDENCE if min_confidence is None else min_confidence
+        if min(image.shape[:2]) < SMALLEST_FINDABLE_FACE:
+            return []  # No face fits in a strip this thin, which shrinking for the search would leave empty.
         scale = search_scale(*image.shape[:2], min_face)
         searched = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         self.last_stage.image, self.last_stage.scale = image, scale

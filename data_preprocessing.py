@@ -9,6 +9,7 @@ this module holds:
 3. checking every image once (the verdicts are cached), and the dataset a run trains on;
 4. the small synthetic demo dataset;
 5. the photos and videos that --predict judges: the one place that tells images from videos;
+   with --cluster, also list files and URIs, and the Ray cluster it joins;
 6. the scripts' command line and its checks;
 7. the shared ground: one-line errors, a progress bar, files written whole (or a line that
    says why not), and one run per folder at a time.
@@ -47,6 +48,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -680,17 +682,123 @@ def readable_images(paths, required=True):
     return good
 
 
-def media_to_predict(paths):
+def media_to_predict(paths, required=True):
     """The readable images, the videos, and the unreadable images among --predict's paths.
 
     Unreadable images are reported and skipped, and listed, so that each still gets its row in --csv.
+    Unless one is not `required` (the page's uploads), no readable image or video is the user's mistake.
     """
     files = files_to_predict(paths)
     is_a_video = {path: is_video(path) for path in files}  # Each animated image is opened once.
     videos = [path for path in files if is_a_video[path]]
     images = [path for path in files if not is_a_video[path]]
-    readable = readable_images(images, required=not videos)
+    readable = readable_images(images, required=required and not videos)
     return readable, videos, sorted(set(images) - set(readable))
+
+
+# A --predict --cluster input may be a URI that pyarrow's file systems read; argparse's Path keeps
+# one slash of its two (s3:/bucket/faces), which uri_of puts back.
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+# A --predict --cluster file with this suffix lists the inputs, a path or a URI a line.
+LIST_FILE_SUFFIX = ".txt"
+
+
+def uri_of(path):
+    """The URI that a --predict path names (s3://bucket/faces), or None for a local path."""
+    scheme, separator, rest = str(path).partition(":/")
+    if not separator or scheme.lower() not in REMOTE_SCHEMES:
+        return None
+    return f"{scheme}://{rest.lstrip('/')}"
+
+
+def files_for_cluster(paths):
+    """Every file that --predict --cluster judges, in order, each once: local files as --predict lists them,
+    the lines of each list file (LIST_FILE_SUFFIX), and the files under each URI."""
+    files, local = [], []
+    for path in paths:
+        if uri_of(path):
+            files += remote_files(uri_of(path))
+        elif Path(path).suffix.lower() == LIST_FILE_SUFFIX and Path(path).is_file():
+            files += listed_files(path)
+        else:
+            local.append(path)
+    files += [str(path) for path in files_to_predict(local)]
+    return list(dict.fromkeys(files))
+
+
+def listed_files(list_file):
+    """The paths and URIs of a list file, one a line; blank lines and lines starting with # are passed over."""
+    lines = Path(list_file).read_text(**TEXT_ENCODING).splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def remote_files(uri):
+    """The files at a URI (one file, or every file under a prefix, sorted, hidden ones passed over), as URIs."""
+    import pyarrow.fs  # Only here: it comes with Ray, which --cluster needs.
+
+    try:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+        found = filesystem.get_file_info(root)
+        if found.type == pyarrow.fs.FileType.File:
+            return [uri]
+        listed = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as error:  # pyarrow's own errors derive from these.
+        raise UserError(f"--predict {uri}: cannot list it ({error}); check the URI and the credentials for it") from None
+    scheme = uri.split("://")[0]
+    files = [file.path for file in listed if file.type == pyarrow.fs.FileType.File]
+    # Hidden below the prefix given, as files_under passes them over.
+    hidden = [any(part.startswith(".") for part in path.removeprefix(root).split("/")) for path in files]
+    return sorted(f"{scheme}://{path}" for path, is_hidden in zip(files, hidden) if not is_hidden)
+
+
+# The lines Ray's C++ core prints as it starts: the log level it was given, and its tries at a cluster
+# that does not answer (which end in the error that is said in one line).
+RAY_START_UP_LINE = re.compile(r"\[[^\]]+ [IWE] \d+ \d+\] (logging|gcs_client)\.cc:\d+:")
+# How long a --cluster address has to answer before the run stops with one line.
+CLUSTER_ANSWER_SECONDS = 10
+
+
+def connect_to_ray(address, modules):
+    """Join the Ray cluster at `address` (or start one here, for LOCAL_RAY), shipping our `modules` (.py files) to
+    its workers; return the ray module. Ray missing, or an address that does not answer: a UserError."""
+    # Ray asks the network about nothing, and keeps its own lines and dashboard to itself.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's C++ core says only what stops it: not, for one, that the actors' model is in its object store.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError("--cluster needs Ray, which is not installed here: pip install 'ray[data]>=2.60,<3'") from None
+    if address not in (LOCAL_RAY, "auto"):
+        check_answers(address)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    try:
+        with standard_error_without(RAY_START_UP_LINE):
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                runtime_env={"py_modules": [str(module) for module in modules]},
+            )
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--cluster {address}: could not join it ({first_line}); start it with `ray start --head`, "
+                        "or check the address") from None
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars, context.print_on_execution_start = False, False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return ray
+
+
+def check_answers(address):
+    """Refuse a --cluster address (ray://host:port, or host:port) where nothing answers within CLUSTER_ANSWER_SECONDS."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--cluster {address}: give HOST:PORT, ray://HOST:PORT or auto (or no address, for a Ray on this machine)")
+    try:
+        socket.create_connection((host, int(port)), timeout=CLUSTER_ANSWER_SECONDS).close()
+    except OSError as error:
+        raise UserError(f"--cluster {address}: nothing answers there ({error.strerror or error}); "
+                        "start the cluster's head with `ray start --head`, or check the address") from None
 
 
 # Sample media to try --predict on: scikit-image's public-domain astronaut portrait (NASA) and
@@ -842,6 +950,23 @@ positive_float = checked_number(float, lambda value: value > 0, "more than 0")
 non_negative_int = checked_number(int, lambda value: value >= 0, "0 or more")
 
 
+# What --export writes, in the order it writes them; "all" is every one.
+EXPORT_FORMATS = ("onnx", "saved_model", "litert")
+
+
+def export_formats(text):
+    """An argparse type for --export: formats separated by commas, each once, in EXPORT_FORMATS' order."""
+    given = [name.strip() for name in text.split(",")]
+    unknown = [name for name in given if name not in (*EXPORT_FORMATS, "all")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not a format: use {', '.join(EXPORT_FORMATS)} or all, separated by commas")
+    return tuple(name for name in EXPORT_FORMATS if name in given or "all" in given)
+
+
+# A TCP port that a user's program may listen on, for --port.
+port_number = checked_number(int, lambda value: 1 <= value <= 65535, "between 1 and 65535")
+
+
 def add_data_arguments(parser):
     """The options that say which images to use, shared by every command."""
     parser.add_argument(
@@ -900,6 +1025,12 @@ DEFAULT_FRAMES = 32
 
 # The --model value that asks for the weighted average of every trained model.
 ENSEMBLE = "ensemble"
+# --cluster without an address: Ray's own name for a Ray started on this machine for this run.
+LOCAL_RAY = "local"
+
+# Where --serve's page listens by default: this machine only, on Gradio's usual port.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
 
 
 def build_parser(recipe):
@@ -907,7 +1038,7 @@ def build_parser(recipe):
         description=f"Fine-tune {recipe.title}'s last {recipe.trainable_conv_layers} conv layers to tell real "
         f"faces from StyleGAN fakes. Training writes OUTPUT_DIR/{recipe.name}/ (model.keras, history.csv and "
         ".png, metrics.json, predictions.csv, roc.png, precision_recall.png, confusion_matrix.png) and "
-        "OUTPUT_DIR/results.md; --predict and --evaluate apply the trained model instead.",
+        "OUTPUT_DIR/results.md; --predict and --evaluate apply the trained model instead, and --export writes it for other runtimes.",
     )
     add_data_arguments(parser)
     training = parser.add_argument_group("training")
@@ -982,9 +1113,15 @@ def add_prediction_arguments(parser):
         help="measure the saved model on --data-dir: a folder holding real/ and fake/, or a dataset's test/",
     )
     group.add_argument(
+        "--export", type=export_formats, metavar="FORMAT[,FORMAT...]",
+        help=f"write the saved model as {', '.join(EXPORT_FORMATS)} or all, beside its model.keras (model.onnx, "
+        "saved_model/, model.tflite), each checked against Keras on the run's test images",
+    )
+    group.add_argument(
         "--model", metavar="FILE",
-        help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras); "
-        f"with --predict, '{ENSEMBLE}' averages every model trained into OUTPUT_DIR",
+        help="the .keras model to use (default OUTPUT_DIR/<model>/model.keras), or its folder; with --predict, "
+        f"also a model.onnx that --export wrote; with --predict or --serve, '{ENSEMBLE}', which averages every model "
+        "trained into OUTPUT_DIR",
     )
     group.add_argument(
         "--threshold", type=probability,
@@ -995,7 +1132,7 @@ def add_prediction_arguments(parser):
         "--faces", choices=["auto", "off"],
         help="auto: find the faces, cut each out as the dataset frames its faces, and score it (the whole image "
         "where none is found); off: score the whole image, for images already cropped like the dataset's "
-        "(default: auto with --predict, off with --evaluate)",
+        "(default: auto with --predict and --serve, off with --evaluate)",
     )
     group.add_argument(
         "--min-face", type=face_width, metavar="PIXELS",
@@ -1005,7 +1142,17 @@ def add_prediction_arguments(parser):
         "--frames", type=positive_int, metavar="N",
         help=f"with --predict: how many frames, spread evenly over each video, to judge (default {DEFAULT_FRAMES})",
     )
-    group.add_argument("--csv", type=Path, metavar="FILE", help="with --predict: also write one row per scored face to this CSV file")
+    group.add_argument(
+        "--csv", type=file_or_folder, metavar="FILE",
+        help="with --predict: also write one row per scored face to this CSV file; with --cluster, FILE may be a folder "
+        "(an existing one, or a name ending with /): it gets CSV shards written by Ray, and summary.json",
+    )
+    group.add_argument(
+        "--cluster", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+        help="with --predict: judge on the Ray cluster at ADDRESS (ray://head:10001, auto), or without it on a Ray "
+        "started here; with --csv, the rows go there under a progress bar, and the same command run again judges only "
+        f"the files not in its file yet. PATH may then also be a {LIST_FILE_SUFFIX} file listing paths, or a URI (s3://, gs://)",
+    )
     group.add_argument(
         "--annotate", type=Path, metavar="DIR",
         help="with --predict: write each image with its faces marked and scored, and each video's sampled frames, to DIR",
@@ -1013,22 +1160,37 @@ def add_prediction_arguments(parser):
     group.add_argument(
         "--gradcam", type=Path, metavar="DIR", help="with --predict: write a Grad-CAM heat map of each face scored to DIR"
     )
+    group.add_argument(
+        "--serve", action="store_true",
+        help="open a local web page that judges the photos and videos dropped on it, as --predict does, until Ctrl-C",
+    )
+    group.add_argument("--port", type=port_number, help=f"with --serve: the page's port (default {DEFAULT_PORT})")
+    group.add_argument(
+        "--host", help=f"with --serve: the address the page listens on (default {DEFAULT_HOST}, this machine only; "
+        "0.0.0.0 lets anyone who can reach the machine upload)",
+    )
     group.add_argument("--jpeg-quality", type=jpeg_quality, metavar="Q", help="with --evaluate: JPEG-compress each image at quality Q (1-100)")
     group.add_argument("--blur", type=blur_sigma, metavar="SIGMA", help="with --evaluate: Gaussian-blur each image with this sigma in pixels")
 
 
-# The mode each option belongs to, declared once: "training", "predict" or "evaluate", and
+# The mode each option belongs to, declared once: "training", "predict", "evaluate" or "serve", and
 # what to say when it is given to another. parse_arguments refuses such an option, so that
 # none is silently ignored; the rules after it concern options that depend on each other.
 OPTION_MODES = {
     "gradcam": (("predict",), "--gradcam draws heat maps of --predict's images; add --predict PATH"),
     "csv": (("predict",), "--csv writes --predict's lines; add --predict PATH"),
     "annotate": (("predict",), "--annotate marks the faces of --predict's images and videos; add --predict PATH"),
-    "frames": (("predict",), "--frames samples the videos given to --predict; add --predict PATH"),
-    "faces": (("predict", "evaluate"), "--faces says how --predict or --evaluate reads images; add one of them"),
+    "frames": (("predict", "serve"), "--frames samples the videos given to --predict or --serve; add one of them"),
+    "cluster": (("predict",), "--cluster judges --predict's files on a Ray cluster; add --predict PATH"),
+    "faces": (("predict", "evaluate", "serve"), "--faces says how --predict, --evaluate or --serve reads images; add one of them"),
     "jpeg_quality": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
     "blur": (("evaluate",), "--jpeg-quality and --blur perturb the images of --evaluate; add --evaluate"),
-    "model": (("predict", "evaluate"), "--model names the model for --predict or --evaluate; add one of them"),
+    "model": (
+        ("predict", "evaluate", "export", "serve"),
+        "--model names the model for --predict, --evaluate, --export or --serve; add one of them",
+    ),
+    "port": (("serve",), "--port and --host say where --serve's page listens; add --serve"),
+    "host": (("serve",), "--port and --host say where --serve's page listens; add --serve"),
     "tensorboard": (("training",), "--tensorboard logs training; --predict and --evaluate train nothing"),
     "epochs": (("training",), "--epochs sets how long a model trains; --predict and --evaluate train none"),
     "img_size": (
@@ -1047,8 +1209,9 @@ OPTION_MODES = {
 
 
 def mode_of(args):
-    """What a command does: "predict", "evaluate" or "training"."""
-    return "predict" if args.predict else "evaluate" if args.evaluate else "training"
+    """What a command does: "predict", "evaluate", "export", "serve" or "training"."""
+    modes = {"predict": args.predict, "evaluate": args.evaluate, "export": args.export, "serve": args.serve}
+    return next((mode for mode, given in modes.items() if given), "training")
 
 
 def check_option_modes(args, defaults):
@@ -1056,11 +1219,15 @@ def check_option_modes(args, defaults):
 
     `defaults` holds each option's value when it is not given, so that a given one is told from it.
     """
-    if args.predict and args.evaluate:
-        raise UserError("--predict and --evaluate are separate runs; give one of them")
+    if sum(bool(mode) for mode in (args.predict, args.evaluate, args.export, args.serve)) > 1:
+        raise UserError("--predict, --evaluate, --export and --serve are separate runs; give one of them")
     for option, (modes, message) in OPTION_MODES.items():
         if getattr(args, option) not in (None, False, defaults[option]) and mode_of(args) not in modes:
             raise UserError(message)
+
+
+# Grad-CAM takes gradients inside the Keras model, which an exported file does not give.
+GRADCAM_NEEDS_KERAS = "Grad-CAM needs the .keras model, whose layers it reads gradients from; give --model its model.keras, or leave out --gradcam"
 
 
 def check_option_combinations(args):
@@ -1074,6 +1241,18 @@ def check_option_combinations(args):
             args.model == ENSEMBLE and (args.gradcam or args.evaluate),
             "--model ensemble works with --predict alone: Grad-CAM explains one model, and the ensemble's "
             "test figures are in the results table",
+        ),
+        (
+            args.gradcam and Path(args.model or "").suffix == ".onnx",
+            GRADCAM_NEEDS_KERAS,
+        ),
+        (
+            args.cluster and (args.annotate or args.gradcam),
+            "--cluster writes rows, not pictures: --annotate and --gradcam work on one machine; leave out --cluster",
+        ),
+        (
+            args.cluster and args.model == ENSEMBLE,
+            "--cluster ships one model to its workers; give --model FILE (or leave out --cluster to judge with the ensemble)",
         ),
         (
             args.fine_tune_learning_rate is not None and not args.warmup_epochs,
@@ -1092,7 +1271,7 @@ def check_option_combinations(args):
 
 def default_faces(args):
     """--faces when not given: photos and videos are seldom cropped like the dataset; evaluation sets usually are."""
-    return "auto" if args.predict else "off"
+    return "auto" if args.predict or args.serve else "off"
 
 
 def parse_arguments(recipe, argv=None):
@@ -1121,18 +1300,23 @@ def parse_arguments(recipe, argv=None):
         args.min_face = DEFAULT_MIN_FACE
     if args.frames is None:
         args.frames = DEFAULT_FRAMES
+    if args.serve:
+        args.host = args.host or DEFAULT_HOST
+        args.port = args.port or DEFAULT_PORT
     # Without a warmup there is one phase, trained at --learning-rate, as in the original.
     if args.fine_tune_learning_rate is None:
         args.fine_tune_learning_rate = args.learning_rate / 10 if args.warmup_epochs else args.learning_rate
     args = resolve_data_options(args)
     if args.predict:
         check_prediction_outputs(args)
+    elif args.serve:
+        check_page_address(args.host, args.port)
     elif args.evaluate:
         args.evaluation_folder = args.data_dir / "test" if args.uses_demo_data else evaluation_folder(args.data_dir)
         refuse_output_inside(args.output_dir, [args.evaluation_folder], "--output-dir")
         # Before the images are checked and the model loads, which take a while.
         ensure_writable_folder(args.output_dir)
-    else:
+    elif mode_of(args) == "training":
         # Found now, so that a wrong path answers at once, and recorded whole, so that a
         # resumed run uses the same data. The demo's is built when the run starts.
         args.data_dir = (args.data_dir if args.uses_demo_data else find_split_root(args.data_dir)).resolve()
@@ -1181,6 +1365,19 @@ class TrainingSettings:
         return cls(**given, demo_data=args.uses_demo_data)
 
 
+def check_page_address(host, port):
+    """Refuse an address that --serve's page could not listen on (a port taken, a host not of this machine), before the model loads."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            # As the page's server does, so that a port that was just let go counts as free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise UserError(f"--host {host} --port {port}: the page cannot listen there ({error.strerror or error}); "
+                        "give another --port, or stop what uses it") from None
+
+
 def check_prediction_outputs(args):
     """Check --csv, --annotate and --gradcam before any image is read: each must be writable and outside the images' folders.
 
@@ -1192,10 +1389,14 @@ def check_prediction_outputs(args):
         files_given = [path for path in args.predict if path.is_file()]
     except OSError as error:  # A folder on the way that this user may not enter.
         raise UserError(f"cannot reach {error.filename} ({error.strerror}); check the paths given to --predict") from None
-    if not folders_given and not files_given:
+    if args.cluster and any(uri_of(path) for path in args.predict):
+        pass  # A URI is listed once Ray's pyarrow is loaded.
+    elif not folders_given and not files_given:
         # Said before TensorFlow and the model load; a missing path among others is a warning, later.
         raise UserError(f"--predict {args.predict[0]}: {missing_path_problem(args.predict[0])}; check the path")
-    if args.csv:
+    if args.csv and is_folder_name(args.csv):
+        check_csv_folder(args.csv, folders_given, args.cluster)
+    elif args.csv:
         check_csv_target(args.csv, files_given, folders_given)
     for folder, option in ((args.annotate, "--annotate"), (args.gradcam, "--gradcam")):
         if folder:
@@ -1203,6 +1404,34 @@ def check_prediction_outputs(args):
             refuse_output_inside(folder, folders_given + [path.parent for path in files_given], option)
             refuse_a_folder_of_models_or_data(folder, option)
             ensure_writable_folder(folder, option)
+
+
+class FolderName(type(Path())):
+    """A path given with a separator at its end: the name of a folder, which need not exist yet."""
+
+
+def file_or_folder(text):
+    """A Path of the command line, a FolderName where `text` ends with a separator (which Path would drop)."""
+    return FolderName(text) if text.endswith(("/", os.sep)) else Path(text)
+
+
+def is_folder_name(path):
+    """Whether `path` names a folder: one that exists, or a FolderName."""
+    return isinstance(path, FolderName) or path.is_dir()
+
+
+def check_csv_folder(folder, folders_given, cluster):
+    """Refuse a --csv folder without --cluster, inside the images' folders, among a model's files, or not empty.
+
+    A rerun cannot add to a folder of Ray's shards: a shard a killed run cut short would lose rows unseen.
+    """
+    if not cluster:
+        raise UserError(f"--csv {folder} is a folder: only --cluster writes shards into one; name a file")
+    refuse_output_inside(folder, folders_given, "--csv")
+    refuse_a_folder_of_models_or_data(folder, "--csv")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"--csv {folder} already holds files; name a new or empty folder for the shards")
+    ensure_writable_folder(folder, "--csv")
 
 
 def check_csv_target(csv_file, files_given, folders_given):
@@ -1333,7 +1562,8 @@ class ProgressBar:
         self.total, self.unit, self.started = total, unit, time.perf_counter()
         self.redrawn = sys.stdout.isatty()
 
-    def update(self, done):
+    def update(self, done, counts=""):
+        """Draw the bar at `done` of the total, followed by `counts`, a few words on what was done."""
         finished = done == self.total
         if not (self.redrawn or finished):
             return
@@ -1341,7 +1571,8 @@ class ProgressBar:
         bar = "=" * filled + "." * (self.WIDTH - filled)
         seconds = time.perf_counter() - self.started
         start = "\r" if self.redrawn else ""
-        print(f"{start}{done}/{self.total} {self.unit}s [{bar}] {seconds:.0f} s", end="\n" if finished else "", flush=True)
+        counts = f" - {counts}" if counts else ""
+        print(f"{start}{done}/{self.total} {self.unit}s [{bar}] {seconds:.0f} s{counts}", end="\n" if finished else "", flush=True)
 
 
 # The lines TensorFlow's C++ start-up prints on every machine, a GPU or none, before any of
@@ -1368,21 +1599,29 @@ def quiet_tensorflow_start():
         return
     # Later, TensorFlow prints its warnings and errors, not its notes.
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    with standard_error_without(TENSORFLOW_START_UP_LINE):
+        yield
+        if "tensorflow" in sys.modules:
+            sys.modules["tensorflow"].config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def standard_error_without(noise):
+    """Run the block with its standard error caught at the file level, where C++ libraries write, then print
+    every line of it that the regular expression `noise` does not match."""
     sys.stderr.flush()
     standard_error = os.dup(2)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:
             yield
-            if "tensorflow" in sys.modules:
-                sys.modules["tensorflow"].config.list_physical_devices()
         finally:
             sys.stderr.flush()
             os.dup2(standard_error, 2)
             os.close(standard_error)
             caught.seek(0)
             for line in caught.read().decode(errors="replace").splitlines():
-                if not TENSORFLOW_START_UP_LINE.match(line):
+                if not noise.match(line):
                     print(line, file=sys.stderr)
 
 

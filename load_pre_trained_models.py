@@ -19,7 +19,11 @@ In order, this module then holds:
   The parsed options stop there: below it, functions take named values and settings;
 - applying a trained model: loading it (or the ensemble) and Grad-CAM; the `Detector`,
   which finds, cuts out and scores the faces of photos and videos, from Python as from
-  --predict; --predict, which prints and writes the detector's results; and --evaluate;
+  --predict; --predict, which prints and writes the detector's results; --predict
+  --cluster, the same on the actors of a Ray cluster; --serve, which shows them on a
+  local page; and --evaluate;
+- --export: the model as ONNX, SavedModel and LiteRT files, each checked in its own runtime
+  against Keras, and the OnnxModel that --predict judges with;
 - the harness that runs the lesson safely: seeds, mixed precision, distribution, resuming
   an interrupted run, and Ctrl-C, with the callbacks that lose nothing;
 - the command below.
@@ -40,20 +44,26 @@ From Python, a trained detector judges photos and videos:
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
+import hashlib
 import importlib
+import itertools
 import json
+import math
 import os
 import queue
 import shlex
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
-import math
 import zipfile
+from collections import Counter
+from copy import copy as shallow_copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +98,7 @@ from data_preprocessing import (
     DEFAULT_MIN_FACE,
     DEMO_OUTPUT_DIR,
     ENSEMBLE,
+    GRADCAM_NEEDS_KERAS,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
     SMALLEST_FINDABLE_FACE,
@@ -95,9 +106,13 @@ from data_preprocessing import (
     ProgressBar,
     TrainingSettings,
     UserError,
+    connect_to_ray,
+    demo_image,
     ensure_demo_dataset,
     ensure_writable_folder,
     exits_on_user_error,
+    files_for_cluster,
+    is_folder_name,
     is_video,
     load_dataset,
     load_evaluation_images,
@@ -108,21 +123,26 @@ from data_preprocessing import (
     printable,
     recipe_named,
     report_bad_files,
+    uri_of,
     warn_skipping,
     write_json_atomically,
     write_text_atomically,
     writing,
 )
 from plot_loss_accuracy_graph import (
+    CSV_COLUMNS,
     EVALUATION_PREFIX,
     FACE_AT_BORDER,
     FACE_TOO_SMALL,
     FRAME_NOT_DECODED,
+    MODEL_CARD,
     NO_FACE,
     RUN_OUTPUTS,
     UNKNOWN_MARK,
     UNREADABLE,
+    ClusterCsv,
     FaceResult,
+    PageSettings,
     PictureResult,
     PredictionReport,
     ReportSettings,
@@ -130,9 +150,16 @@ from plot_loss_accuracy_graph import (
     Verdicts,
     ensemble_band,
     classification_metrics,
+    count_line,
+    counted,
+    read_card,
     read_ensemble,
     read_history,
+    read_model_card,
+    serve_page,
+    video_line,
     whose_verdicts,
+    write_card_section,
     write_results_table,
     write_run_outputs,
     write_test_outputs,
@@ -553,7 +580,8 @@ def run(recipe, args):
     """Run a per-model script with its checked options; return the process exit status.
 
     The parsed options stop here: each kind of run gets the plain values and settings it
-    needs. With --predict or --evaluate, apply the saved model and train nothing. Otherwise
+    needs. With --predict or --evaluate, apply the saved model, and with --export write it
+    for other runtimes; these train nothing. Otherwise
     prepare the run (its data, folder, seeds, precision and strategy), then tell the
     lesson, `fine_tune`, or finish an interrupted run's evaluation.
     """
@@ -561,8 +589,18 @@ def run(recipe, args):
         judging = JudgingOptions(
             faces=args.faces, min_face=args.min_face, threshold=args.threshold, gradcam=bool(args.gradcam), batch_size=args.batch_size
         )
+        if args.cluster:
+            return predict_on_cluster(
+                recipe, args.predict, args.cluster, args.model, args.output_dir, args.demo, judging, args.frames, args.csv
+            )
         outputs = ReportSettings(csv=args.csv, annotate=args.annotate, gradcam=args.gradcam, frames=args.frames)
         return predict_media(recipe, args.predict, args.model, args.output_dir, args.demo, judging, args.frames, outputs)
+    if args.export:
+        return export_model(recipe, saved_model_file(recipe, args.model, args.output_dir, args.demo), args.export)
+    if args.serve:
+        judging = JudgingOptions(faces=args.faces, min_face=args.min_face, threshold=args.threshold, batch_size=args.batch_size)
+        page = PageSettings(host=args.host, port=args.port, frames=args.frames)
+        return serve_detector(recipe, args.model, args.output_dir, args.demo, judging, page)
     if args.uses_demo_data:
         ensure_demo_dataset(args.data_dir)
     if args.evaluate:
@@ -652,13 +690,7 @@ def load_saved_model(model_file, recipe=None):
         model = keras.models.load_model(model_file, compile=False)
     except Exception as error:  # Keras raises several kinds for a file that is not a model.
         raise UserError(f"could not load the model {model_file} ({error}); pass a .keras file that a run saved") from None
-    if recipe is not None and model.name != f"{recipe.name}{DETECTOR_SUFFIX}":
-        raise UserError(
-            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
-            "pass it to its own script, or a model that this script trained"
-        )
-    if recipe is None and not model.name.endswith(DETECTOR_SUFFIX):
-        raise UserError(f"{model_file} holds the model {model.name!r}, not a detector that these scripts trained")
+    check_detector_name(model, model_file, recipe)
     # A model saved before the scaling moved into the model expects scaled pixels; fed raw
     # ones, it would print wrong scores without a warning.
     if PIXEL_SCALING not in [layer.name for layer in model.layers]:
@@ -668,6 +700,17 @@ def load_saved_model(model_file, recipe=None):
             f"train {title} again to get a model that takes raw pixels"
         )
     return model
+
+
+def check_detector_name(model, model_file, recipe=None):
+    """Refuse a model that is not a detector of these scripts, or, given a recipe, not that script's."""
+    if recipe is not None and model.name != f"{recipe.name}{DETECTOR_SUFFIX}":
+        raise UserError(
+            f"{model_file} holds the model {model.name!r}, not {recipe.title}'s; "
+            "pass it to its own script, or a model that this script trained"
+        )
+    if recipe is None and not model.name.endswith(DETECTOR_SUFFIX):
+        raise UserError(f"{model_file} holds the model {model.name!r}, not a detector that these scripts trained")
 
 
 def title_of(model):
@@ -694,7 +737,7 @@ def saved_model_file(recipe, model, output_dir, demo=False):
         )
     raise UserError(
         f"there is no model in {model_file.parent.absolute()} (looked for {model_file.name}); train {recipe.title} first "
-        "(the same command without --predict or --evaluate), or give --output-dir the folder it was trained into, or --model FILE"
+        "(the same command without --predict, --evaluate or --serve), or give --output-dir the folder it was trained into, or --model FILE"
     )
 
 
@@ -703,15 +746,19 @@ class Member:
     """A model a detector scores with, its weight in the average, and what its card says of it (WhoseVerdicts)."""
 
     title: str
-    model: object  # A keras.Model, from raw RGB pixels to p(fake).
+    model: object  # A keras.Model, or an OnnxModel, from raw RGB pixels to p(fake).
     file: Path
     card: object
     weight: float = 1.0
 
 
 def load_member(model_file, recipe=None, weight=1.0):
-    """A Member from a model file and the card beside it."""
-    model = load_saved_model(model_file, recipe)
+    """A Member from a model file (.keras, or a model.onnx that --export wrote) and the card beside it."""
+    if Path(model_file).suffix == ".onnx":
+        model = OnnxModel.load(model_file)
+        check_detector_name(model, model_file, recipe)
+    else:
+        model = load_saved_model(model_file, recipe)
     title = recipe.title if recipe else title_of(model)
     return Member(title, model, Path(model_file), whose_verdicts(title, model_file), weight)
 
@@ -856,6 +903,8 @@ class Detector:
     def __init__(self, members, judging=JudgingOptions()):
         if judging.gradcam and len(members) > 1:
             raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
+        if judging.gradcam and isinstance(members[0].model, OnnxModel):
+            raise UserError(GRADCAM_NEEDS_KERAS)
         self.members, self.options = members, judging
         marks = [member.card.mark for member in members if member.card.mark]
         # One member without a card, or trained on the demo, is enough to mark the ensemble's verdicts.
@@ -897,6 +946,14 @@ class Detector:
         if not model_file.is_file():
             raise UserError(f"there is no model at {model_file.absolute()}; give a model's folder or its .keras file")
         return cls([load_member(model_file, recipe)], judging)
+
+    def with_gradcam(self):
+        """This detector, with its models and face finder, that also computes each score's Grad-CAM heat map."""
+        if len(self.members) > 1:
+            raise UserError("Grad-CAM explains one model, and the ensemble has several: load one model to draw it")
+        explaining = shallow_copy(self)
+        explaining.options = dataclasses.replace(self.options, gradcam=True)
+        return explaining
 
     def header(self):
         """The lines that say how the verdicts are given, and whose they are (from each model's card)."""
@@ -1216,8 +1273,7 @@ def predict_media(recipe, paths, model, output_dir, demo, judging, frames, outpu
     try:
         images, videos, unreadable = media_to_predict(paths)
         report = PredictionReport(outputs, images + videos)
-        model_file = ENSEMBLE if model == ENSEMBLE else saved_model_file(recipe, model, output_dir, demo)
-        detector = Detector.load(model_file, output_dir=output_dir, recipe=recipe, **dataclasses.asdict(judging))
+        detector = load_detector(recipe, model, output_dir, demo, judging)
         report.start(detector.name)
         print("\n".join(detector.header()))
         videos_judged = judge_all(detector, report, images, videos, unreadable, frames)
@@ -1233,6 +1289,12 @@ def predict_media(recipe, paths, model, output_dir, demo, judging, frames, outpu
     report.finish()
     print(f"Time: {detector.stopwatch.summary()}")
     return 0
+
+
+def load_detector(recipe, model, output_dir, demo, judging):
+    """The Detector of --model (a file or folder, or the ensemble of `output_dir`'s models), or of the model trained there."""
+    model_file = ENSEMBLE if model == ENSEMBLE else saved_model_file(recipe, model, output_dir, demo)
+    return Detector.load(model_file, output_dir=output_dir, recipe=recipe, **dataclasses.asdict(judging))
 
 
 def judge_all(detector, report, images, videos, unreadable, frames):
@@ -1256,7 +1318,7 @@ def judge_all(detector, report, images, videos, unreadable, frames):
         video = detector.judge_video(path, frames, on_batch=report_frames)
         if video.note == UNREADABLE:
             warn_skipping(path, video.reason)
-            report.unreadable(path)
+            report.unreadable(path, video.reason)
             continue
         warn_of(video)
         report.video(video)
@@ -1271,6 +1333,420 @@ def warn_of(result, warned=None):
             print(f"warning: {printable(result.path)}: {warning}", file=sys.stderr)
             if warned is not None:
                 warned.add(warning)
+
+
+# ---------------------------------------------------------------------------
+# --serve: the detector on a local page
+# ---------------------------------------------------------------------------
+
+
+def serve_detector(recipe, model, output_dir, demo, judging, page):
+    """--serve: load the detector once, as --predict does, then judge what is dropped on its page until Ctrl-C.
+
+    `page` is a PageSettings: where the page listens and how much it takes at once.
+    """
+    try:
+        detector = load_detector(recipe, model, output_dir, demo, judging)
+    except KeyboardInterrupt:
+        print("\nInterrupted.")
+        return 130
+    print("\n".join(detector.header()))
+    return serve_page(detector, page, judge_uploads)
+
+
+def judge_uploads(detector, report, paths, frames, gradcam=False):
+    """Judge the files of one request of the page into its `report`, as --predict judges its files."""
+    images, videos, unreadable = media_to_predict(paths, required=False)
+    judge_all(detector.with_gradcam() if gradcam else detector, report, images, videos, unreadable, frames)
+
+
+# ---------------------------------------------------------------------------
+# --predict --cluster: the same judging, by the actors of a Ray cluster
+# ---------------------------------------------------------------------------
+
+
+# The files a cluster's workers import our code from: Ray ships them, so that a node needs only the packages.
+SHIPPED_MODULES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("data_preprocessing.py", "data_augmentation.py", "plot_loss_accuracy_graph.py", "load_pre_trained_models.py")
+)
+
+# The columns of the rows a cluster's actors return, by pyarrow type: the CSV's, then what the terminal
+# says of a row, the warnings of its file, what the closing count counts it as, and whether it is its file's last.
+CLUSTER_ROW_TYPES = {
+    "path": "string", "frame": "int64", "face": "int64", "crop_x": "int64", "crop_y": "int64", "crop_size": "int64",
+    "mirrored": "float64", "confidence": "float64", "p_fake": "float64", "verdict": "string", "note": "string",
+    "model": "string", "said": "string", "warning": "string", "counted": "string", "last": "bool_",
+}
+
+# Files in a block of the input, at most: a block is what a worker that dies takes with it, to be judged again.
+FILES_PER_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """What each actor of a cluster builds its Detector from: the .keras file's bytes (a Ray object) and its
+    card's text, never a path that only the driver has; and how it judges."""
+
+    model_bytes: object  # A ray.ObjectRef of the .keras file's bytes.
+    card: str | None  # The model card beside the file (README.md); None for a model without one.
+    model_file: Path  # The file as the driver named it, as the CSV's model column names it.
+    recipe: object
+    judging: JudgingOptions
+    frames: int
+
+
+class JudgeOnWorker:
+    """A Ray actor: a Detector built once from a ShippedModel, that judges batches of files into their rows,
+    as --predict on one machine would (a row per face, per picture without one, per unreadable file)."""
+
+    def __init__(self, shipped, tally=None):
+        import ray
+
+        # Keras reads the model whole: its copy on this worker's disk goes once it is loaded.
+        with tempfile.TemporaryDirectory(prefix="deepfake-detector-") as folder:
+            model_file = Path(folder) / "model.keras"
+            model_file.write_bytes(ray.get(shipped.model_bytes))
+            if shipped.card is not None:
+                model_file.with_name(MODEL_CARD).write_text(shipped.card, encoding="utf-8")
+            member = load_member(model_file, shipped.recipe)
+        self.detector = Detector([dataclasses.replace(member, file=shipped.model_file)], shipped.judging)
+        self.frames = shipped.frames
+        self.tally = tally  # A ClusterTally actor told of each batch's files, for the progress bar; or None.
+
+    def __call__(self, batch):
+        """The rows of a batch of files ({"path": [...]}), as a pyarrow Table of CLUSTER_ROW_TYPES."""
+        import pyarrow
+
+        with tempfile.TemporaryDirectory(prefix="deepfake-inputs-") as downloads:
+            rows = self.rows_of(batch["path"].tolist(), Path(downloads))
+        schema = pyarrow.schema([(column, getattr(pyarrow, kind)()) for column, kind in CLUSTER_ROW_TYPES.items()])
+        table = pyarrow.Table.from_pylist(rows, schema=schema)
+        if self.tally is not None:
+            self.tally.merge.remote(ClusterTally.of_rows(table.to_pylist()))
+        return table
+
+    def rows_of(self, paths, downloads):
+        """The rows of each file of `paths`, the photos' faces scored together; a URI is read from its copy in `downloads`."""
+        rows, photos = [], {}
+        for number, path in enumerate(paths):
+            local, problem = local_copy(path, downloads / f"{number}{Path(path).suffix}")
+            if problem is None and not is_video(local):
+                problem = photo_problem(local)
+            if problem is not None:
+                rows += unreadable_rows(path, problem, self.detector.name)
+            elif is_video(local):
+                rows += self.video_rows(path, local)
+            else:
+                photos[path] = local
+        for path, picture in zip(photos, self.detector.judge_photos(photos.values())):
+            rows += photo_rows(path, picture)
+        return rows
+
+    def video_rows(self, path, local):
+        """A video's rows, as judge_all reports them: its frames' rows, then its own (or the unreadable one)."""
+        rows, warned = [], set()
+
+        def keep(pictures):
+            for picture in pictures:
+                picture.path = path
+                rows.extend(picture_rows(picture, warnings_of(picture, warned), counted=[None] * len(picture.rows())))
+
+        video = self.detector.judge_video(local, self.frames, on_batch=keep)
+        if video.note == UNREADABLE:
+            return marked_last(rows + unreadable_rows(path, video.reason, self.detector.name))
+        video.path = path
+        own = dict(video.rows()[0], said=video_line(video), warning=warnings_of(video), counted=video.verdict or video.note)
+        return marked_last(rows + [own])
+
+
+def local_copy(path, copy):
+    """Where a worker reads `path`: itself, or for a URI its `copy`, read through pyarrow; and why it cannot, or None."""
+    import pyarrow.fs
+
+    uri = uri_of(path)
+    if uri is None:
+        return Path(path), None
+    try:
+        filesystem, inside = pyarrow.fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(inside) as source:
+            copy.write_bytes(source.read())
+    except (OSError, ValueError) as error:  # pyarrow's own errors derive from these.
+        return copy, f"it can no longer be read ({error})"
+    return copy, None
+
+
+def photo_rows(path, picture):
+    """A photo's rows, as judge_all reports them, and the warnings it prints of it."""
+    picture.path = path
+    warning = warnings_of(picture)
+    if picture.note == UNREADABLE:
+        warning = "\n".join(filter(None, [warning, skipping_warning(path, picture.reason)]))
+    counted = [face.verdict or face.note for face in picture.faces] or [picture.note]
+    return marked_last(picture_rows(picture, warning, counted))
+
+
+def picture_rows(picture, warning, counted):
+    """A picture's CSV rows, each with its printed line and what the count counts; the warning goes with the first."""
+    return [
+        dict(row, said=said, warning=warning if number == 0 else None, counted=kind)
+        for number, (row, said, kind) in enumerate(zip(picture.rows(), picture.lines(), counted))
+    ]
+
+
+def unreadable_rows(path, reason, model):
+    """The row of a file that cannot be read, as PredictionReport.unreadable writes it."""
+    row = dict(path=str(path), note=UNREADABLE, model=model)
+    return [dict(row, said=None, warning=skipping_warning(path, reason), counted=UNREADABLE, last=True)]
+
+
+def marked_last(rows):
+    return [dict(row, last=number == len(rows) - 1) for number, row in enumerate(rows)]
+
+
+def skipping_warning(path, problem):
+    """The warning warn_skipping prints."""
+    return f"warning: skipping {printable(path)}: {problem}"
+
+
+def warnings_of(result, warned=None):
+    """The warnings warn_of prints of a result, as lines of one text (None where there are none)."""
+    said = [warning for warning in result.warnings if warned is None or warning not in warned]
+    if warned is not None:
+        warned.update(said)
+    return "\n".join(f"warning: {printable(result.path)}: {warning}" for warning in said) or None
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many actors judge, and what each holds of its node: CPUs and GPUs."""
+
+    count: int
+    cpus: float
+    gpus: float
+
+
+def actor_plan(cpus, gpus, nodes):
+    """One actor per GPU, or one per node without GPUs, as TensorFlow already uses every core of its node.
+
+    Each takes at most a CPU, and one CPU of the cluster stays free to read with: where
+    actors hold every CPU, Ray Data waits for ever ("backpressured: ResourceBudget").
+    """
+    count = int(gpus) or nodes
+    return ActorPlan(count, cpus=max(0.0, min(1.0, (cpus - 1) / count)), gpus=1.0 if gpus else 0.0)
+
+
+@dataclass
+class ClusterTally:
+    """What a cluster's run has judged so far: files, scored faces, rows with a note, unreadable files, and the
+    closing count's verdicts and reasons."""
+
+    files: int = 0
+    faces: int = 0
+    notes: int = 0
+    failures: int = 0
+    counts: Counter = dataclasses.field(default_factory=Counter)
+
+    def add(self, rows):
+        """Count a file's rows."""
+        self.files += 1
+        self.faces += sum(row["face"] is not None and row["p_fake"] is not None for row in rows)
+        self.notes += sum(row["note"] is not None and row["note"] != UNREADABLE for row in rows)
+        self.failures += any(row["note"] == UNREADABLE for row in rows)
+        self.counts.update(row["counted"] for row in rows if row["counted"])
+
+    def progress(self):
+        return f"{counted(self.faces, 'face')}, {counted(self.notes, 'note')}, {counted(self.failures, 'failure')}"
+
+    @classmethod
+    def of_rows(cls, rows):
+        """The tally of the rows of whole files, each file's rows together."""
+        tally = cls()
+        for _, file_rows in itertools.groupby(rows, key=lambda row: row["path"]):
+            tally.add(list(file_rows))
+        return tally
+
+    def merge(self, other):
+        """Add another tally's counts: as an actor, the progress of every worker's batches."""
+        self.files, self.faces = self.files + other.files, self.faces + other.faces
+        self.notes, self.failures = self.notes + other.notes, self.failures + other.failures
+        self.counts.update(other.counts)
+
+    def so_far(self):
+        return self
+
+
+def predict_on_cluster(recipe, inputs, address, model, output_dir, demo, judging, frames, csv_file):
+    """--predict --cluster: judge the files of `inputs` on the Ray cluster at `address` (LOCAL_RAY: one started here).
+
+    Each actor builds its Detector once from the model's bytes and card, which Ray ships
+    (ShippedModel). Ray Data streams the paths to the actors and their rows back, a block at
+    a time: the driver keeps no list of results. With `csv_file`, a file's rows are appended
+    as soon as they come (ClusterCsv), under a progress bar, and put in order at the end;
+    a file already in the CSV is not judged again. Where `csv_file` is a folder, Ray writes
+    the rows there as shards (CSV files), and summary.json closes it. Without, the rows' lines are printed.
+    """
+    model_file = saved_model_file(recipe, model, output_dir, demo)
+    shards = csv_file if csv_file and is_folder_name(csv_file) else None
+    table = ClusterCsv(csv_file) if csv_file and not shards else None
+    try:
+        ray = connect_to_ray(address, SHIPPED_MODULES)
+        try:
+            return judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table, shards)
+        finally:
+            ray.shutdown()
+    finally:
+        if table:
+            table.close()
+
+
+def judge_on_cluster(ray, recipe, inputs, model_file, judging, frames, table, shards):
+    """Judge, with the Ray module `ray` already connected, the files of `inputs` not yet in `table` (a ClusterCsv or None),
+    into the folder `shards` where it is not None."""
+    # Loaded here first, so that a model that cannot judge stops the run with one line before the cluster works.
+    detector = Detector.load(model_file, recipe=recipe, **dataclasses.asdict(judging))
+    print("\n".join(detector.header()))
+    judged_before = table.judged if table else set()
+    files = [path for path in files_for_cluster(inputs) if path not in judged_before]
+    if judged_before:
+        print(f"{table.path} holds the rows of {counted(len(judged_before), 'file')}: judging the {counted(len(files), 'other')}")
+    card_file = Path(model_file).with_name(MODEL_CARD)
+    shipped = ShippedModel(ray.put(Path(model_file).read_bytes()), card_file.read_text(encoding="utf-8") if card_file.is_file() else None,
+                           Path(model_file), recipe, judging, frames)
+    resources = ray.cluster_resources()
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    plan = actor_plan(resources.get("CPU", 0), resources.get("GPU", 0), nodes)
+    tally = ClusterTally()
+    try:
+        if shards:
+            tally = write_shards(ray, files, shipped, plan, shards)
+        elif files:
+            judge_files(ray, files, shipped, plan, table, tally)
+    except KeyboardInterrupt:
+        resume = f"; {table.path} holds their rows: run the same command again to judge the rest" if table else ""
+        if shards:
+            resume = f"; {shards} holds shards of their rows, without summary.json: judge again into a new folder"
+        print(f"\nInterrupted. {counted(tally.files, 'file')} judged{resume}")
+        return 130
+    except ray.exceptions.RayError as error:
+        last_line = str(error).strip().splitlines()[-1]
+        raise UserError(f"the cluster's workers could not judge ({last_line}); every node needs this project's "
+                        "requirements: pip install -r requirements.txt") from None
+    print(count_line(tally.files, tally.counts))
+    if table:
+        table.put_in_order()
+        print(f"Wrote {table.path}: {counted(table.rows, 'row')}, in order of path, frame and face")
+    return 0
+
+
+def judged_rows(ray, files, shipped, plan, tally=None):
+    """The Ray Dataset of the rows of `files`, judged by a pool of JudgeOnWorker actors (`plan`), which tell `tally`."""
+    blocks = min(len(files), max(4 * plan.count, math.ceil(len(files) / FILES_PER_BLOCK)))
+    return ray.data.from_items([{"path": path} for path in files], override_num_blocks=blocks).map_batches(
+        JudgeOnWorker, fn_constructor_args=(shipped, tally), batch_size=judging_batch(shipped), batch_format="numpy",
+        # Ray Data spreads the actors over the nodes, and gives them max_restarts=-1 and max_task_retries=-1:
+        # an actor whose worker or node dies starts again elsewhere, and its batches are judged again.
+        compute=ray.data.ActorPoolStrategy(size=plan.count), num_cpus=plan.cpus, num_gpus=plan.gpus,
+    )
+
+
+def judge_files(ray, files, shipped, plan, table, tally):
+    """Stream `files` through a pool of JudgeOnWorker actors (`plan`); write or print each file's rows once all are in."""
+    rows = judged_rows(ray, files, shipped, plan)
+    progress = ProgressBar(len(files), unit="file") if table else None
+    waiting = {}  # The rows of files whose last row has not come yet.
+    for block in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in block.to_pylist():
+            waiting.setdefault(row["path"], []).append(row)
+            if row["last"]:
+                file_judged(waiting.pop(row["path"]), table, tally)
+        if progress:
+            progress.update(tally.files, tally.progress())
+
+
+def write_shards(ray, files, shipped, plan, folder):
+    """Judge `files` into CSV shards that Ray Data writes in `folder`, under a progress bar; then write its
+    summary.json, counted from the shards, and return that tally.
+
+    The bar's counts come from the actors as they judge (a ClusterTally actor, which takes no CPU);
+    a batch judged again, where a node died, is counted twice there, but not in the summary.
+    """
+    progress = ProgressBar(len(files), unit="file")
+    if files:
+        reported = ray.remote(num_cpus=0)(ClusterTally).remote()
+        rows = judged_rows(ray, files, shipped, plan, reported).select_columns(list(CSV_COLUMNS))
+        failed = []
+        writer = threading.Thread(target=catching(rows.write_csv, failed), args=(str(folder),), daemon=True)
+        writer.start()
+        while writer.is_alive():
+            writer.join(timeout=0.5)
+            so_far = ray.get(reported.so_far.remote())
+            progress.update(min(so_far.files, len(files) - 1), so_far.progress())
+        if failed:
+            raise failed[0]
+    shard_files = sorted(folder.glob("*.csv"))
+    tally = tally_of_shards(shard_files)
+    progress.update(len(files), tally.progress())
+    summary = dict(dataclasses.asdict(tally), counts=dict(tally.counts), shards=len(shard_files), model=str(shipped.model_file),
+                   columns=list(CSV_COLUMNS))
+    write_json_atomically(folder / "summary.json", summary)
+    print(f"Wrote {folder}: {counted(len(shard_files), 'shard')} of {counted(tally.rows, 'row')}, and summary.json")
+    return tally
+
+
+def catching(function, failed):
+    """`function`, that puts what it raises in the list `failed`: a thread's error, for the thread that waits on it."""
+
+    def call(*arguments):
+        try:
+            function(*arguments)
+        except Exception as error:  # noqa: BLE001 - raised again by the waiting thread.
+            failed.append(error)
+
+    return call
+
+
+def tally_of_shards(shard_files):
+    """The count of the rows in CSV shards, read a shard at a time; a file is counted once, by its rows' path."""
+    import pyarrow
+    import pyarrow.csv
+
+    types = {column: getattr(pyarrow, CLUSTER_ROW_TYPES[column])() for column in CSV_COLUMNS}
+    read = pyarrow.csv.ConvertOptions(column_types=types, include_columns=list(CSV_COLUMNS), strings_can_be_null=True)
+    tally, paths = ClusterShardTally(), set()
+    for shard in shard_files:
+        rows = pyarrow.csv.read_csv(shard, convert_options=read).to_pylist()
+        # The closing count counts each photo's face or note, and each video's own row (frame empty), as --predict does.
+        tally.merge(ClusterTally.of_rows([dict(row, counted=row["verdict"] or row["note"] if row["frame"] is None else None) for row in rows]))
+        paths.update(row["path"] for row in rows)
+        tally.rows += len(rows)
+    tally.files = len(paths)
+    return tally
+
+
+@dataclass
+class ClusterShardTally(ClusterTally):
+    """A ClusterTally of a folder's shards, which also counts their rows."""
+
+    rows: int = 0
+
+
+def judging_batch(shipped):
+    """Files an actor judges at once: as many as its detector scores faces at once, at most FILES_PER_BLOCK."""
+    return min(shipped.judging.batch_size, FILES_PER_BLOCK)
+
+
+def file_judged(rows, table, tally):
+    """A file's rows: appended to the CSV, or printed as --predict prints them; and counted."""
+    tally.add(rows)
+    if table:
+        table.add(rows)
+        return
+    for row in rows:
+        if row["warning"]:
+            print(row["warning"], file=sys.stderr)
+        if row["said"]:
+            print(row["said"])
 
 
 # ---------------------------------------------------------------------------
@@ -1447,6 +1923,368 @@ def write_evaluation(recipe, settings, model, model_file, images, eval_dir, eval
 
 
 # ---------------------------------------------------------------------------
+# --export: the model for other runtimes, each file checked against Keras
+# ---------------------------------------------------------------------------
+
+
+# An exported file must give Keras' p(fake) to within this, or it is not kept; float32
+# arithmetic in another order differs by about 1e-7.
+EXPORT_TOLERANCE = 1e-4
+# The images each exported file is checked on.
+CHECK_IMAGES = 32
+# The names of an exported model's input (N x S x S x 3 float32, RGB 0 to 255) and output (N x 1), in every runtime.
+EXPORT_INPUT, EXPORT_OUTPUT = "rgb_pixels", "p_fake"
+
+
+class ExportFailed(UserError):
+    """A model that cannot be exported, or whose exported file does not give Keras' p(fake): one line, exit status 1."""
+
+    exit_status = 1
+
+
+class OnnxModel:
+    """A detector exported to ONNX, run by onnxruntime.
+
+    It has what scoring needs of a Keras model (a name, an input shape and predict_on_batch),
+    so that a model.onnx judges faces through the same path as model.keras.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.name = session.get_modelmeta().graph_name
+        self.input_shape = tuple(side if isinstance(side, int) else None for side in session.get_inputs()[0].shape)
+
+    @classmethod
+    def load(cls, path):
+        import onnxruntime  # Only for ONNX models: it takes a while to import.
+
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=onnxruntime.get_available_providers())
+        except Exception as error:  # onnxruntime raises its own kinds for a file it cannot run.
+            raise UserError(f"onnxruntime cannot run {path} ({first_line(error)}); pass a model.onnx that --export wrote") from None
+        return cls(session)
+
+    def predict_on_batch(self, batch):
+        return self.session.run([EXPORT_OUTPUT], {EXPORT_INPUT: np.asarray(batch, np.float32)})[0]
+
+
+def run_onnx(path):
+    """A function from raw pixels to p(fake), run by onnxruntime."""
+    return OnnxModel.load(path).predict_on_batch
+
+
+def run_saved_model(path):
+    """A function from raw pixels to p(fake), run by TensorFlow from the SavedModel's serving signature."""
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return lambda batch: serve(**{EXPORT_INPUT: tf.constant(batch)})[EXPORT_OUTPUT].numpy()
+
+
+def run_litert(path):
+    """A function from raw pixels to p(fake), run by the LiteRT interpreter."""
+    from ai_edge_litert.interpreter import Interpreter  # Only for LiteRT files.
+
+    run = Interpreter(model_path=str(path)).get_signature_runner()
+    return lambda batch: run(**{EXPORT_INPUT: batch})[EXPORT_OUTPUT]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A runtime's file: its title, its name beside model.keras, Keras' name for the format, the runtime that
+    checks it (`run`, from the file to a function of raw pixels), and the lines that use it, for the card."""
+
+    title: str
+    file_name: str
+    keras_format: str
+    runtime: str
+    run: object
+    usage: tuple
+
+
+EXPORTS = {
+    "onnx": ExportFormat("ONNX", "model.onnx", "onnx", "onnxruntime", run_onnx, (
+        "import onnxruntime",
+        'session = onnxruntime.InferenceSession("model.onnx")',
+        f'p_fake = session.run(["{EXPORT_OUTPUT}"], {{"{EXPORT_INPUT}": faces}})[0]',
+    )),
+    "saved_model": ExportFormat("SavedModel", "saved_model", "tf_saved_model", "TensorFlow", run_saved_model, (
+        "import tensorflow as tf  # TensorFlow Serving serves a copy of saved_model/ as MODEL/1/",
+        'serve = tf.saved_model.load("saved_model").signatures["serving_default"]',
+        f'p_fake = serve({EXPORT_INPUT}=tf.constant(faces))["{EXPORT_OUTPUT}"].numpy()',
+    )),
+    "litert": ExportFormat("LiteRT", "model.tflite", "litert", "LiteRT", run_litert, (
+        "from ai_edge_litert.interpreter import Interpreter",
+        'run = Interpreter(model_path="model.tflite").get_signature_runner()',
+        f'p_fake = run({EXPORT_INPUT}=faces)["{EXPORT_OUTPUT}"]',
+    )),
+}
+EXPORTED_FILES = tuple(export_format.file_name for export_format in EXPORTS.values())
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """An exported file as it was checked: its size, SHA-256 and export time, and its runtime's largest
+    difference from Keras' p(fake) on the check's images."""
+
+    format: str
+    file: Path
+    size: int
+    sha256: str
+    seconds: float
+    largest_difference: float
+    checked_on: str
+
+    def record(self):
+        """What metrics.json and the card's front matter keep of it."""
+        return {
+            "file": self.file.name, "runtime": EXPORTS[self.format].runtime, "size_bytes": self.size, "sha256": self.sha256,
+            "export_seconds": round(self.seconds, 1), "largest_difference": self.largest_difference, "checked_on": self.checked_on,
+        }
+
+
+@dataclass(frozen=True)
+class CheckImages:
+    """The raw pixels each exported file is checked on (N x S x S x 3 float32, RGB 0 to 255), and where they come from."""
+
+    pixels: np.ndarray
+    source: str
+
+
+def export_model(recipe, model_file, formats):
+    """--export: write the model in each format beside its file, check each against Keras, and list them in its card.
+
+    Args:
+        recipe: the script's ModelRecipe, to refuse a model of another script.
+        model_file: the .keras file (saved_model_file), beside its card.
+        formats: names of EXPORTS, in order.
+
+    Returns:
+        The exit status, 0. A failure raises a UserError, and leaves no file half-written.
+    """
+    if model_file.suffix != ".keras":
+        raise UserError(f"--export reads a .keras model, and {model_file} is not one; give --model the model.keras a run saved, or its folder")
+    if read_model_card(model_file) is None:
+        raise UserError(
+            f"{model_file} has no model card ({MODEL_CARD}) beside it: its exported files could not say what it was trained on, "
+            "nor give its verdicts' band; export the folder that its run wrote, which holds both"
+        )
+    ensure_writable_folder(model_file.parent, "--model (a copy of its folder where files can be written)")
+    model = load_saved_model(model_file, recipe)
+    refuse_low_precision(model, model_file, formats)
+    images = check_images(model_file.parent, image_size(model))
+    expected = model.predict_on_batch(images.pixels).ravel()
+    print(f"Exporting {model_file}; each file is checked against Keras' p(fake) on {images.source}")
+    for name in formats:
+        check = export_and_check(model, model_file, name, images, expected)
+        record_exports(model_file, {name: check.record()})
+        print(f"{check.file}: {check.size / 2**20:.1f} MB, exported in {check.seconds:.1f} s; "
+              f"{EXPORTS[name].runtime} gives p(fake) within {check.largest_difference:.1e} of Keras'")
+    print(f"Listed in {model_file.with_name(MODEL_CARD)}, each with its SHA-256 and the lines that run it")
+    return 0
+
+
+def refuse_low_precision(model, model_file, formats):
+    """Refuse, before any export, a model that computes in float16 or bfloat16 where onnxruntime or LiteRT is asked for.
+
+    A model trained with --mixed-precision keeps its layers' policy. Exported from it, the
+    ONNX file has bfloat16 convolutions that onnxruntime refuses to load, and the LiteRT file
+    needs TensorFlow's own ops, which the LiteRT interpreter lacks; the SavedModel runs.
+    """
+    compute_dtypes = {layer.dtype_policy.compute_dtype for layer in [*model.layers, *base_of(model).layers]} - {"float32"}
+    refused = [EXPORTS[name].title for name in formats if name in ("onnx", "litert")]
+    if compute_dtypes and refused:
+        raise ExportFailed(
+            f"{model_file} computes in {', '.join(sorted(compute_dtypes))} (it was trained with --mixed-precision), which "
+            f"{' and '.join(refused)} cannot run; --export saved_model writes it, or train it again without --mixed-precision"
+        )
+
+
+def check_images(run_dir, img_size):
+    """The pixels that exported files are checked on: the run's test images where predictions.csv lists them
+    and they can be read, half of each class, or else CHECK_IMAGES drawn demo faces."""
+    paths = test_images_of_run(run_dir)
+    if paths:
+        return CheckImages(np.stack([model_input(read_upright(path), img_size) for path in paths]), f"{len(paths)} of the run's test images")
+    rng = np.random.default_rng(0)
+    faces = [demo_image(rng, CLASSES[number % 2]) for number in range(CHECK_IMAGES)]
+    return CheckImages(np.stack([model_input(face, img_size) for face in faces]), f"{CHECK_IMAGES} drawn demo faces")
+
+
+def test_images_of_run(run_dir):
+    """Up to CHECK_IMAGES test images that a run's predictions.csv lists, half of each class; none where one is missing."""
+    try:
+        table = pd.read_csv(run_dir / "predictions.csv")
+        paths = [Path(path) for path in table.groupby("label").head(CHECK_IMAGES // 2)["path"]]
+    except (OSError, KeyError, ValueError):  # No such file, or one that is not the run's table.
+        return []
+    return paths if paths and all(path.is_file() for path in paths) else []
+
+
+def export_and_check(model, model_file, name, images, expected):
+    """Export the model as EXPORTS[name] under a temporary name beside model_file, check it in its own runtime,
+    then rename it; return its ExportCheck.
+
+    A file that cannot be made, or that its runtime cannot run or that gives a p(fake) more
+    than EXPORT_TOLERANCE from Keras' (`expected`), is removed, and an ExportFailed says why.
+    """
+    export_format = EXPORTS[name]
+    final = model_file.with_name(export_format.file_name)
+    # It keeps the file's ending, which LiteRT requires.
+    temporary = model_file.with_name(f".exporting-{export_format.file_name}")
+    remove_path(temporary)
+    try:
+        with writing(final):
+            started = time.perf_counter()
+            write_export(model, model_file, export_format, temporary)
+            seconds = time.perf_counter() - started
+            difference = largest_difference(export_format, temporary, images, expected)
+            check = ExportCheck(name, final, size_of(temporary), sha256_of(temporary), seconds, difference, images.source)
+            put_in_place(temporary, final)
+    except BaseException:
+        remove_path(temporary)
+        raise
+    return check
+
+
+def write_export(model, model_file, export_format, path):
+    """Export the model to `path`: its input named, of any batch size, its output named p_fake."""
+    img_size = image_size(model)
+    # A dict names the output in every format: "p_fake", not "output_0" or "Identity:0".
+    named = keras.Model(model.inputs, {EXPORT_OUTPUT: model.outputs[0]}, name=model.name)
+    signature = [keras.InputSpec(shape=(None, img_size, img_size, 3), dtype="float32", name=EXPORT_INPUT)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Keras' patch of tf2onnx for NumPy 2 warns of np.object.
+            named.export(str(path), format=export_format.keras_format, input_signature=signature, verbose=False)
+        if export_format.keras_format == "onnx":
+            describe_onnx_file(path, model.name)
+    except OSError:
+        raise  # `writing` says the disk is full, or what else stopped the write.
+    except Exception as error:  # The exporters raise many kinds.
+        if "No space left on device" in str(error):  # TensorFlow's file system reports it in its own errors.
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+        raise ExportFailed(
+            f"{model_file} could not be exported to {export_format.title} ({first_line(error)}); "
+            f"nothing was written. Check that Keras and {export_format.runtime}'s packages are at requirements.txt's versions"
+        ) from None
+
+
+def describe_onnx_file(path, model_name):
+    """Name the ONNX graph after the detector, as --predict checks it, and its batch dimension N."""
+    import onnx  # Installed with tf2onnx, which Keras exports ONNX with.
+
+    described = onnx.load(str(path))
+    described.graph.name = model_name
+    for value in [*described.graph.input, *described.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.save(described, str(path))
+
+
+def largest_difference(export_format, path, images, expected):
+    """The largest difference between the exported file's p(fake), run in its runtime, and Keras'; ExportFailed if
+    the runtime cannot run it, or if the difference is above EXPORT_TOLERANCE."""
+    try:
+        p_fake = np.asarray(export_format.run(path)(images.pixels), float).ravel()
+    except Exception as error:  # Each runtime raises its own kinds.
+        raise ExportFailed(
+            f"{export_format.runtime} cannot run the exported {export_format.title} file ({first_line(error)}); it was not kept"
+        ) from None
+    difference = float(np.max(np.abs(p_fake - expected)))
+    if not difference <= EXPORT_TOLERANCE:  # NaN too.
+        raise ExportFailed(
+            f"{export_format.runtime} gives a p(fake) {difference:.1e} away from Keras' on {images.source}, more than "
+            f"{EXPORT_TOLERANCE:g}; the {export_format.title} file was not kept. Check that its packages are at requirements.txt's versions"
+        )
+    return difference
+
+
+def first_line(error):
+    """An error's message, first line only, as a one-line message quotes it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def files_of(path):
+    """A file, or the files under a folder, in the order of their paths."""
+    return sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+
+
+def size_of(path):
+    return sum(file.stat().st_size for file in files_of(path))
+
+
+def sha256_of(path):
+    """A file's SHA-256; for a folder, that of the `sha256sum` lines of its files, by path, as
+    `find . -type f -printf '%P\n' | sort | xargs sha256sum | sha256sum` prints it inside the folder."""
+    if not path.is_dir():
+        return file_sha256(path)
+    lines = "".join(f"{file_sha256(file)}  {file.relative_to(path).as_posix()}\n" for file in files_of(path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def put_in_place(temporary, final):
+    """Rename `temporary` to `final`; a folder there already is first moved aside, and removed once replaced."""
+    if not final.is_dir():
+        os.replace(temporary, final)
+        return
+    aside = final.with_name(f".replaced-{final.name}")
+    remove_path(aside)
+    final.rename(aside)
+    temporary.rename(final)
+    remove_path(aside)
+
+
+def remove_path(path):
+    """Remove a file or a folder, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def record_exports(model_file, records):
+    """Add the ExportCheck records ({format: record}) to metrics.json beside the model, where there is one, and to its card."""
+    metrics_file = model_file.with_name("metrics.json")
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        metrics["exports"] = {**metrics.get("exports", {}), **records}
+        write_json_atomically(metrics_file, metrics)
+    front, _ = read_card(model_file)
+    # Files exported earlier stay listed, unless they are gone since.
+    exports = {name: record for name, record in {**front.get("exports", {}), **records}.items()
+               if model_file.with_name(record["file"]).exists()}
+    write_card_section(model_file, "Exported files", exports_section(exports), "exports", exports)
+
+
+def exports_section(exports):
+    """The card's lines on its exported files: a table of their sizes, SHA-256 and checked differences, and how to run each."""
+    lines = [
+        f"Each file gives the p(fake) of model.keras, as its own runtime computed it on the images named, to within the "
+        f"largest difference shown (at most {EXPORT_TOLERANCE:g}). Input `{EXPORT_INPUT}`: N x S x S x 3 float32, RGB pixels "
+        f"0 to 255 of faces framed as the dataset frames them; output `{EXPORT_OUTPUT}`: N x 1.", "",
+        "| File | Runtime | Size | SHA-256 | Largest difference | Checked on |", "|---|---|---|---|---|---|",
+    ]
+    names = [name for name in EXPORTS if name in exports]
+    for name in names:
+        record = exports[name]
+        file_name = record["file"] + ("/" if name == "saved_model" else "")
+        lines.append(f"| {file_name} | {record['runtime']} | {record['size_bytes'] / 2**20:.1f} MB | `{record['sha256']}` | "
+                     f"{record['largest_difference']:.1e} | {record['checked_on']} |")
+    if "saved_model" in exports:
+        lines += ["", "The SHA-256 of saved_model/ is that of `sha256sum`'s lines for its files, sorted by path."]
+    for name in names:
+        lines += ["", f"{EXPORTS[name].title}, in {EXPORTS[name].runtime} (`faces` as the input above):", "", "```python",
+                  *EXPORTS[name].usage, "```"]
+    return lines
+
+
+# ---------------------------------------------------------------------------
 # The harness: what runs the lesson safely
 # ---------------------------------------------------------------------------
 
@@ -1550,8 +2388,8 @@ def set_aside_previous_run(run_dir):
     previous/ still holds the last finished run. One of each is kept, not more.
     """
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    # Evaluations of the earlier model, and its TensorBoard logs, go with it.
+    outputs = [run_dir / name for name in (*RUN_OUTPUTS, *EXPORTED_FILES) if (run_dir / name).exists()]
+    # Evaluations of the earlier model, its exported files and its TensorBoard logs go with it.
     outputs += sorted(run_dir.glob(f"{EVALUATION_PREFIX}*")) + [path for path in [run_dir / "logs"] if path.exists()]
     if not outputs:
         return

@@ -13,11 +13,14 @@ videos. In order, it holds:
 4. what the detector finds (FaceResult, PictureResult, VideoResult, with their notes and
    Verdicts) and the words and CSV rows that say it;
 5. what --predict prints and writes from those results (PredictionReport): its lines, its
-   CSV, and the names of its pictures;
+   CSV, and the names of its pictures; and the CSV of --predict --cluster (ClusterCsv),
+   whose rows come in any order, and are put in order at the end;
 6. the Grad-CAM overlays of --gradcam, from heat maps that the model computed;
 7. the faces marked on photos, and the contact sheets of videos, of --annotate;
-8. the ensemble's weights, and the results table;
-9. the command below.
+8. the page of --serve (serve_page): a thin layer that shows, on a local Gradio page, what
+   --predict's report makes of the files dropped on it;
+9. the ensemble's weights, and the results table;
+10. the command below.
 
 Run on its own, it redraws OUTPUT_DIR/<model>/history.png for every trained model (every
 folder with a history.csv), then rewrites OUTPUT_DIR/results.csv and
@@ -36,16 +39,21 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import heapq
 import importlib.metadata
 import io
+import itertools
 import json
 import math
 import os
 import reprlib
 import shlex
+import shutil
 import stat
 import sys
+import tempfile
 import textwrap
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +74,14 @@ from sklearn import metrics as sklearn_metrics
 
 from data_preprocessing import (
     CLASSES,
+    DEFAULT_FRAMES,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
     DEMO_OUTPUT_DIR,
     MODEL_SCRIPTS,
     OUTPUT_DIR,
     SPLITS,
+    TEXT_ENCODING,
     OneLineArgumentParser,
     UserError,
     dataset_name,
@@ -78,6 +90,7 @@ from data_preprocessing import (
     locked,
     one_run_at_a_time,
     open_alone,
+    photo_problem,
     pictures_lock_file,
     start_anew,
     printable,
@@ -591,13 +604,37 @@ def package_version(name):
 
 def read_model_card(model_file):
     """What the card beside a model file says of it (its "deepfake_detector" block), or None without a card."""
+    front, _ = read_card(model_file)
+    return front.get("deepfake_detector") if isinstance(front, dict) else None
+
+
+def read_card(model_file):
+    """The card beside a model file: its front matter (None without one) and the text after it ("" without a card)."""
     try:
         text = Path(model_file).with_name(MODEL_CARD).read_text()
-        front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+        if not text.startswith("---\n"):
+            return None, text
+        _, front, body = text.split("---\n", 2)
+        return yaml.safe_load(front), body
     # A card that is not UTF-8 raises a ValueError, and one nested thousands deep a RecursionError.
-    except (OSError, IndexError, ValueError, RecursionError, yaml.YAMLError):
-        return None
-    return front.get("deepfake_detector") if isinstance(front, dict) else None
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        return None, ""
+
+
+def write_card_section(model_file, heading, lines, front_key, front_value):
+    """Put a section in the card beside a model file, in place of any earlier one of that heading, and its
+    figures under `front_key` in the front matter, where a model hub reads them."""
+    front, body = read_card(model_file)
+    front = {**front, front_key: front_value}
+    marker = f"\n## {heading}\n"
+    if marker in body:
+        before, after = body.split(marker, 1)
+        # The section ends where the next one begins, or with the card.
+        next_section = after.find("\n## ")
+        body = before + ("" if next_section < 0 else after[next_section:])
+    body = body.rstrip("\n") + "\n" + marker + "\n" + "\n".join(lines) + "\n"
+    text = "\n".join(["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---"]) + "\n" + body
+    write_text_atomically(Path(model_file).with_name(MODEL_CARD), text)
 
 
 def not_text(value):
@@ -1054,7 +1091,7 @@ class PredictionReport:
 
     def video(self, video):
         """Report a video's own line, once its frames are reported, and draw its contact sheet (--annotate)."""
-        print(video_line(video))
+        self.say(video_line(video))
         for row in video.rows():
             self.add_row(row)
         self.files += 1
@@ -1066,9 +1103,13 @@ class PredictionReport:
     def print_lines(self, picture):
         """Print a picture's lines, and keep each as a row of the CSV."""
         for line in picture.lines():
-            print(line)
+            self.say(line)
         for row in picture.rows():
             self.add_row(row)
+
+    def say(self, line):
+        """Print a line of the report (the page keeps it instead)."""
+        print(line)
 
     def output_file(self, folder, name, kind):
         """The path in `folder` of a picture of `kind`, which no other picture of this run has taken:
@@ -1079,8 +1120,8 @@ class PredictionReport:
         self.pictures[path] = kind
         return path
 
-    def unreadable(self, path):
-        """An input that could not be read (its warning is printed already): a row of its own in the CSV."""
+    def unreadable(self, path, reason=None):
+        """An input that could not be read (its warning, which gives the `reason`, is printed already): a row of its own in the CSV."""
         self.files += 1
         self.tally.update([UNREADABLE])
         self.add_row(dict(path=str(path), note=UNREADABLE, model=self.model))
@@ -1092,26 +1133,8 @@ class PredictionReport:
             self.csv_rows += 1
 
     def write_csv_cells(self, cells):
-        """Write one row of --csv whole, or not at all: a disk that fills mid-row leaves no part of it.
-
-        The row is written past the file's buffer, straight to its descriptor: a part left in
-        the buffer after a failed write would be written when the file closes, once the cut
-        has freed some space, as the tail of a row without its start.
-        """
-        row = io.StringIO()
-        csv.writer(row).writerow(cells)
-        data = row.getvalue().encode(self.csv_file.encoding, self.csv_file.errors)
-        descriptor = self.csv_file.fileno()
-        before = os.fstat(descriptor)
-        with writing(self.settings.csv):
-            try:
-                while data:  # A write may take only part of the row, the disk's last free bytes.
-                    data = data[os.write(descriptor, data):]
-            except BaseException:  # A full disk, or Ctrl-C between two parts of the row.
-                # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
-                if stat.S_ISREG(before.st_mode):
-                    os.ftruncate(descriptor, before.st_size)
-                raise
+        """Write one row of --csv whole, or not at all (write_rows_whole)."""
+        write_rows_whole(self.csv_file, self.settings.csv, [cells])
 
     def stop(self):
         """Close the CSV; return a sentence that says what it holds, or an empty one without --csv."""
@@ -1133,12 +1156,7 @@ class PredictionReport:
                                  evidence_for=face.heatmap_of or "fake")
 
     def count_line(self):
-        """One line that counts what was judged: files, verdicts by kind, and what was not judged, by reason."""
-        verdicts = ", ".join(f"{self.tally[verdict]} {verdict}" for verdict in ("real", "uncertain", "fake"))
-        given = sum(self.tally[verdict] for verdict in ("real", "uncertain", "fake"))
-        reasons = [f"{count} {note}" for note, count in sorted(self.tally.items()) if note not in ("real", "uncertain", "fake")]
-        not_judged = f"; not judged: {', '.join(reasons)}" if reasons else ""
-        return f"{counted(self.files, 'file')}: {counted(given, 'verdict')} ({verdicts}){not_judged}"
+        return count_line(self.files, self.tally)
 
     def finish(self):
         """Close the CSV, say what was judged, and what was written where."""
@@ -1151,6 +1169,140 @@ class PredictionReport:
             print(f"Wrote {counted(written['annotated'], 'annotated picture')} to {self.settings.annotate}")
         if self.settings.gradcam:
             print(f"Wrote {counted(written['gradcam'], 'Grad-CAM overlay')} to {self.settings.gradcam}")
+
+
+def count_line(files, tally):
+    """One line that counts what was judged: files, verdicts by kind, and what was not judged, by reason (`tally`)."""
+    verdicts = ", ".join(f"{tally[verdict]} {verdict}" for verdict in ("real", "uncertain", "fake"))
+    given = sum(tally[verdict] for verdict in ("real", "uncertain", "fake"))
+    reasons = [f"{count} {note}" for note, count in sorted(tally.items()) if note not in ("real", "uncertain", "fake")]
+    not_judged = f"; not judged: {', '.join(reasons)}" if reasons else ""
+    return f"{counted(files, 'file')}: {counted(given, 'verdict')} ({verdicts}){not_judged}"
+
+
+def write_rows_whole(handle, path, rows):
+    """Write rows of cells to the CSV open as `handle` (at `path`) whole, or not at all: a disk that fills
+    mid-row leaves no part of them.
+
+    The rows are written past the file's buffer, straight to its descriptor: a part left in
+    the buffer after a failed write would be written when the file closes, once the cut
+    has freed some space, as the tail of a row without its start.
+    """
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    data = text.getvalue().encode(handle.encoding, handle.errors)
+    descriptor = handle.fileno()
+    before = os.fstat(descriptor)
+    with writing(path):
+        try:
+            while data:  # A write may take only part of the rows, the disk's last free bytes.
+                data = data[os.write(descriptor, data):]
+        except BaseException:  # A full disk, or Ctrl-C between two parts of the rows.
+            # Cut back to the rows before; a pipe or a device (/dev/full) has nothing to cut.
+            if stat.S_ISREG(before.st_mode):
+                os.ftruncate(descriptor, before.st_size)
+            raise
+
+
+# ---------------------------------------------------------------------------
+# The CSV of --predict --cluster: rows as they come, then in order
+# ---------------------------------------------------------------------------
+
+
+# Rows sorted at once in memory when a cluster's CSV is put in order; more are merged from sorted runs on disk.
+SORTED_AT_ONCE = 100_000
+
+
+def row_order(cells):
+    """Where a row of --csv stands in a cluster's CSV: by path, then frame (a video's own row after its frames), then face."""
+    path, frame, face = cells[:3]
+    return (path, int(frame) if frame else math.inf, int(face) if face else 0)
+
+
+class ClusterCsv:
+    """The --csv of --predict --cluster: the rows of each file appended at once, in the order the workers finish
+    them, then put in order (row_order) when all are in.
+
+    Run again with the same --csv, after Ctrl-C, a kill or a finished run, it keeps the rows there and
+    the next run judges only the files without any (`judged`). The last file written may have been
+    cut short: it is judged again, and each of its rows kept once.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.rows = 0
+        # Made for this run: removed again if the run stops before it adds a row.
+        self.created, self.added = not self.path.exists(), False
+        self.handle = open_alone(self.path, "--csv")
+        try:
+            self.judged = self.files_judged_already()
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def files_judged_already(self):
+        """The paths of the files with rows in the CSV, less the last one; a CSV without a header gets one."""
+        self.cut_to_the_last_whole_line()
+        with open(self.path, newline="", **TEXT_ENCODING) as file:
+            rows = csv.reader(file)
+            if next(rows, None) is None:
+                write_rows_whole(self.handle, self.path, [CSV_COLUMNS])
+                return set()
+            judged, last = set(), None
+            for cells in rows:
+                if len(cells) == len(CSV_COLUMNS):
+                    judged.add(cells[0])
+                    last = cells[0]
+        judged.discard(last)
+        return judged
+
+    def cut_to_the_last_whole_line(self):
+        """Cut off a row that a killed run left without its end, so that the next is not written onto it."""
+        size = os.fstat(self.handle.fileno()).st_size
+        with open(self.path, "rb") as file:
+            file.seek(max(0, size - 2**16))
+            tail = file.read()
+        if tail and not tail.endswith(b"\n"):
+            os.ftruncate(self.handle.fileno(), size - len(tail) + tail.rfind(b"\n") + 1)
+
+    def add(self, rows):
+        """Append a file's rows (dicts of CSV_COLUMNS), all at once."""
+        write_rows_whole(self.handle, self.path, [csv_cells(row) for row in rows])
+        self.added = True
+
+    def put_in_order(self):
+        """Replace the CSV whole with its rows in order, each once: a row repeated (a file judged again) is kept once."""
+        sorting = self.path.with_name(f".{self.path.name}.sorting")
+        with writing(self.path, sorting), open(sorting, "w", newline="", **TEXT_ENCODING) as target:
+            writer, previous = csv.writer(target), None
+            writer.writerow(CSV_COLUMNS)
+            for cells in rows_in_order(self.path):
+                if row_order(cells) != previous:
+                    writer.writerow(cells)
+                    self.rows += 1
+                previous = row_order(cells)
+        os.replace(sorting, self.path)
+        self.added = True
+
+    def close(self):
+        self.handle.close()
+        if self.created and not self.added:
+            self.path.unlink(missing_ok=True)
+
+
+def rows_in_order(csv_file):
+    """Yield the whole rows of a CSV of --predict in order (row_order), holding SORTED_AT_ONCE of them at most:
+    each run of that many is sorted and set aside on disk, then the runs are merged."""
+    with contextlib.ExitStack() as runs, open(csv_file, newline="", **TEXT_ENCODING) as file:
+        rows = csv.reader(file)
+        next(rows, None)
+        sorted_runs = []
+        while chunk := list(itertools.islice(rows, SORTED_AT_ONCE)):
+            run = runs.enter_context(tempfile.TemporaryFile("w+", newline="", **TEXT_ENCODING))
+            csv.writer(run).writerows(sorted((cells for cells in chunk if len(cells) == len(CSV_COLUMNS)), key=row_order))
+            run.seek(0)
+            sorted_runs.append(csv.reader(run))
+        yield from heapq.merge(*sorted_runs, key=row_order)
 
 
 def output_names(paths):
@@ -1310,7 +1462,9 @@ def marked_image(image, faces, largest_side=LARGEST_ANNOTATED_SIDE, mark=None):
     """
     height, width = image.shape[:2]
     scale = min(1.0, largest_side / max(height, width))
-    marked = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
+    # At least a pixel each way: a strip of 1 x 100,000 pixels is still drawn.
+    shrunk = (max(1, round(width * scale)), max(1, round(height * scale)))
+    marked = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
     # Lines and letters grow with the picture, so that they read the same at any size.
     thickness = max(1, round(max(marked.shape[:2]) / 450))
     labels = []  # The boxes of the labels drawn so far, which the next one must not cover.
@@ -1441,6 +1595,260 @@ def save_contact_sheet(thumbnails, video, path):
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------------
+# The page of --serve
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    """Where --serve's page listens, and how much it takes at once.
+
+    host, port: its address; 127.0.0.1 is this machine only.
+    frames: the frames judged of each video (--frames).
+    max_file_bytes: the largest file an upload may be; Gradio refuses a larger one as it arrives.
+    max_files: the most files judged in one request.
+    waiting: the requests that may wait while one is judged; more are refused, so that a
+        burst of uploads never fills the memory.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    frames: int = DEFAULT_FRAMES
+    max_file_bytes: int = 200 * 2**20
+    max_files: int = 50
+    waiting: int = 16
+
+
+# Under the results: what a verdict means, for someone who has not read the README.
+VERDICTS_EXPLAINED = """\
+**What a verdict means.** The model gives each face a p(fake), from 0 to 1, and the band above
+turns it into *real*, *uncertain* (amber) or *fake*. It judges **faces only**: each face is found,
+cut out as its training faces were and scored; a picture without a face, or with a face too
+small, gets no verdict, only a note that says why. A video's p(fake) is the mean over the face
+seen most. A verdict is as good as the data the model was trained on, and no better.
+"""
+
+
+class PageReport(PredictionReport):
+    """What the page shows of one request: --predict's report, its lines and rows kept instead of printed.
+
+    The uploads lie in `uploads`; the rows and lines name them by their names there. With
+    `progress(done, total, what)`, each photo and each frame judged moves the page's progress bar.
+    """
+
+    def __init__(self, settings, uploads, paths, progress):
+        super().__init__(settings, paths)
+        self.uploads, self.progress = uploads, progress
+        self.lines, self.rows = [], []
+        self.total = len(paths)
+
+    def name(self, path):
+        return str(Path(path).relative_to(self.uploads))
+
+    def say(self, line):
+        self.lines.append(line.replace(f"{self.uploads}{os.sep}", ""))
+
+    def add_row(self, row):
+        self.rows.append(dict(row, path=self.name(row["path"])))
+
+    def warn(self, path, warnings):
+        """Show the warnings of an input, each once, as --predict prints them."""
+        for warning in warnings:
+            line = f"warning: {self.name(path)}: {warning}"
+            if line not in self.lines:
+                self.lines.append(line)
+
+    def photo(self, picture):
+        self.warn(picture.path, picture.warnings + ([picture.reason] if picture.reason else []))
+        super().photo(picture)
+        self.progress(self.files, self.total, self.name(picture.path))
+
+    def frames(self, pictures):
+        super().frames(pictures)
+        for picture in pictures:
+            self.warn(picture.path, picture.warnings)
+        last = pictures[-1] if pictures else None
+        if last is not None:
+            seen = self.frames_seen[last.path] + 1
+            self.progress(self.files + seen / self.settings.frames, self.total, f"{self.name(last.path)}: frame {seen} of {self.settings.frames}")
+
+    def video(self, video):
+        self.warn(video.path, video.warnings)
+        super().video(video)
+        self.progress(self.files, self.total, self.name(video.path))
+
+    def unreadable(self, path, reason=None):
+        super().unreadable(path, reason)
+        self.warn(path, [reason or photo_problem(path)])
+        self.progress(self.files, self.total, self.name(path))
+
+    def table(self):
+        """The rows as the CSV's cells, each as --csv writes it (every digit of p_fake)."""
+        return [[str(cell) for cell in csv_cells(row)] for row in self.rows]
+
+    def write_csv(self, path):
+        """The rows, as --csv writes them; written whole, then renamed."""
+        text = io.StringIO()
+        csv.writer(text).writerows([CSV_COLUMNS, *self.table()])
+        write_text_atomically(path, text.getvalue())
+        return path
+
+    def summary(self):
+        """The count of what was judged, then every line, as --predict prints them."""
+        return "\n".join([self.count_line(), "", "```", *self.lines, "```"])
+
+
+def page_header(detector):
+    """The page's header: whose verdicts these are, from the model's card, and the band they are given with."""
+    first, *models = detector.header()
+    return "\n".join(["# Is this face real or fake?", "", first, "", *(f"- {line.strip()}" for line in models)])
+
+
+def page_banner(mark):
+    """The banner of a demo model, or of one without a card, that no one can miss; empty for a model with a card."""
+    if not mark:
+        return ""
+    colour = "#%02x%02x%02x" % MARK_COLOUR
+    return (f'<div id="model-mark" style="background:{colour};color:white;font-size:1.4em;font-weight:bold;'
+            f'padding:0.8em;border-radius:6px;text-align:center">{mark}</div>')
+
+
+class DetectorPage:
+    """The page that judges the photos and videos dropped on it with one Detector, one request at a time.
+
+    The detector judges, with `judge(detector, report, paths, frames, gradcam)` (--predict's
+    own judging); this class only takes the uploads, shows the report, and cleans up. Each
+    request has a folder of its own in `workspace`; its uploads are deleted once judged, and
+    its pictures once the next request starts (Gradio has kept copies of them by then).
+
+    As Gradio keeps one file for identical uploads, a request for a file already judged and
+    deleted (judged again without dropping it again, or dropped by two people at once) asks
+    for it to be dropped again.
+    """
+
+    def __init__(self, detector, settings, judge, workspace):
+        self.detector, self.settings, self.judge, self.workspace = detector, settings, judge, Path(workspace)
+        self.requests = 0
+
+    def build(self):
+        """The page's Gradio Blocks."""
+        import gradio as gr  # Only here: the scripts' other runs never load it.
+
+        with gr.Blocks(title="Deepfake detector", analytics_enabled=False, delete_cache=(600, 3600)) as page:
+            gr.HTML(page_banner(self.detector.mark), visible=bool(self.detector.mark))
+            gr.Markdown(page_header(self.detector))
+            files = gr.File(label=f"Photos and videos (at most {self.settings.max_files}, "
+                            f"{self.settings.max_file_bytes // 2**20} MB each)", file_count="multiple", elem_id="uploads")
+            gradcam = gr.Checkbox(label="Grad-CAM: also show which regions of each face drove its score",
+                                  visible=len(self.detector.members) == 1)
+            button = gr.Button("Judge", variant="primary")
+            summary = gr.Markdown()
+            table = gr.Dataframe(headers=list(CSV_COLUMNS), label="A row per face, as --predict --csv writes it",
+                                 interactive=False, elem_id="verdicts")
+            download = gr.File(label="The CSV")
+            pictures = gr.Gallery(label="Faces marked, videos' frames and p(fake) over time, Grad-CAM", columns=2,
+                                  height="auto")
+            gr.Markdown(VERDICTS_EXPLAINED)
+
+            def judge_request(files, gradcam, progress=gr.Progress()):
+                def moved(done, total, what):
+                    progress(done / max(total, 1), desc=what)
+                try:
+                    return self.judged(files or [], gradcam, moved)
+                except UserError as error:
+                    raise gr.Error(str(error)) from None
+
+            button.click(judge_request, [files, gradcam], [summary, table, download, pictures], api_name="judge")
+        page.queue(default_concurrency_limit=1, max_size=self.settings.waiting)
+        return page
+
+    def judged(self, files, gradcam, progress):
+        """Judge one request's uploads; return what the page shows: the lines, the table, the CSV and the pictures."""
+        if not files:
+            raise UserError("no file given: drop photos or videos on the page first")
+        if len(files) > self.settings.max_files:
+            raise UserError(f"{len(files)} files: the page judges at most {self.settings.max_files} at once; "
+                            "send them in smaller groups")
+        gone = [Path(file).name for file in files if not Path(file).is_file()]
+        if gone:
+            raise UserError(f"{', '.join(gone)}: deleted once judged; drop the file again to judge it again")
+        folder = self.request_folder()
+        uploads = folder / "uploads"
+        paths = take_uploads(files, uploads)
+        report = PageReport(ReportSettings(annotate=folder / "pictures", gradcam=folder / "gradcam" if gradcam else None,
+                                           frames=self.settings.frames), uploads, paths, progress)
+        try:
+            report.start(self.detector.name)
+            self.judge(self.detector, report, paths, self.settings.frames, gradcam)
+        finally:
+            report.stop()
+            shutil.rmtree(uploads, ignore_errors=True)
+        pictures = [(str(path), path.name) for path in report.pictures]
+        return report.summary(), report.table(), str(report.write_csv(folder / "verdicts.csv")), pictures
+
+    def request_folder(self):
+        """A new folder for a request's uploads and pictures; the earlier requests' are removed."""
+        for earlier in self.workspace.glob("request-*"):
+            shutil.rmtree(earlier, ignore_errors=True)
+        self.requests += 1
+        folder = self.workspace / f"request-{self.requests}"
+        folder.mkdir(parents=True)
+        return folder
+
+
+def take_uploads(files, uploads):
+    """Move each uploaded file into `uploads`, under its own name (name~2.jpg where two share one); return their paths."""
+    uploads.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for file in map(Path, files):
+        path, number = uploads / file.name, 2
+        while path.exists():
+            path, number = uploads / f"{file.stem}~{number}{file.suffix}", number + 1
+        shutil.move(file, path)
+        with contextlib.suppress(OSError):  # Gradio keeps each upload in a folder of its own; not empty, another name is left.
+            file.parent.rmdir()
+        paths.append(path)
+    return paths
+
+
+def serve_page(detector, settings, judge):
+    """Serve the page of `detector` (with PageSettings `settings`) until Ctrl-C; return the exit status, 130.
+
+    `judge(detector, report, paths, frames, gradcam)` judges a request's files into its
+    PageReport, as --predict does. Nothing leaves the machine: no share link, no analytics,
+    and the page reads no file of the machine but those uploaded to it.
+    """
+    workspace = Path(tempfile.mkdtemp(prefix="deepfake-page-"))
+    # Before Gradio loads: its uploads go into this folder, which is removed when the page closes.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["GRADIO_TEMP_DIR"] = str(workspace / "gradio")
+    page = DetectorPage(detector, settings, judge, workspace).build()
+    try:
+        try:
+            page.launch(
+                server_name=settings.host, server_port=settings.port, share=False, quiet=True, prevent_thread_lock=True,
+                max_file_size=settings.max_file_bytes, allowed_paths=[], ssr_mode=False, enable_monitoring=False,
+                mcp_server=False, pwa=False, show_error=True,
+            )
+        except OSError:  # Taken since the options were checked: Gradio's own words name its settings, not ours.
+            raise UserError(f"--host {settings.host} --port {settings.port}: the page cannot listen there; "
+                            "give another --port, or stop what uses it") from None
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: --host {settings.host}: anyone who can reach this machine can upload to the page", file=sys.stderr)
+        print(f"The page is at http://{settings.host}:{settings.port}/ ; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(Exception):  # Closing must not hide why it closed.
+            page.close(verbose=False)
+        shutil.rmtree(workspace, ignore_errors=True)
+    print("\nStopped the page.", flush=True)
+    return 130
 
 
 # ---------------------------------------------------------------------------

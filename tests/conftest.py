@@ -72,8 +72,8 @@ def run_script(title, split_root, output_dir, *options):
     script = importlib.import_module(SCRIPTS[title][0])
     img_size = str(max(32, script.RECIPE.min_img_size))
     data_options = [] if split_root is None else ["--data-dir", str(split_root)]
-    # --predict and --evaluate train nothing, and refuse the options that say how to.
-    applying = "--predict" in options or "--evaluate" in options
+    # --predict, --evaluate, --export and --serve train nothing, and refuse the options that say how to.
+    applying = any(mode in options for mode in ("--predict", "--evaluate", "--export", "--serve"))
     training_options = [] if applying else ["--epochs", "1", "--img-size", img_size]
     argv = [*data_options, "--output-dir", str(output_dir), "--weights", "none",
             *training_options, "--batch-size", "4", *options]
