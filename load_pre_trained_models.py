@@ -1815,10 +1815,11 @@ def evaluate_saved_model(recipe, settings):
     model_file = saved_model_file(recipe, settings.model, settings.output_dir, settings.demo)
     images = load_evaluation_images(settings.folder, settings.output_dir / ".cache", settings.subset, settings.seed)
     model = load_saved_model(model_file, recipe)
+    faces = find_evaluation_faces(images, settings.min_face) if settings.faces == "auto" else None
     eval_name, eval_title = evaluation_labels(recipe, settings)
     run_dir = ensure_writable_folder(evaluations_folder(model_file, settings.output_dir, recipe.name))
     with one_run_at_a_time(run_dir):
-        return write_evaluation(recipe, settings, model, model_file, images, run_dir / eval_name, eval_title)
+        return write_evaluation(recipe, settings, model, model_file, images, run_dir / eval_name, eval_title, faces)
 
 
 @dataclass
@@ -1830,76 +1831,39 @@ class EvaluationFaces:
     no_face: list
 
 
-# --evaluate --faces auto scores the faces of this many images while it finds the next ones'.
-EVALUATION_CHUNK = 64
-
-
-def scored_evaluation_faces(model, images, min_face, batch_size, perturbation):
-    """Find each labelled image's face (see find_evaluation_faces) and score it, perhaps perturbed.
-
-    While the faces of EVALUATION_CHUNK images are scored, the next ones' are found, in a
-    thread of their own. Returns the EvaluationFaces and the faces' predictions table.
-    """
-    print(f"Finding and scoring the faces of {len(images)} images")
-    progress = ProgressBar(len(images), unit="image")
-    faces, p_fake = EvaluationFaces([], [], []), []
-    for chunk in made_ahead(lambda stopped: evaluation_faces_in_chunks(images, min_face, stopped)):
-        if chunk.images:
-            flow = evaluation_flow(chunk.images, image_size(model), batch_size, perturbation, chunk.frames)
-            p_fake.append(model.predict(flow, verbose=0).ravel().astype(float))
-        faces.images += chunk.images
-        faces.frames += chunk.frames
-        faces.no_face += chunk.no_face
-        progress.update(len(faces.images) + len(faces.no_face))
-    check_evaluation_faces(faces, len(images), min_face)
-    return faces, predictions_table(faces.images, np.concatenate(p_fake))
-
-
-def evaluation_faces_in_chunks(images, min_face, stopped):
-    """Yield the EvaluationFaces of each EVALUATION_CHUNK images in turn, until the event `stopped` is set."""
-    finder = FaceFinder()
-    for start in range(0, len(images), EVALUATION_CHUNK):
-        if stopped.is_set():
-            return
-        yield find_evaluation_faces(finder, images[start : start + EVALUATION_CHUNK], min_face)
-
-
-def find_evaluation_faces(finder, images, min_face):
+def find_evaluation_faces(images, min_face):
     """Find each labelled image's face by the detector's own face path (the widest it can judge, where
-    there are several); list the images with none to judge."""
-    found, frames, no_face = [], [], []
-    for path, class_name in images:
+    there are several); count the images with none to judge."""
+    finder, found, frames, no_face = FaceFinder(), [], [], []
+    print(f"Finding the faces in {len(images)} images")
+    progress = ProgressBar(len(images), unit="image")
+    for done, (path, class_name) in enumerate(images, start=1):
         faces = [face for face in faces_to_judge(finder, read_upright(path), min_face, cut_out=False) if face.note is None]
         if faces:
             found.append((path, class_name))
             frames.append(max(faces, key=lambda face: face.width).face_frame)
         else:
             no_face.append(str(path))
-    return EvaluationFaces(found, frames, no_face)
-
-
-def check_evaluation_faces(faces, image_count, min_face):
-    """Warn of the images without a face; stop where a class has none."""
-    found, no_face = faces.images, faces.no_face
+        progress.update(done)
     if no_face:
-        print(f"warning: {len(no_face)} of {image_count} images have no face of --min-face {min_face} px or more; "
+        print(f"warning: {len(no_face)} of {len(images)} images have no face of --min-face {min_face} px or more; "
               "they are left out, and listed in metrics.json", file=sys.stderr)
     for class_name in CLASSES:
         if not any(name == class_name for _, name in found):
             raise UserError(f"no face of --min-face {min_face} px or more was found in any {class_name}/ image; "
                             "lower --min-face, or evaluate whole images with --faces off")
+    return EvaluationFaces(found, frames, no_face)
 
 
-def write_evaluation(recipe, settings, model, model_file, images, eval_dir, eval_title):
+def write_evaluation(recipe, settings, model, model_file, images, eval_dir, eval_title, faces=None):
     """Score the images (or their faces), perhaps perturbed, and write the evaluation's outputs into eval_dir."""
     perturbation = None
     if settings.jpeg_quality is not None or settings.blur:
         perturbation = functools.partial(perturb, jpeg_quality=settings.jpeg_quality, blur_sigma=settings.blur)
-    faces = None
-    if settings.faces == "auto":
-        faces, predictions = scored_evaluation_faces(model, images, settings.min_face, settings.batch_size, perturbation)
-    else:
-        predictions = predict_split(model, evaluation_flow(images, image_size(model), settings.batch_size, perturbation), images)
+    if faces is not None:
+        images = faces.images
+    flow = evaluation_flow(images, image_size(model), settings.batch_size, perturbation, None if faces is None else faces.frames)
+    predictions = predict_split(model, flow, images)
     metrics = {
         "model": recipe.title,
         "model_file": str(model_file),

@@ -48,6 +48,11 @@ frame every 250, where each of OpenCV's seeks decoded again from the key frame b
 is idle: on two busy cores the network, the decoder and MTCNN share them (the H.264/250
 clip's scoring took 43.8 s inside judging, 22.9 s alone). The peak memory of the whole
 run was 2.69 GB before, 2.32 GB after. Photos: 50 faces found before, 51 after.
+
+--evaluate --faces auto against --faces off (--evaluate-only) gave 1.71, 1.20 and 1.67 on
+main's code in three runs. Finding the faces of 64 images while the previous 64 were
+scored, in a thread, gave 2.10 back to back with the 1.67 (the faces took 106.2 s against
+84.6 s): on two busy cores MTCNN only slowed the network, so that change was not kept.
 """
 
 import argparse
@@ -206,13 +211,11 @@ def evaluation_seconds(model, images, faces):
     from load_pre_trained_models import image_size, predict_split
 
     started = time.perf_counter()
-    if faces == "off":
-        predict_split(model, evaluation_flow(images, image_size(model), 32), images)
-    elif hasattr(load_pre_trained_models, "scored_evaluation_faces"):
-        load_pre_trained_models.scored_evaluation_faces(model, images, DEFAULT_MIN_FACE, 32, None)
-    else:  # The code before faces were scored while the next ones were found, for the "before" figures.
+    frames = None
+    if faces == "auto":
         found = load_pre_trained_models.find_evaluation_faces(images, DEFAULT_MIN_FACE)
-        predict_split(model, evaluation_flow(found.images, image_size(model), 32, frames=found.frames), found.images)
+        images, frames = found.images, found.frames
+    predict_split(model, evaluation_flow(images, image_size(model), 32, frames=frames), images)
     return time.perf_counter() - started
 
 
