@@ -51,7 +51,7 @@ run was 2.69 GB before, 2.32 GB after. Photos: 50 faces found before, 51 after.
 
 --evaluate --faces auto against --faces off (--evaluate-only) gave 1.71, 1.20 and 1.67 on
 main's code in three runs. Finding the faces of 64 images while the previous 64 were
-scored, in a thread, gave 2.10 back to back with the 1.67 (the faces took 106.2 s against
+scored, in a thread, gave 2.10 back to back with the 1.67 (--faces auto took 106.2 s against
 84.6 s): on two busy cores MTCNN only slowed the network, so that change was not kept.
 """
 
