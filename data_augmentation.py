@@ -13,10 +13,10 @@ model needs no preprocessing code of ours. In order, this module holds:
 3. the images that --evaluate scores, perhaps blurred or JPEG-compressed first;
 4. faces: the frame the dataset cuts a face out in (measured on the dataset; see
    FRAME_SIDE_PER_FACE_SCALE), MTCNN that finds them in a copy no larger than the search
-   needs, and the face followed across a video's frames (main_face: a sighting joins the
+   needs and frames them in the image itself, and the face followed across a video's frames (main_face: a sighting joins the
    nearest face last seen within twice its square's side, so that a face that shrinks,
    grows or is missed for a while stays one face);
-5. a video's frames, sampled evenly;
+5. a video's frames, sampled evenly, key frames preferred, read with PyAV in one pass;
 6. the command below, which draws what the model trains on.
 
 Only the training images are augmented, so that the model sees a slightly different
@@ -29,6 +29,7 @@ face every epoch; validation and test images are only resized.
 It writes OUTPUT_DIR/augmentation_samples.png (default outputs/, or outputs/demo/ with --demo).
 """
 
+import bisect
 import contextlib
 import math
 import os
@@ -687,6 +688,49 @@ class StageWithCandidates:
         return self.stage(bboxes_batch=bboxes_batch, **inputs)
 
 
+class StageInFullImage:
+    """MTCNN's last stage, which places each face's box and landmarks, run in the full-size image.
+
+    The first two stages search a reduced copy (see SEARCH_SIDE); this one takes their
+    candidate boxes, scaled up, in the region of the full-size image that holds them, at
+    most SEARCH_PIXELS_AT_MOST pixels of it. So a face found in a copy a third the size is
+    framed from its own pixels, as a search of the full-size image frames it: its crop moved
+    by up to 9 % of its side when the reduced copy framed it too (see
+    tests/benchmarks/measure_face_search_size.py). Its results are in the full image's pixels.
+    """
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.image, self.scale = None, 1.0  # The full-size image, and how much the searched copy was shrunk.
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+    def __call__(self, bboxes_batch=None, images_normalized=None, **inputs):
+        if self.scale == 1:
+            return self.stage(bboxes_batch=bboxes_batch, images_normalized=images_normalized, **inputs)
+        from mtcnn.utils.images import standarize_batch
+
+        candidates = np.array(bboxes_batch, dtype=np.float64)
+        candidates[:, 1:5] /= self.scale
+        # The region that holds every candidate box, as far as the image goes.
+        height, width = self.image.shape[:2]
+        left, top = (max(0, math.floor(candidates[:, column].min())) for column in (1, 2))
+        right, bottom = min(width, math.ceil(candidates[:, 3].max())), min(height, math.ceil(candidates[:, 4].max()))
+        region = self.image[top:bottom, left:right]
+        shrink = min(1.0, math.sqrt(SEARCH_PIXELS_AT_MOST / max(1, region.shape[0] * region.shape[1])))
+        if shrink < 1:
+            region = cv2.resize(region, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        offset = np.array([left, top] * 2)
+        candidates[:, 1:5] = (candidates[:, 1:5] - offset) * shrink
+        normalized, _, _ = standarize_batch([region], normalize=True)
+        faces = np.array(self.stage(bboxes_batch=candidates, images_normalized=normalized, **inputs), dtype=np.float64)
+        # Boxes (x1, y1, x2, y2), then the five landmarks' x and their y, back in the full image's pixels.
+        faces[:, 1:5] = faces[:, 1:5] / shrink + offset
+        faces[:, 6:11], faces[:, 11:16] = faces[:, 6:11] / shrink + left, faces[:, 11:16] / shrink + top
+        return faces
+
+
 class FaceFinder:
     """MTCNN (Zhang et al., 2016), as the mtcnn package ships it with its weights: nothing is downloaded."""
 
@@ -695,24 +739,34 @@ class FaceFinder:
         import mtcnn
         from mtcnn.stages import StageONet, StagePNet, StageRNet
 
-        self.detector = mtcnn.MTCNN(stages=[StageWithCandidates(stage()) for stage in (StagePNet, StageRNet, StageONet)])
+        self.last_stage = StageInFullImage(StageWithCandidates(StageONet()))
+        stages = [StageWithCandidates(StagePNet()), StageWithCandidates(StageRNet()), self.last_stage]
+        self.detector = mtcnn.MTCNN(stages=stages)
 
     def find(self, image, min_face, min_confidence=None):
         """The faces in an upright RGB image that MTCNN is at least `min_confidence` sure of
-        (MIN_FACE_CONFIDENCE by default), in reading order, in the image's own pixels."""
+        (MIN_FACE_CONFIDENCE by default), in reading order, in the image's own pixels.
+
+        The faces are searched in a copy reduced by search_scale, and framed in the image itself (see StageInFullImage).
+        """
         min_confidence = MIN_FACE_CONFIDENCE if min_confidence is None else min_confidence
         if min(image.shape[:2]) < SMALLEST_FINDABLE_FACE:
             return []  # No face fits in a strip this thin, which shrinking for the search would leave empty.
         scale = search_scale(*image.shape[:2], min_face)
         searched = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        self.last_stage.image, self.last_stage.scale = image, scale
+        try:
+            # Boxes are not cut at the image's edge, so that a face partly outside keeps its width.
+            found = self.detector.detect_faces(searched, fit_to_image=False)
+        finally:
+            self.last_stage.image = None  # Not held after the search.
         faces = [
             Face(
-                box=tuple(float(value) / scale for value in found["box"]),
+                box=tuple(float(value) for value in found["box"]),
                 confidence=float(found["confidence"]),
-                landmarks={name: tuple(float(value) / scale for value in point) for name, point in found["keypoints"].items()},
+                landmarks={name: tuple(float(value) for value in point) for name, point in found["keypoints"].items()},
             )
-            # Boxes are not cut at the image's edge, so that a face partly outside keeps its width.
-            for found in self.detector.detect_faces(searched, fit_to_image=False)
+            for found in found
             if found["confidence"] >= min_confidence
         ]
         return in_reading_order(faces)
@@ -785,33 +839,44 @@ class UnreadableVideo(Exception):
     """A video that cannot be opened, or whose frames cannot be decoded."""
 
 
-def sampled_frame_indices(frame_count, frames):
-    """`frames` frame indices spread evenly over a video: the middle frame of each of as many equal parts."""
-    count = min(frames, frame_count)
-    return sorted({int((part + 0.5) * frame_count / count) for part in range(count)})
+def sampled_frame_indices(frame_count, frames, key_frames=()):
+    """`frames` frame indices spread evenly over a video, one in each of as many equal parts of it.
+
+    In each part, the key frame nearest its middle, where the part has one: it decodes on
+    its own, without the frames before it. Otherwise the part's middle frame.
+    """
+    count, key_frames = min(frames, frame_count), sorted(key_frames)
+    chosen = []
+    for part in range(count):
+        # The part holds the frames from part * frame_count / count, up to the next part's first.
+        first, after = -(-part * frame_count // count), -(-(part + 1) * frame_count // count)
+        middle = int((part + 0.5) * frame_count / count)
+        keys = key_frames[bisect.bisect_left(key_frames, first) : bisect.bisect_left(key_frames, after)]
+        chosen.append(min(keys, key=lambda key: abs(key - middle)) if keys else middle)
+    return chosen
 
 
-def read_video_frames(path, frames):
+def read_video_frames(path, frames, decoded=None):
     """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video, or an animated GIF or WebP.
 
-    Only those frames are read: the video is seeked to each, and FFmpeg decodes from the
-    key frame before it, not the whole file. OpenCV turns a phone's video upright by its
-    rotation tag. A frame that cannot be decoded (in a file cut off) comes as None.
+    A video is read in one pass (see read_sampled_frames); the index of every frame it
+    decodes, sampled or not, is added to the list `decoded` if one is given. A frame that
+    cannot be decoded (in a file cut off) comes as None.
     """
     if is_animated_image(path):
         yield from read_animation_frames(path, frames)
         return
-    with path_opencv_can_open(path) as openable:
-        yield from read_opencv_frames(openable, frames)
+    with path_ffmpeg_can_open(path) as openable:
+        yield from read_sampled_frames(openable, frames, decoded if decoded is not None else [])
 
 
 @contextlib.contextmanager
-def path_opencv_can_open(path):
-    """`path` as a string OpenCV can open: itself, or, for a file name that is not UTF-8, a link to it with a plain name.
+def path_ffmpeg_can_open(path):
+    """`path` as a string FFmpeg can open: itself, or, for a file name that is not UTF-8, a link to it with a plain name.
 
-    OpenCV takes a path as a C string of UTF-8, and crashes on a name that is no UTF-8
-    (Python keeps its bytes as surrogate escapes). The link is made in a temporary folder,
-    removed after. (Windows' names are always Unicode: there, no link is needed.)
+    FFmpeg takes a path as a C string of UTF-8, and PyAV cannot pass it a name that is no
+    UTF-8 (Python keeps its bytes as surrogate escapes). The link is made in a temporary
+    folder, removed after. (Windows' names are always Unicode: there, no link is needed.)
     """
     name = str(path)
     try:
@@ -826,24 +891,122 @@ def path_opencv_can_open(path):
     yield name
 
 
-def read_opencv_frames(path, frames):
-    """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video that OpenCV's FFmpeg reads."""
-    capture = cv2.VideoCapture(path)
+@dataclass(frozen=True)
+class VideoIndex:
+    """Where a video's frames are, read from its packets without decoding them.
+
+    timestamps: each frame's presentation time stamp, in the order frames are shown.
+    key_frames: the indices of the frames that decode on their own.
+    frame_count: the frames the container declares, or, where it declares none, the frames found.
+    """
+
+    timestamps: list
+    key_frames: list
+    frame_count: int
+
+    def key_frame_before(self, index):
+        """The last key frame at or before frame `index`; 0 where there is none."""
+        position = bisect.bisect_right(self.key_frames, index)
+        return self.key_frames[position - 1] if position else 0
+
+
+def video_index(container, stream):
+    """The VideoIndex of a video stream: its packets are read, none decoded, then the container is rewound."""
+    stamped = []
+    for packet in container.demux(stream):
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        if packet.size and stamp is not None:
+            # A packet cut short (the end of a file cut off) is no key frame to prefer.
+            stamped.append((stamp, packet.is_keyframe and not packet.is_corrupt))
+    container.seek(0)
+    stamped.sort()
+    timestamps = [stamp for stamp, _ in stamped]
+    key_frames = [index for index, (_, is_key) in enumerate(stamped) if is_key]
+    # A file cut off declares frames it no longer holds: they are sampled, and reported as not decoded.
+    return VideoIndex(timestamps, key_frames, max(stream.frames, len(timestamps)))
+
+
+def read_video_index(path):
+    """The VideoIndex of a video file: where its frames and key frames are."""
+    import av
+
+    with av.open(str(path)) as container:
+        return video_index(container, container.streams.video[0])
+
+
+def read_sampled_frames(path, frames, decoded):
+    """Yield (index, upright RGB frame) for `frames` frames spread evenly over a video that FFmpeg reads.
+
+    The frames are chosen knowing where the key frames are (sampled_frame_indices), and
+    read in one forward pass with a decoding thread per core: before each sampled frame the
+    video skips ahead to the key frame before it, unless it is already decoding past that
+    key frame, so no frame is decoded twice. A phone's video is turned upright by its
+    rotation tag.
+    """
+    import av  # Imported here, so that the scripts start without loading FFmpeg's libraries.
+
+    problem = image_named_as_video(path)  # FFmpeg opens a single image too, as a video of one frame.
+    if problem:
+        raise UnreadableVideo(problem)
     try:
-        if not capture.isOpened():
-            raise UnreadableVideo(image_named_as_video(path) or "not a video OpenCV's FFmpeg can open")
-        frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        if frame_count <= 0:
-            # FFmpeg opens a single image too, as a video without a frame count.
-            raise UnreadableVideo(image_named_as_video(path) or "its container gives no frame count, so frames cannot be sampled")
-        for index in sampled_frame_indices(frame_count, frames):
-            # Reading on is faster than a seek when the next frame is the very next one.
-            if capture.get(cv2.CAP_PROP_POS_FRAMES) != index:
-                capture.set(cv2.CAP_PROP_POS_FRAMES, index)
-            read, frame = capture.read()
-            yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if read else None
-    finally:
-        capture.release()
+        container = av.open(path)
+    except (av.FFmpegError, OSError):
+        raise UnreadableVideo("not a video FFmpeg can open") from None
+    with container:
+        if not container.streams.video:
+            raise UnreadableVideo("not a video: it has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # Decodes several frames, or parts of one, at once.
+        try:
+            index = video_index(container, stream)
+        except av.FFmpegError as error:
+            raise UnreadableVideo(f"its frames cannot be read ({error})") from None
+        if not index.timestamps:
+            raise UnreadableVideo("none of its frames could be read")
+        position = {stamp: number for number, stamp in enumerate(index.timestamps)}
+        wanted = sampled_frame_indices(index.frame_count, frames, index.key_frames)
+        yield from decoded_in_one_pass(container, stream, index, position, wanted, decoded)
+
+
+def decoded_in_one_pass(container, stream, index, position, wanted, decoded):
+    """Yield (index, upright RGB frame or None) for each wanted frame, in order, decoding forward only."""
+    decoding, last = iter(()), -1  # The decoder's frames, and the index of the last one decoded.
+    for target in wanted:
+        if target >= len(index.timestamps):
+            yield target, None  # Declared by the container, but cut off.
+            continue
+        key = index.key_frame_before(target)
+        if last < key:
+            # Skip ahead: the frames between the last decoded and the key frame are not needed.
+            container.seek(index.timestamps[key], stream=stream, backward=True)
+            decoding = frames_decoded(container, stream)
+        picture = None
+        for frame in decoding:
+            number = position.get(frame.pts, last + 1)
+            decoded.append(number)
+            last = number
+            if number >= target:
+                picture = upright_frame(frame) if number == target else None
+                break
+        yield target, picture
+
+
+def frames_decoded(container, stream):
+    """The decoder's frames from where the container stands; a packet that cannot be decoded is passed over."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.InvalidDataError:  # A damaged packet: the frames after it may still decode.
+            continue
+
+
+def upright_frame(frame):
+    """A decoded frame as RGB pixels, turned as its rotation tag says a player shows it."""
+    pixels = frame.to_ndarray(format="rgb24")
+    quarter_turns = round(frame.rotation / 90) % 4  # Counterclockwise, as FFmpeg's display matrix gives it.
+    return np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
 
 
 def read_animation_frames(path, frames):

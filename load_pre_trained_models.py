@@ -53,6 +53,7 @@ import itertools
 import json
 import math
 import os
+import queue
 import shlex
 import shutil
 import sys
@@ -879,8 +880,9 @@ class JudgingOptions:
                 raise UserError(message)
 
 
-# A detector holds at most about this many pixels of photos at once (600 MB in RGB).
-HELD_PIXELS = 200_000_000
+# A batch of photos holds at most about this many pixels, and a detector two batches at
+# once (one scored while the next is read): 600 MB in RGB.
+HELD_PIXELS = 100_000_000
 
 
 class Detector:
@@ -986,17 +988,28 @@ class Detector:
     def judge_photos(self, paths):
         """Yield a PictureResult for each photo file, in order, scoring the faces of several photos in one batch.
 
-        Photos are held until their faces are scored, so a batch also ends once it holds
-        HELD_PIXELS: a folder of phone photos would otherwise fill the memory.
+        While one batch is scored, the next is read and its faces found, in a thread of its own.
         """
-        paths, batch = list(paths), []
+        for batch in made_ahead(lambda stopped: self.photo_batches(list(paths), stopped)):
+            self.score([face for picture in batch for face in picture.faces])
+            yield from batch
+
+    def photo_batches(self, paths, stopped):
+        """Yield the photos in batches of PictureResults, their faces found and cut out, not yet scored.
+
+        Photos are held until their faces are scored, so a batch also ends once it holds
+        HELD_PIXELS: a folder of phone photos would otherwise fill the memory. Once the event
+        `stopped` is set, no further photo is read.
+        """
+        batch = []
         for position, path in enumerate(paths):
+            if stopped.is_set():
+                return
             batch.append(self.read(path))
             held = sum(picture.image.size // 3 for picture in batch if picture.image is not None)
             faces_to_score = sum(face.crop is not None for picture in batch for face in picture.faces)
             if faces_to_score >= self.options.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
-                self.score([face for picture in batch for face in picture.faces])
-                yield from batch
+                yield batch
                 batch = []
 
     def read(self, path):
@@ -1036,9 +1049,20 @@ class Detector:
         return video
 
     def judge_frames(self, video, reading, on_batch):
-        """Judge the frames that `reading` yields, a batch at a time, into `video`."""
+        """Judge the frames that `reading` yields, a batch at a time, into `video`.
+
+        While one batch is scored, the next is read and its faces found, in a thread of its own.
+        """
+        for batch in made_ahead(lambda stopped: self.frame_batches(video, reading, stopped)):
+            video.frames += self.scored_and_let_go(batch, on_batch)
+
+    def frame_batches(self, video, reading, stopped):
+        """Yield the frames that `reading` yields in batches of PictureResults, their faces found and cut out, not yet scored.
+
+        Once the event `stopped` is set, no further frame is read.
+        """
         waiting = []
-        while True:
+        while not stopped.is_set():
             with self.stopwatch.timing("seeking and decoding"):
                 index, frame = next(reading, (None, None))
             if index is None:
@@ -1052,9 +1076,9 @@ class Detector:
             # A batch is full of faces to score, or of frames (which may have none) to report.
             faces_to_score = sum(face.crop is not None for picture in waiting for face in picture.faces)
             if max(faces_to_score, len(waiting)) >= self.options.batch_size:
-                video.frames += self.scored_and_let_go(waiting, on_batch)
+                yield waiting
                 waiting = []
-        video.frames += self.scored_and_let_go(waiting, on_batch)
+        yield waiting
 
     def scored_and_let_go(self, pictures, on_batch):
         """Score the pictures' faces and hand them to on_batch, then let their pixels, crops and heat maps go."""
@@ -1190,6 +1214,48 @@ class Stopwatch:
 
     def summary(self):
         return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
+
+
+def made_ahead(making):
+    """Yield what the iterator `making(stopped)` yields, making the next item in a thread while the caller works on this one.
+
+    At most two items exist at once: the one the caller holds and the one being made.
+    Whatever making one raises (KeyboardInterrupt included) is raised here, after the items
+    made before it. When the caller stops early (Ctrl-C), the event `stopped` is set, which
+    the iterator checks as often as it can, and the thread is waited for.
+    """
+    handed, stopped, room = queue.Queue(), threading.Event(), threading.Semaphore(2)
+    items = making(stopped)
+
+    def make():
+        try:
+            while not stopped.is_set():
+                if not room.acquire(timeout=0.1):
+                    continue
+                item = next(items, made_ahead)  # The function itself marks the end: no item is it.
+                handed.put((item, None))
+                if item is made_ahead:
+                    return
+        except BaseException as error:  # Handed over, to be raised in the caller's thread.
+            handed.put((None, error))
+        finally:
+            if hasattr(items, "close"):
+                items.close()
+
+    maker = threading.Thread(target=make, name="made_ahead", daemon=True)
+    maker.start()
+    try:
+        while True:
+            item, error = handed.get()
+            if error is not None:
+                raise error
+            if item is made_ahead:
+                return
+            yield item
+            room.release()  # The caller is done with this one.
+    finally:
+        stopped.set()
+        maker.join()
 
 
 # ---------------------------------------------------------------------------

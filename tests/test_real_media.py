@@ -7,8 +7,10 @@ The public-domain astronaut portrait comes from the installed scikit-image.
 """
 
 import json
+import math
 import re
 import shutil
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -32,6 +34,8 @@ from data_augmentation import (
     load_pixels,
     main_face,
     read_upright,
+    read_video_frames,
+    read_video_index,
     resized_image,
     sampled_frame_indices,
 )
@@ -203,11 +207,12 @@ def test_a_video_is_sampled_and_its_moving_face_followed(output_dir, tmp_path, c
 
     output = capsys.readouterr().out
     rows = pd.read_csv(tmp_path / "v.csv").iloc[:-1]  # The video's own row comes after its frames'.
-    assert rows["frame"].tolist() == sampled_frame_indices(40, 5) == [4, 12, 20, 28, 36]
+    # One frame in each fifth of the clip: its key frame (OpenCV writes one every 12 frames), or its middle one.
+    assert rows["frame"].tolist() == sampled_frame_indices(40, 5, read_video_index(video).key_frames) == [0, 12, 20, 24, 36]
     # Whole numbers are written as such: the frame, the face, the square.
     first_row = (tmp_path / "v.csv").read_text().splitlines()[1].split(",")
     assert first_row[1:6] == [str(int(value)) for value in rows.iloc[0][["frame", "face", "crop_x", "crop_y", "crop_size"]]]
-    assert first_row[1:3] == ["4", "1"]
+    assert first_row[1:3] == ["0", "1"]
     for row in rows.itertuples():
         assert square_iou((row.crop_x, row.crop_y, row.crop_size), squares[int(row.frame)]) >= 0.7
     summary = next(line for line in output.splitlines() if "  video  " in line)
@@ -453,6 +458,60 @@ def test_frames_are_spread_evenly_and_faces_linked_by_overlap():
     assert [(item.frame, item.p_fake) for item in followed] == [(0, 0.2), (1, 0.3), (2, 0.4)]
 
 
+def write_h264_clip(path, frame_count, key_frame_interval, rotation=None, milliseconds=None):
+    """An H.264 clip of 160x120 frames by x264, a key frame every `key_frame_interval` frames, each frame showing its
+    number as the grey of its lower half; with `rotation`, a rotation tag; with `milliseconds`, each frame's time."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"g": str(key_frame_interval), "sc_threshold": "0"}  # Key frames only where asked.
+        if milliseconds is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index in range(frame_count):
+            pixels = np.zeros((120, 160, 3), np.uint8)
+            pixels[:30, :40] = 255  # A white corner, to tell the frame's way up.
+            pixels[60:] = index % 256
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if milliseconds is not None:
+                frame.pts, frame.time_base = milliseconds[index], Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_sampled_frames_cover_the_clip_prefer_key_frames_and_none_is_decoded_twice(tmp_path):
+    clip = write_h264_clip(tmp_path / "clip.mp4", frame_count=300, key_frame_interval=50)
+    decoded = []
+    read = list(read_video_frames(clip, 8, decoded))
+    index = read_video_index(clip)
+    assert index.key_frames == list(range(0, 300, 50)) and index.frame_count == 300
+    # One frame in each eighth of the clip: its key frame where it has one, or else its middle frame.
+    assert [number for number, _ in read] == [0, 50, 100, 131, 150, 200, 250, 281]
+    for part, (number, pixels) in enumerate(read):
+        assert part * 300 / 8 <= number < (part + 1) * 300 / 8
+        assert abs(int(pixels[90, 80, 0]) - number % 256) <= 3, number  # The frame it says it is.
+    # One forward pass: each frame decoded once at most, and only from the key frame before a sampled one.
+    assert decoded == sorted(set(decoded))
+    assert decoded == [0, 50, *range(100, 132), 150, 200, *range(250, 282)]
+
+
+def test_a_rotated_clip_comes_upright_and_a_variable_rate_one_by_frame_order(tmp_path):
+    # A phone's portrait clip: stored sideways, with a tag that says to turn it a quarter clockwise.
+    clip = write_h264_clip(tmp_path / "rotated.mp4", frame_count=20, key_frame_interval=10, rotation=-90)
+    (_, upright), *_ = read_video_frames(clip, 2)
+    assert upright.shape == (160, 120, 3)
+    assert upright[:40, -30:].mean() > 200 and upright[:40, :30].mean() < 100  # The white corner, turned to the top right.
+    # Frames at uneven times: the parts are counted in frames, as the CSV's frame numbers are.
+    milliseconds = np.cumsum(np.r_[0, np.where(np.arange(59) < 30, 20, 180)]).tolist()
+    clip = write_h264_clip(tmp_path / "variable.mp4", frame_count=60, key_frame_interval=60, milliseconds=milliseconds)
+    read = list(read_video_frames(clip, 4))
+    assert [number for number, _ in read] == [0, 22, 37, 52]
+    assert [abs(int(pixels[90, 80, 0]) - number) <= 3 for number, pixels in read] == [True] * 4
+
+
 def test_the_header_and_every_picture_say_whose_verdicts_these_are(output_dir, tmp_path, capsys):
     skimage_data = pytest.importorskip("skimage.data")
     photo = tmp_path / "photos" / "astronaut.png"
@@ -571,6 +630,26 @@ def test_faces_are_searched_within_a_pixel_budget_and_a_larger_min_face_is_said(
     assert f"{photo}  face 1, " in captured.out  # Her face, 84 px wide, is still found.
 
 
+@needs_sample
+def test_faces_found_in_a_reduced_copy_are_framed_as_a_full_size_search_frames_them(finder, detector, monkeypatch):
+    """A 1280x720 frame is searched at 640x360, and its faces framed in the frame itself: against a search
+    of the whole frame, the same faces are found, and their crops and p_fake hardly move."""
+    scene = noisy_background(np.random.default_rng(5), 720, 1280)
+    for face_file, x, size in zip(sample_faces(2), (100, 700), (260, 380)):
+        paste(scene, face_file, x, 150, size)
+    reduced = finder.find(scene, 64)
+    monkeypatch.setattr(data_augmentation, "SEARCH_SIDE", 1280)
+    full_size = finder.find(scene, 64)
+    assert len(reduced) == len(full_size) == 2
+    for face, reference in zip(reduced, full_size):
+        frame, reference_frame = face.frame(), reference.frame()
+        moved = math.hypot(frame.centre_x - reference_frame.centre_x, frame.centre_y - reference_frame.centre_y)
+        assert moved + abs(frame.side - reference_frame.side) <= 0.03 * reference_frame.side
+    crops = [face.frame().crop(scene) for face in reduced + full_size]
+    p_fake = load_pre_trained_models.p_fake_of_pictures(detector.members, crops)
+    assert np.abs(p_fake[:2] - p_fake[2:]).max() <= 0.01
+
+
 # --- The detector, from Python ----------------------------------------------------
 
 
@@ -620,7 +699,7 @@ def test_the_detector_judges_a_clip_batch_by_batch(detector, media):
     clip = detector.judge_video(media / "clip.mp4", frames=6, on_batch=lambda pictures: batches.append(
         [picture.image is not None and all(face.crop is not None for face in picture.faces) for picture in pictures]))
     assert isinstance(clip, VideoResult) and (clip.frames_read, clip.frames_wanted) == (6, 6)
-    assert [picture.frame for picture in clip.frames] == sampled_frame_indices(250, 6)
+    assert [picture.frame for picture in clip.frames] == sampled_frame_indices(250, 6, read_video_index(media / "clip.mp4").key_frames)
     assert clip.p_fake == pytest.approx(np.mean([face.p_fake for face in clip.followed]))
     assert len(clip.followed) == 6 and clip.verdict == clip.band(clip.p_fake) and clip.note is None
     # Each batch came with its pixels, which were let go after.
