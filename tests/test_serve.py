@@ -156,7 +156,7 @@ def test_the_page_gives_predict_csvs_rows_for_good_and_bad_uploads_and_keeps_ser
     # The CSV to download is the table, as --csv writes it.
     assert pd.read_csv(csv_file, dtype=str, keep_default_na=False).equals(page)
     # The same notes as the command line's warnings, and the lines it prints.
-    for note in ("empty.jpg: empty file", "text.jpg: not a decodable image", "cut.mp4: not a video OpenCV's FFmpeg can open",
+    for note in ("empty.jpg: empty file", "text.jpg: not a decodable image", "cut.mp4: not a video FFmpeg can open",
                  "bomb.png: too large (100,000,000 pixels", "astronaut.jpg  face 1, ", "strip.png  no face found",
                  "clip.mp4  video  p_fake="):
         assert note in summary, note
