@@ -25,7 +25,15 @@ the 2 cores (so the wall times are high, and only the ratio compares like with l
 
 (load average about 11; 4.3 GB peak memory). An earlier run, timing Keras then
 onnxruntime one after the other rather than in turns, gave 0.78 with 64 images, as the
-load changed between them: on a quiet machine, run it again before quoting either.
+load changed between them. Run again on the same machine when it was quiet (load average
+0.9, nothing else running), the same command gave:
+
+    ONNX export: 58.1 MB in 6.9 s; largest difference 6.0e-08
+    Keras 4.8 images/s, onnxruntime 6.0 images/s (32 images, batches of 8)
+    ratio: onnxruntime/keras=1.25
+
+and `--export all` on a fresh demo model (quiet): model.onnx in 7.0 s (difference 1.0e-07),
+saved_model/ in 2.1 s (0), model.tflite in 4.3 s (2.4e-07).
 
 The demo's model (VGG16 at 32 px, one epoch; tests/test_export.py's), exported by
 `--export all` under the same load: model.onnx 58.1 MB in 34.8 s (difference 6.0e-08),
