@@ -158,7 +158,9 @@ def test_a_run_stopped_then_killed_then_cut_by_a_lost_node_judges_each_file_once
     assert len(keys) == len(set(keys))
     assert {row[0] for row in rows} == inputs
     p_fake = CSV_COLUMNS.index("p_fake")
-    assert len({row[p_fake] for row in rows if "astronaut" in row[0]}) == 1
+    # The same face, scored in other batches on other workers: the same p_fake but for float32 rounding.
+    astronauts = [float(row[p_fake]) for row in rows if "astronaut" in row[0]]
+    assert len(astronauts) == 5 and max(astronauts) - min(astronauts) <= 1e-6
     assert len([row for row in rows if "coffee" in row[0]]) == 5  # One row each: no face.
 
 
