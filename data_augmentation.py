@@ -731,6 +731,16 @@ class StageInFullImage:
         return faces
 
 
+def as_one_graph(network):
+    """One of MTCNN's networks, run as one TensorFlow graph of any batch and image size.
+
+    mtcnn calls its networks eagerly, and then Keras runs each small layer as an operation
+    of its own: on a 1080p frame that overhead took half the search's time (see
+    tests/benchmarks/benchmark_video.py). Traced once, the graph gives the same numbers.
+    """
+    return tf.function(network, input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+
+
 class FaceFinder:
     """MTCNN (Zhang et al., 2016), as the mtcnn package ships it with its weights: nothing is downloaded."""
 
@@ -739,8 +749,11 @@ class FaceFinder:
         import mtcnn
         from mtcnn.stages import StageONet, StagePNet, StageRNet
 
-        self.last_stage = StageInFullImage(StageWithCandidates(StageONet()))
-        stages = [StageWithCandidates(StagePNet()), StageWithCandidates(StageRNet()), self.last_stage]
+        networks = [StagePNet(), StageRNet(), StageONet()]
+        for stage in networks:
+            stage._model = as_one_graph(stage.model)
+        self.last_stage = StageInFullImage(StageWithCandidates(networks[2]))
+        stages = [StageWithCandidates(networks[0]), StageWithCandidates(networks[1]), self.last_stage]
         self.detector = mtcnn.MTCNN(stages=stages)
 
     def find(self, image, min_face, min_confidence=None):
