@@ -668,67 +668,10 @@ def in_reading_order(faces):
     return [face for row in rows for face in sorted(row, key=lambda face: face.box[0])]
 
 
-class StageWithCandidates:
-    """One of MTCNN's three stages, skipped when the stage before it left no candidate face.
-
-    mtcnn 1.0.0 runs the next stage on an empty batch anyway: TensorFlow then prints a
-    warning that reads like an error ("Local rendezvous is aborting ..."), before mtcnn
-    catches the failure and reports no face.
-    """
-
-    def __init__(self, stage):
-        self.stage = stage
-
-    def __getattr__(self, name):
-        return getattr(self.stage, name)
-
-    def __call__(self, bboxes_batch=None, **inputs):
-        if bboxes_batch is not None and len(bboxes_batch) == 0:
-            return np.empty((0, 16))  # What mtcnn itself gives for no face: 16 numbers a face.
-        return self.stage(bboxes_batch=bboxes_batch, **inputs)
-
-
-class StageInFullImage:
-    """MTCNN's last stage, which places each face's box and landmarks, run in the full-size image.
-
-    The first two stages search a reduced copy (see SEARCH_SIDE); this one takes their
-    candidate boxes, scaled up, in the region of the full-size image that holds them, at
-    most SEARCH_PIXELS_AT_MOST pixels of it. So a face found in a copy a third the size is
-    framed from its own pixels, as a search of the full-size image frames it: its crop moved
-    by up to 9 % of its side when the reduced copy framed it too (see
-    tests/benchmarks/measure_face_search_size.py). Its results are in the full image's pixels.
-    """
-
-    def __init__(self, stage):
-        self.stage = stage
-        self.image, self.scale = None, 1.0  # The full-size image, and how much the searched copy was shrunk.
-
-    def __getattr__(self, name):
-        return getattr(self.stage, name)
-
-    def __call__(self, bboxes_batch=None, images_normalized=None, **inputs):
-        if self.scale == 1:
-            return self.stage(bboxes_batch=bboxes_batch, images_normalized=images_normalized, **inputs)
-        from mtcnn.utils.images import standarize_batch
-
-        candidates = np.array(bboxes_batch, dtype=np.float64)
-        candidates[:, 1:5] /= self.scale
-        # The region that holds every candidate box, as far as the image goes.
-        height, width = self.image.shape[:2]
-        left, top = (max(0, math.floor(candidates[:, column].min())) for column in (1, 2))
-        right, bottom = min(width, math.ceil(candidates[:, 3].max())), min(height, math.ceil(candidates[:, 4].max()))
-        region = self.image[top:bottom, left:right]
-        shrink = min(1.0, math.sqrt(SEARCH_PIXELS_AT_MOST / max(1, region.shape[0] * region.shape[1])))
-        if shrink < 1:
-            region = cv2.resize(region, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
-        offset = np.array([left, top] * 2)
-        candidates[:, 1:5] = (candidates[:, 1:5] - offset) * shrink
-        normalized, _, _ = standarize_batch([region], normalize=True)
-        faces = np.array(self.stage(bboxes_batch=candidates, images_normalized=normalized, **inputs), dtype=np.float64)
-        # Boxes (x1, y1, x2, y2), then the five landmarks' x and their y, back in the full image's pixels.
-        faces[:, 1:5] = faces[:, 1:5] / shrink + offset
-        faces[:, 6:11], faces[:, 11:16] = faces[:, 6:11] / shrink + left, faces[:, 11:16] / shrink + top
-        return faces
+# MTCNN's candidate faces are rows of 16 numbers: the index of their image in the batch,
+# the box (x1, y1, x2, y2), the confidence, then the five landmarks' x and their y.
+NO_CANDIDATE = np.empty((0, 16))
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 
 def as_one_graph(network):
@@ -741,48 +684,143 @@ def as_one_graph(network):
     return tf.function(network, input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
 
 
+def normalized(pixels):
+    """RGB pixels (0 to 255) as MTCNN's networks take them: float32, from -1 to 1."""
+    return (tf.cast(pixels, tf.float32) - 127.5) / 128
+
+
+def patches_in_full_image(image, candidates, side=48):
+    """The square patches, side x side, of the candidate boxes, cut from the full-size image, normalized.
+
+    Only the patches are normalized, not the image. Past the image's edge a patch is
+    mid-grey, as mtcnn pads it. An image of more than SEARCH_PIXELS_AT_MOST pixels is read
+    only in the region that holds every candidate, shrunk if need be. Returns the patches,
+    and the candidates' boxes in the region's pixels, with the region's offset and shrink.
+    """
+    height, width = image.shape[:2]
+    left, top, right, bottom = 0, 0, width, height
+    if height * width > SEARCH_PIXELS_AT_MOST:
+        left, top = (max(0, math.floor(candidates[:, column].min())) for column in (1, 2))
+        right, bottom = min(width, math.ceil(candidates[:, 3].max())), min(height, math.ceil(candidates[:, 4].max()))
+    region = image[top:bottom, left:right]
+    shrink = min(1.0, math.sqrt(SEARCH_PIXELS_AT_MOST / max(1, region.shape[0] * region.shape[1])))
+    if shrink < 1:
+        region = cv2.resize(region, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+    boxes = (candidates[:, 1:5] - [left, top, left, top]) * shrink
+    region_height, region_width = region.shape[:2]
+    # As mtcnn's extract_patches: boxes (y1, x1, y2, x2) as shares of the region's sides.
+    shares = boxes[:, [1, 0, 3, 2]] / [region_height, region_width, region_height, region_width]
+    patches = tf.image.crop_and_resize(region[None], shares, np.zeros(len(boxes), np.int32), (side, side),
+                                       extrapolation_value=127.5)
+    return normalized(patches), boxes, (left, top), shrink
+
+
 class FaceFinder:
-    """MTCNN (Zhang et al., 2016), as the mtcnn package ships it with its weights: nothing is downloaded."""
+    """MTCNN (Zhang et al., 2016), as the mtcnn package ships it with its weights: nothing is downloaded.
+
+    Its first two networks search a reduced copy of each image (see search_scale): the
+    proposal network slides over a pyramid of the copy, and the refinement network keeps
+    the candidate faces. The output network then places each face's box and landmarks from
+    the full-size image's own pixels, as a search of the full-size image would: the crop
+    moved by up to 9 % of its side when the reduced copy framed it too (see
+    tests/benchmarks/measure_face_search_size.py). Frames of one size are searched together.
+    """
 
     def __init__(self):
         # Imported here, so that TensorFlow loads MTCNN's three small networks only when faces are searched.
-        import mtcnn
         from mtcnn.stages import StageONet, StagePNet, StageRNet
 
-        networks = [StagePNet(), StageRNet(), StageONet()]
-        for stage in networks:
+        self.proposal, self.refinement, self.output = StagePNet(), StageRNet(), StageONet()
+        for stage in (self.proposal, self.refinement, self.output):
             stage._model = as_one_graph(stage.model)
-        self.last_stage = StageInFullImage(StageWithCandidates(networks[2]))
-        stages = [StageWithCandidates(networks[0]), StageWithCandidates(networks[1]), self.last_stage]
-        self.detector = mtcnn.MTCNN(stages=stages)
 
     def find(self, image, min_face, min_confidence=None):
         """The faces in an upright RGB image that MTCNN is at least `min_confidence` sure of
-        (MIN_FACE_CONFIDENCE by default), in reading order, in the image's own pixels.
+        (MIN_FACE_CONFIDENCE by default), in reading order, in the image's own pixels."""
+        return self.find_in_each([image], min_face, min_confidence)[0]
 
-        The faces are searched in a copy reduced by search_scale, and framed in the image itself (see StageInFullImage).
-        """
+    def find_in_each(self, images, min_face, min_confidence=None):
+        """The faces of each image, as find gives them. Images of one size, as a video's frames, are searched
+        together, up to SEARCH_PIXELS_AT_MOST pixels of reduced copies at once."""
         min_confidence = MIN_FACE_CONFIDENCE if min_confidence is None else min_confidence
+        found = [[] for _ in images]
+        for numbers in searched_together(images, min_face):
+            candidates = self.search([images[number] for number in numbers], min_face)
+            for row in candidates[candidates[:, 5] >= min_confidence]:
+                found[numbers[int(row[0])]].append(face_of_row(row))
+        return [in_reading_order(faces) for faces in found]
+
+    def search(self, images, min_face):
+        """MTCNN's candidate faces (rows, in the images' own pixels) in upright RGB images of one size."""
+        scale = search_scale(*images[0].shape[:2], min_face)
+        copies = [reduced_copy(image, scale) for image in images]
+        batch = normalized(np.stack(copies))
+        shapes = np.array([copy.shape for copy in copies])
+        candidates = self.proposal(images_normalized=batch, images_oshapes=shapes)
+        if len(candidates):
+            candidates = self.refinement(images_normalized=batch, bboxes_batch=candidates)
+        # Running a network on no candidate, TensorFlow would print a warning that reads like an error.
+        faces = [self.placed(image, candidates[candidates[:, 0] == number], scale) for number, image in enumerate(images)]
+        return np.concatenate([NO_CANDIDATE, *faces])
+
+    def placed(self, image, candidates, scale):
+        """The output network's faces, from the candidates found in a copy of `image` reduced by `scale`.
+
+        mtcnn's own last stage, run on patches of the full-size image (patches_in_full_image).
+        """
+        from mtcnn.utils.bboxes import adjust_bboxes, pick_matches, replace_confidence, smart_nms_from_bboxes
+        from mtcnn.utils.landmarks import adjust_landmarks
+
+        if not len(candidates):
+            return NO_CANDIDATE
+        candidates = candidates.astype(np.float64)
+        candidates[:, 1:5] /= scale
+        patches, candidates[:, 1:5], (left, top), shrink = patches_in_full_image(image, candidates)
+        offsets, landmarks, confidences = self.output.model(patches)
+        landmarks = adjust_landmarks(landmarks, candidates)
+        faces = adjust_bboxes(replace_confidence(candidates, confidences), offsets)
+        faces = np.concatenate([faces, landmarks], axis=-1)
+        faces = pick_matches(faces, scores_column=5, score_threshold=0.8)  # mtcnn's threshold_onet.
+        faces = np.array(smart_nms_from_bboxes(faces, threshold=0.7, method="min", initial_sort=True), dtype=np.float64)
+        if not len(faces):
+            return NO_CANDIDATE
+        # Back in the image's pixels: the boxes, then the five landmarks' x and their y.
+        faces[:, 1:5] = faces[:, 1:5] / shrink + [left, top, left, top]
+        faces[:, 6:11], faces[:, 11:16] = faces[:, 6:11] / shrink + left, faces[:, 11:16] / shrink + top
+        return faces
+
+
+def reduced_copy(image, scale):
+    """The copy of an image that is searched: shrunk by `scale`, or the image itself at 1."""
+    return image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+def searched_together(images, min_face):
+    """The indices of the images, in groups of one size to search as one batch: no more than
+    SEARCH_PIXELS_AT_MOST pixels of reduced copies in a group, and no image too thin to hold a face."""
+    groups, pixels = {}, {}
+    for number, image in enumerate(images):
         if min(image.shape[:2]) < SMALLEST_FINDABLE_FACE:
-            return []  # No face fits in a strip this thin, which shrinking for the search would leave empty.
-        scale = search_scale(*image.shape[:2], min_face)
-        searched = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        self.last_stage.image, self.last_stage.scale = image, scale
-        try:
-            # Boxes are not cut at the image's edge, so that a face partly outside keeps its width.
-            found = self.detector.detect_faces(searched, fit_to_image=False)
-        finally:
-            self.last_stage.image = None  # Not held after the search.
-        faces = [
-            Face(
-                box=tuple(float(value) for value in found["box"]),
-                confidence=float(found["confidence"]),
-                landmarks={name: tuple(float(value) for value in point) for name, point in found["keypoints"].items()},
-            )
-            for found in found
-            if found["confidence"] >= min_confidence
-        ]
-        return in_reading_order(faces)
+            continue  # No face fits in a strip this thin, which shrinking for the search would leave empty.
+        height, width = image.shape[:2]
+        searched = height * width * search_scale(height, width, min_face) ** 2
+        if image.shape in groups and pixels[image.shape] + searched > SEARCH_PIXELS_AT_MOST:
+            yield groups.pop(image.shape)
+        if image.shape not in groups:
+            groups[image.shape], pixels[image.shape] = [], 0
+        groups[image.shape].append(number)
+        pixels[image.shape] += searched
+    yield from groups.values()
+
+
+def face_of_row(row):
+    """A Face from one of MTCNN's rows, in whole pixels as mtcnn reports its faces. Its box, (x, y, width,
+    height), is not cut at the image's edge, so that a face partly outside keeps its width."""
+    x1, y1, x2, y2 = row[1:5]
+    box = tuple(float(value) for value in np.round([x1, y1, x2 - x1, y2 - y1]))
+    points = np.round(row[6:16])
+    landmarks = {name: (float(points[number]), float(points[5 + number])) for number, name in enumerate(LANDMARKS)}
+    return Face(box=box, confidence=float(row[5]), landmarks=landmarks)
 
 
 # Sampled frames can be seconds apart, and a face may shrink, grow, or be missed for a

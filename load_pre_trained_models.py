@@ -995,31 +995,29 @@ class Detector:
             yield from batch
 
     def photo_batches(self, paths, stopped):
-        """Yield the photos in batches of PictureResults, their faces found and cut out, not yet scored.
+        """Yield the photos in batches of PictureResults, their faces found together and cut out, not yet scored.
 
-        Photos are held until their faces are scored, so a batch also ends once it holds
-        HELD_PIXELS: a folder of phone photos would otherwise fill the memory. Once the event
-        `stopped` is set, no further photo is read.
+        Photos are held until their faces are scored, so a batch ends once it holds
+        batch_size photos or HELD_PIXELS: a folder of phone photos would otherwise fill the
+        memory. Once the event `stopped` is set, no further photo is read.
         """
         batch = []
         for position, path in enumerate(paths):
             if stopped.is_set():
                 return
             batch.append(self.read(path))
-            held = sum(picture.image.size // 3 for picture in batch if picture.image is not None)
-            faces_to_score = sum(face.crop is not None for picture in batch for face in picture.faces)
-            if faces_to_score >= self.options.batch_size or held >= HELD_PIXELS or position == len(paths) - 1:
-                yield batch
+            if is_full(batch, self.options.batch_size) or position == len(paths) - 1:
+                yield self.with_faces(batch)
                 batch = []
 
     def read(self, path):
-        """A photo file's PictureResult, its faces found and cut out; an UNREADABLE one if it can no longer be read."""
+        """A photo file's PictureResult, holding its pixels; an UNREADABLE one if it can no longer be read."""
         try:
             with self.stopwatch.timing("reading"):
                 image = read_upright(path)
         except Exception as error:  # Moved, deleted or rewritten since it was listed: Pillow raises many kinds.
             return self.unreadable(path, f"it can no longer be read ({error})")
-        return self.found(image, path)
+        return self.result(path, min_face=self.min_face(), image=image)
 
     def judge_video(self, path, frames=DEFAULT_FRAMES, on_batch=None):
         """Judge a video, or an animated GIF or WebP, on `frames` frames spread evenly over it.
@@ -1057,7 +1055,8 @@ class Detector:
             video.frames += self.scored_and_let_go(batch, on_batch)
 
     def frame_batches(self, video, reading, stopped):
-        """Yield the frames that `reading` yields in batches of PictureResults, their faces found and cut out, not yet scored.
+        """Yield the frames that `reading` yields in batches of PictureResults, their faces found together
+        and cut out, not yet scored. A batch ends as a batch of photos does (is_full).
 
         Once the event `stopped` is set, no further frame is read.
         """
@@ -1072,13 +1071,11 @@ class Detector:
                 waiting.append(self.result(video.path, note=FRAME_NOT_DECODED, frame=index))
                 continue
             video.frames_read += 1
-            waiting.append(self.found(frame, video.path, index))
-            # A batch is full of faces to score, or of frames (which may have none) to report.
-            faces_to_score = sum(face.crop is not None for picture in waiting for face in picture.faces)
-            if max(faces_to_score, len(waiting)) >= self.options.batch_size:
-                yield waiting
+            waiting.append(self.result(video.path, frame=index, min_face=self.min_face(), image=frame))
+            if is_full(waiting, self.options.batch_size):
+                yield self.with_faces(waiting)
                 waiting = []
-        yield waiting
+        yield self.with_faces(waiting)
 
     def scored_and_let_go(self, pictures, on_batch):
         """Score the pictures' faces and hand them to on_batch, then let their pixels, crops and heat maps go."""
@@ -1119,16 +1116,28 @@ class Detector:
 
     def found(self, image, path, frame=None):
         """A PictureResult of an upright RGB picture, not yet scored: its faces (or the whole picture), cut out."""
-        picture = self.result(path, frame=frame, min_face=self.min_face(), image=image)
+        return self.with_faces([self.result(path, frame=frame, min_face=self.min_face(), image=image)])[0]
+
+    def with_faces(self, pictures):
+        """The PictureResults, their faces (or whole pictures) cut out of the pixels they hold, not yet scored.
+
+        The faces of all the pictures are searched together (FaceFinder.find_in_each): MTCNN
+        takes a video's frames, all of one size, as one batch. A picture without pixels (one
+        that could not be read) is left as it is.
+        """
+        readable = [picture for picture in pictures if picture.image is not None]
         if self.finder is None:
-            picture.faces = [FaceResult(None, frame=frame, crop=image)]
-            return picture
-        picture.warnings += search_warnings(image, self.options.min_face)
+            for picture in readable:
+                picture.faces = [FaceResult(None, frame=picture.frame, crop=picture.image)]
+            return pictures
         with self.stopwatch.timing("finding faces"):
-            picture.faces = faces_to_judge(self.finder, image, self.options.min_face, frame)
-        if not picture.faces:
-            picture.note = NO_FACE
-        return picture
+            found = self.finder.find_in_each([picture.image for picture in readable], self.options.min_face)
+        for picture, faces in zip(readable, found):
+            picture.warnings += search_warnings(picture.image, self.options.min_face)
+            picture.faces = faces_to_judge(faces, picture.image, self.options.min_face, picture.frame)
+            if not picture.faces:
+                picture.note = NO_FACE
+        return pictures
 
     def score(self, faces):
         """Fill in the p(fake) and verdict of every face that was cut out, a batch at a time, and with Grad-CAM its heat map."""
@@ -1166,15 +1175,21 @@ def model_name(members, mark):
     return f"{name} ({mark.split(':')[0]})" if mark else name
 
 
-def faces_to_judge(finder, image, min_face, frame=None, cut_out=True):
-    """The faces MTCNN finds in an upright RGB image, in reading order, as FaceResults not yet scored.
+def is_full(pictures, batch_size):
+    """Whether a batch of pictures to judge is full: it holds batch_size pictures, or HELD_PIXELS pixels."""
+    held = sum(picture.image.size // 3 for picture in pictures if picture.image is not None)
+    return len(pictures) >= batch_size or held >= HELD_PIXELS
+
+
+def faces_to_judge(found, image, min_face, frame=None, cut_out=True):
+    """The faces that FaceFinder found in an upright RGB image, in reading order, as FaceResults not yet scored.
 
     A face that can be judged is cut out as the dataset frames its faces (unless not
     `cut_out`); one narrower than `min_face`, or whose frame lies too far past the image's
     edge (MIRRORED_SHARE_AT_MOST), keeps the note that says why it is not judged.
     """
     faces = []
-    for number, face in enumerate(finder.find(image, min_face), start=1):
+    for number, face in enumerate(found, start=1):
         face_frame = face.frame()
         result = FaceResult(number, box=face.box, face_frame=face_frame, confidence=face.confidence,
                             mirrored=face_frame.share_outside(*image.shape[:2]), frame=frame)
@@ -1840,7 +1855,8 @@ def find_evaluation_faces(images, min_face):
     print(f"Finding the faces in {len(images)} images")
     progress = ProgressBar(len(images), unit="image")
     for done, (path, class_name) in enumerate(images, start=1):
-        faces = [face for face in faces_to_judge(finder, read_upright(path), min_face, cut_out=False) if face.note is None]
+        image = read_upright(path)
+        faces = [face for face in faces_to_judge(finder.find(image, min_face), image, min_face, cut_out=False) if face.note is None]
         if faces:
             found.append((path, class_name))
             frames.append(max(faces, key=lambda face: face.width).face_frame)

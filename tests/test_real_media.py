@@ -23,14 +23,13 @@ import data_augmentation
 import data_preprocessing
 import load_pre_trained_models
 import plot_loss_accuracy_graph
-from mtcnn import MTCNN
 from plot_loss_accuracy_graph import FaceResult, PictureResult, VideoResult, read_model_card
 from conftest import REPOSITORY_DIR, run_script, square_iou
 from data_augmentation import (
     FaceFinder,
     MIN_FACE_CONFIDENCE,
     FaceFrame,
-    StageWithCandidates,
+    NO_CANDIDATE,
     load_pixels,
     main_face,
     read_upright,
@@ -381,18 +380,19 @@ def test_a_face_that_shrinks_for_a_while_is_still_followed_as_one(output_dir, tm
     assert "(6 of 6 frames read, 4 faces scored; the face seen most, in 6 frames, 2 of them too small to judge)" in summary
 
 
-def test_a_stage_of_mtcnn_is_skipped_when_the_one_before_left_no_candidate(finder, tmp_path):
-    calls = []
-    stage = StageWithCandidates(lambda bboxes_batch, **inputs: calls.append(bboxes_batch) or np.ones((1, 16)))
-    assert stage(bboxes_batch=None, images_normalized=None).shape == (1, 16)  # The first stage always runs.
-    assert stage(bboxes_batch=np.empty((0, 6)), images_normalized=None).shape == (0, 16)
-    assert len(calls) == 1
-    # Run on an empty batch, TensorFlow would print a warning that reads like an error
-    # (unless TF_CPP_MIN_LOG_LEVEL hides it, as these tests set it). Drawn demo faces lead
-    # MTCNN's first stage on, and its second rejects every candidate: no face, quietly.
+def test_a_stage_of_mtcnn_is_skipped_when_the_one_before_left_no_candidate(finder, tmp_path, monkeypatch):
+    # Run on no candidate, TensorFlow would print a warning that reads like an error (unless
+    # TF_CPP_MIN_LOG_LEVEL hides it, as these tests set it). Drawn demo faces lead MTCNN's
+    # first stage on, and its second rejects every candidate: no face, quietly.
     split_root = make_demo_dataset(tmp_path / "faces", {"train": 0, "valid": 0, "test": 4}, size=64)
     for path in sorted((split_root / "test").rglob("*.jpg")):
         assert finder.find(read_upright(path), 64) == []
+    calls = []
+    monkeypatch.setattr(finder, "proposal", lambda **inputs: NO_CANDIDATE)
+    monkeypatch.setattr(finder, "refinement", lambda **inputs: calls.append("refinement"))
+    monkeypatch.setattr(finder.output, "_model", lambda patches: calls.append("output"))
+    assert finder.find_in_each([np.zeros((100, 100, 3), np.uint8)] * 2, 64) == [[], []]
+    assert calls == []
 
 
 def test_the_astronaut_is_found_and_framed_with_her_whole_head(finder):
@@ -599,13 +599,12 @@ def test_a_face_whose_frame_is_mostly_mirrored_is_not_judged(output_dir, tmp_pat
 
 def test_boxes_below_the_minimum_confidence_are_not_faces(finder, monkeypatch):
     """As MTCNN's boxes on a suit patch (0.81 to 0.87) were judged as faces before."""
-    def box(x, y, confidence):
-        eyes_and_mouth = {"left_eye": (x + 30, y + 40), "right_eye": (x + 70, y + 40), "nose": (x + 50, y + 60),
-                          "mouth_left": (x + 35, y + 80), "mouth_right": (x + 65, y + 80)}
-        return {"box": [x, y, 100, 120], "confidence": confidence, "keypoints": eyes_and_mouth}
+    def row(x, y, confidence):
+        """MTCNN's row of a face: its image, box (x1, y1, x2, y2), confidence, then the eyes', nose's and mouth's x and y."""
+        return [0, x, y, x + 100, y + 120, confidence, x + 30, x + 70, x + 50, x + 35, x + 65, y + 40, y + 40, y + 60, y + 80, y + 80]
 
-    found = [box(400, 300, 0.99), box(300, 20, 0.85), box(20, 310, 0.97), box(500, 10, 0.999)]
-    monkeypatch.setattr(finder.detector, "detect_faces", lambda image, **options: found)
+    found = np.array([row(400, 300, 0.99), row(300, 20, 0.85), row(20, 310, 0.97), row(500, 10, 0.999)])
+    monkeypatch.setattr(finder, "search", lambda images, min_face: found)
     faces = finder.find(np.zeros((480, 640, 3), np.uint8), min_face=64)
     assert MIN_FACE_CONFIDENCE == 0.90
     # In reading order: the top row (the box at 0.85 dropped), then the bottom one, left to right.
@@ -618,8 +617,14 @@ def test_faces_are_searched_within_a_pixel_budget_and_a_larger_min_face_is_said(
     assert data_augmentation.smallest_searched_face(9400, 9400, 20) == 67
     monkeypatch.setattr(data_augmentation, "SEARCH_PIXELS_AT_MOST", 100_000)  # Small, as the astronaut is 512x512.
     searched = []
-    detect = MTCNN.detect_faces
-    monkeypatch.setattr(MTCNN, "detect_faces", lambda detector, image, **options: searched.append(image.shape) or detect(detector, image, **options))
+    reduced_copy = data_augmentation.reduced_copy
+
+    def noted_copy(image, scale):
+        copy = reduced_copy(image, scale)
+        searched.append(copy.shape)
+        return copy
+
+    monkeypatch.setattr(data_augmentation, "reduced_copy", noted_copy)
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(photo)
     assert predict(output_dir, str(photo), "--min-face", "20") == 0
