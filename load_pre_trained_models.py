@@ -1848,20 +1848,42 @@ class EvaluationFaces:
     no_face: list
 
 
+# Images whose faces are searched together in --evaluate --faces auto.
+EVALUATION_SEARCH_BATCH = 32
+
+
+def read_in_batches(images):
+    """Yield the (path, class name) pairs with their upright pixels, ((path, class name), pixels), in lists
+    of EVALUATION_SEARCH_BATCH at most, holding no more than HELD_PIXELS pixels."""
+    batch, held = [], 0
+    for path, class_name in images:
+        pixels = read_upright(path)
+        batch.append(((path, class_name), pixels))
+        held += pixels.size // 3
+        if len(batch) == EVALUATION_SEARCH_BATCH or held >= HELD_PIXELS:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
 def find_evaluation_faces(images, min_face):
     """Find each labelled image's face by the detector's own face path (the widest it can judge, where
     there are several); count the images with none to judge."""
     finder, found, frames, no_face = FaceFinder(), [], [], []
     print(f"Finding the faces in {len(images)} images")
     progress = ProgressBar(len(images), unit="image")
-    for done, (path, class_name) in enumerate(images, start=1):
-        image = read_upright(path)
-        faces = [face for face in faces_to_judge(finder.find(image, min_face), image, min_face, cut_out=False) if face.note is None]
-        if faces:
-            found.append((path, class_name))
-            frames.append(max(faces, key=lambda face: face.width).face_frame)
-        else:
-            no_face.append(str(path))
+    done = 0
+    for batch in read_in_batches(images):
+        # The faces of a batch of images are searched together: the dataset's are all of one size.
+        for ((path, class_name), image), faces_found in zip(batch, finder.find_in_each([image for _, image in batch], min_face)):
+            faces = [face for face in faces_to_judge(faces_found, image, min_face, cut_out=False) if face.note is None]
+            if faces:
+                found.append((path, class_name))
+                frames.append(max(faces, key=lambda face: face.width).face_frame)
+            else:
+                no_face.append(str(path))
+        done += len(batch)
         progress.update(done)
     if no_face:
         print(f"warning: {len(no_face)} of {len(images)} images have no face of --min-face {min_face} px or more; "
