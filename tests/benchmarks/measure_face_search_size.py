@@ -30,8 +30,23 @@ the reduced copy too, the crops moved by up to 9.0 % (mean 3.5 %) at 640, 6.6 % 
 800 and 4.9 % (2.4) at 960, and p_fake by up to 0.074, 0.044 and 0.058 (full size 9.95 s a
 scene then, under more load). A larger copy costs more and frames no better: what is left
 is MTCNN's own spread (its landmarks come in whole pixels, and its proposals differ from
-one search to the next), about 1 px on a face 64 to 130 px wide. So SEARCH_SIDE stays 640;
-the 2 % and 0.01 tolerances are met on average, not for every face.
+one search to the next), about 1 px on a face 64 to 130 px wide. So SEARCH_SIDE stays 640.
+
+Then the finder ran mtcnn's stages itself (FaceFinder.search): the last stage on the whole
+full-size image (not the region of the candidates), its landmarks kept in fractions of a
+pixel, and given its own box again (OUTPUT_PASSES). Same machine, 2026-12-07, load 4 to 8,
+`--scenes 24 --model` the demo's VGG16 at 64 px, at SEARCH_SIDE 640 / 800 / 960:
+
+    | last stage's passes | crop moved, max (mean)                     | p_fake, max             |
+    |                   1 | 14.3 % (2.5), 15.4 % (2.7), 7.0 % (2.1)    | 0.060, 0.043, 0.032     |
+    |                   2 | 7.4 % (1.9), 3.2 % (1.6), 4.2 % (1.5)      | 0.021, 0.017, 0.023     |
+    |                   3 | 4.0 % (0.9), 2.4 % (1.1), 3.1 % (1.2)      | 0.014, 0.022, 0.031     |
+
+Without --model, 640 gave 6.0 % (1.4) with four passes and 5.9 % (1.1) with six: the passes
+wander rather than settle, and on the test's scene (two faces of 260 and 380 px) three
+passes moved the larger crop by 3.6 % where two moved it by 0.8 %. So two passes. A full-size
+search took 0.16 to 0.29 s a scene, at 640 0.04 to 0.06 s. The 2 % and 0.01 tolerances are
+met on average, not for every face: that spread is the network's own.
 """
 
 import argparse
