@@ -395,6 +395,23 @@ def test_a_stage_of_mtcnn_is_skipped_when_the_one_before_left_no_candidate(finde
     assert calls == []
 
 
+def test_frames_searched_together_get_the_faces_each_gets_alone(finder):
+    """A video's frames go through MTCNN as one batch; each frame keeps the faces it gets searched alone."""
+    skimage_data = pytest.importorskip("skimage.data")
+    rng, frames = np.random.default_rng(3), []
+    for x in (0, 200, 440):
+        frame = noisy_background(rng, 540, 960)
+        frame[14:526, x : x + 512] = skimage_data.astronaut()
+        frames.append(frame)
+    frames.append(noisy_background(rng, 540, 960))  # And a frame without a face.
+    together = finder.find_in_each(frames, 64)
+    alone = [finder.find(frame, 64) for frame in frames]
+    assert [len(faces) for faces in together] == [len(faces) for faces in alone] == [1, 1, 1, 0]
+    for (face,), (reference,), x in zip(together, alone, (0, 200, 440)):
+        assert np.abs(np.subtract(face.box, reference.box)).max() <= 1
+        assert face.box[0] == pytest.approx(x + 182, abs=10)  # Her face, where each frame has it.
+
+
 def test_the_astronaut_is_found_and_framed_with_her_whole_head(finder):
     skimage_data = pytest.importorskip("skimage.data")
     faces = finder.find(skimage_data.astronaut(), 64)

@@ -71,9 +71,11 @@ full-size image), and found 51 faces against 50. The issue's targets (1.5x, 2x) 
 """
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -191,9 +193,15 @@ def media(folder):
     return clips, photos, model_file
 
 
+def cpu_seconds():
+    """The processor time this process has used so far, in all its threads: what load on the machine does not stretch."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def judging_and_scoring(detector, judge):
     """Run `judge(keep)`, which hands each batch of judged pictures to keep; then score the same crops with the
-    network alone. Return the two wall times and the stages' seconds."""
+    network alone. Return the two wall times, the two processor times, the stages' seconds and the crops."""
     import load_pre_trained_models
 
     crops = []
@@ -202,14 +210,36 @@ def judging_and_scoring(detector, judge):
         crops.extend(face.crop for picture in pictures for face in picture.faces if face.crop is not None)
 
     detector.stopwatch = load_pre_trained_models.Stopwatch()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     judge(keep)
-    judging = time.perf_counter() - started
-    started = time.perf_counter()
+    judging, judging_cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     for start in range(0, len(crops), detector.options.batch_size):
         load_pre_trained_models.p_fake_of_pictures(detector.members, crops[start : start + detector.options.batch_size])
-    scoring = time.perf_counter() - started
-    return judging, scoring, detector.stopwatch.summary(), len(crops)
+    scoring, scoring_cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    return Timing(judging, scoring, judging_cpu, scoring_cpu, detector.stopwatch.summary(), len(crops))
+
+
+def peak_memory_gib():
+    """The most memory this process has held so far (Linux gives KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@dataclass
+class Timing:
+    """Judging against scoring alone: wall and processor seconds, the stages' seconds, and the faces scored."""
+
+    judging: float
+    scoring: float
+    judging_cpu: float
+    scoring_cpu: float
+    stages: str
+    faces: int
+
+    def line(self):
+        return (f"judging {self.judging:.1f} s, scoring alone {self.scoring:.1f} s, judging/scoring "
+                f"{self.judging / self.scoring:.2f} (processor time {self.judging_cpu:.1f} s against "
+                f"{self.scoring_cpu:.1f} s, {self.judging_cpu / self.scoring_cpu:.2f})\n  stages: {self.stages}")
 
 
 def judged_photos(detector, photos, keep):
@@ -253,16 +283,14 @@ def main(argv=None):
     detector.judge(photos[0])  # Warm up: the first call of each network traces its graph.
     ratios = {}
     for name, clip in {} if args.evaluate_only else clips.items():
-        judging, scoring, stages, faces = judging_and_scoring(
-            detector, lambda keep, clip=clip: detector.judge_video(clip, FRAMES, on_batch=keep))
-        ratios[name] = judging / scoring
-        print(f"{clip.name}: {faces} faces of {FRAMES} frames; judging {judging:.1f} s, scoring alone {scoring:.1f} s, "
-              f"judging/scoring {ratios[name]:.2f}\n  stages: {stages}")
+        timing = judging_and_scoring(detector, lambda keep, clip=clip: detector.judge_video(clip, FRAMES, on_batch=keep))
+        ratios[name] = timing.judging / timing.scoring
+        print(f"{clip.name}: {timing.faces} faces of {FRAMES} frames; {timing.line()}")
     if not args.evaluate_only:
-        judging, scoring, stages, faces = judging_and_scoring(detector, lambda keep: judged_photos(detector, photos, keep))
-        ratios["photos"] = judging / scoring
-        print(f"{len(photos)} photos of {PHOTO_WIDTH}x{PHOTO_HEIGHT}: {faces} faces; judging {judging:.1f} s, "
-              f"scoring alone {scoring:.1f} s, judging/scoring {ratios['photos']:.2f}\n  stages: {stages}")
+        print(f"Peak memory after the clips: {peak_memory_gib():.2f} GiB")
+        timing = judging_and_scoring(detector, lambda keep: judged_photos(detector, photos, keep))
+        ratios["photos"] = timing.judging / timing.scoring
+        print(f"{len(photos)} photos of {PHOTO_WIDTH}x{PHOTO_HEIGHT}: {timing.faces} faces; {timing.line()}")
 
     model = detector.members[0].model
     evaluation_seconds(model, images[:32], "off")  # Warm up the flow's predict.
@@ -270,6 +298,7 @@ def main(argv=None):
     auto = evaluation_seconds(model, images, "auto")
     ratios["evaluate-faces"] = auto / off
     print(f"--evaluate on {len(images)} images of 256 px: --faces off {off:.1f} s, --faces auto {auto:.1f} s")
+    print(f"Peak memory of the whole run: {peak_memory_gib():.2f} GiB")
     print("ratios: " + " ".join(f"{name}={ratio:.2f}" for name, ratio in ratios.items()))
 
 
