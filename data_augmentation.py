@@ -12,10 +12,11 @@ model needs no preprocessing code of ours. In order, this module holds:
      augmentations (rotation, shift, shear, zoom, flip) as one projective warp per image;
 3. the images that --evaluate scores, perhaps blurred or JPEG-compressed first;
 4. faces: the frame the dataset cuts a face out in (measured on the dataset; see
-   FRAME_SIDE_PER_FACE_SCALE), MTCNN that finds them in a copy no larger than the search
-   needs and frames them in the image itself, and the face followed across a video's frames (main_face: a sighting joins the
-   nearest face last seen within twice its square's side, so that a face that shrinks,
-   grows or is missed for a while stays one face);
+   FRAME_SIDE_PER_FACE_SCALE); MTCNN, whose stages FaceFinder runs itself, so that it
+   searches a copy no larger than the search needs, a video's frames as one batch, and
+   frames each face in the image itself; and the face followed across a video's frames
+   (main_face: a sighting joins the nearest face last seen within twice its square's side,
+   so that a face that shrinks, grows or is missed for a while stays one face);
 5. a video's frames, sampled evenly, key frames preferred, read with PyAV in one pass;
 6. the command below, which draws what the model trains on.
 
