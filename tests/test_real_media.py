@@ -510,9 +510,11 @@ def test_sampled_frames_cover_the_clip_prefer_key_frames_and_none_is_decoded_twi
     for part, (number, pixels) in enumerate(read):
         assert part * 300 / 8 <= number < (part + 1) * 300 / 8
         assert abs(int(pixels[90, 80, 0]) - number % 256) <= 3, number  # The frame it says it is.
-    # One forward pass: each frame decoded once at most, and only from the key frame before a sampled one.
+    # One forward pass: each frame decoded once at most, only from the key frame before a
+    # sampled one, and of the frames between, only those that others refer to (not B-frames).
     assert decoded == sorted(set(decoded))
-    assert decoded == [0, 50, *range(100, 132), 150, 200, *range(250, 282)]
+    assert {number for number, _ in read} <= set(decoded) <= {0, 50, *range(100, 132), 150, 200, *range(250, 282)}
+    assert len(decoded) <= 0.7 * len([0, 50, *range(100, 132), 150, 200, *range(250, 282)])  # 41 of 70 with x264's B-frames.
 
 
 def test_a_rotated_clip_comes_upright_and_a_variable_rate_one_by_frame_order(tmp_path):
