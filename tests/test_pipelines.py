@@ -128,7 +128,7 @@ def test_the_warp_transforms_as_image_data_generator_does():
     # OpenCV 5 reads each pixel at the exact point; OpenCV 4 rounds the point to 1/32 of a
     # pixel, which on this noise moves a value by up to 4.7 of 255. A point an eighth of a
     # pixel off would move one by 30.
-    tolerance = 0.01 if int(cv2.__version__.split(".")[0]) >= 5 else 5
+    tolerance = 0.05 if int(cv2.__version__.split(".")[0]) >= 5 else 5
     np.testing.assert_allclose(warped, expected, atol=tolerance)
 
 
