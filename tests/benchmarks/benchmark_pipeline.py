@@ -22,9 +22,11 @@ Its last line is machine-readable:
 
 What it measured
 ----------------
-On the project's 2-core CPU (AMD EPYC with AVX-512 BF16, no GPU; Python 3.11,
-TensorFlow 2.21), `python tests/benchmarks/benchmark_pipeline.py` gave, on 2026-11-26, with the
-pipelines feeding raw pixels and each model scaling them in its first layer:
+Before the augmentation was batched (each image warped alone by TensorFlow's
+ImageProjectiveTransformV3), on the project's 2-core CPU (AMD EPYC with AVX-512 BF16, no GPU;
+Python 3.11, TensorFlow 2.21), `python tests/benchmarks/benchmark_pipeline.py` gave, on
+2026-11-26, with the pipelines feeding raw pixels and each model scaling them in its first
+layer:
 
     | Measurement                                        | Images/s | Peak MiB |
     | ImageDataGenerator, 1 thread, augmented            |    180.4 |      730 |
@@ -65,6 +67,30 @@ Keras's flow_from_dataframe (which reads 16-bit greyscale images as white), with
 ImageDataGenerator augmentation. Timed alone in one thread on 640 generated 256x256 JPEGs
 at 224 px, three times each, on the same machine: ImageFlow 139, 199 and 212 images/s,
 Keras's flow 164, 165 and 178; the same work, so the figures above stand.
+
+After: tf.data resizes each image as the flows do, then warps whole batches with OpenCV,
+the matrices drawn for a batch at once (data_augmentation.augmented_images). On the same kind
+of machine, on 2026-12-07, while other work ran (load average 3 to 9), the wall-clock rates
+swing by two, as above, so the pipelines were also compared by the CPU time they spend per
+image, which the load hardly moves:
+
+- in one process (a script timing the same three pipelines in turn on the same 2,000
+  generated 256x256 JPEGs at 224 px, four rounds, load 4.0 to 4.6): decode-only 0.64 to 0.78
+  CPU ms per image, augmented 1.00 to 1.11 (so, on cores of its own, 0.62 to 0.78 of
+  decode-only's rate), the per-image warp before 1.46 to 1.48 (0.43 to 0.53); the
+  wall-clock ratios of those rounds
+  were 1.04, 1.08, 0.51 and 0.75 after, 0.47, 0.55, 0.87 and 0.31 before;
+- with this script's own child processes (--measure), decode-only, then tf.data augmented,
+  then the commit before's tf.data, five rounds back to back (load 3.4 to 9.0):
+  tfdata/decode 0.56, 0.48, 1.00, 0.57 and 0.57 after; 0.24, 0.93, 0.48, 0.44 and 0.46 before;
+- the whole benchmark, once (load 5.7 to 8.5 where sampled): tf.data augmented 885, 891
+  and 983 images/s, decode-only 758, 796 and 1,278, so tfdata/decode=1.12, peak 1,133 MiB
+  against 1,021; its training rows ran partly beside the test suite, and are not comparable.
+
+On one core, in one process (load 3.2), OpenCV warped a batch of 224 px images in 0.22 ms
+per image, TensorFlow's op in 1.30 to 1.34 ms. So the augmentation now adds 0.3 to 0.4 ms of
+CPU time per image, about half the decoding's, where it added 0.7 to 0.9 ms. The table above
+has not been measured again on a quiet machine.
 
 On a GPU the model trains thousands of images per second and the input pipeline sets the
 epoch time: 100,000 / min(pipeline rate, training rate) seconds. To get the figures there,
