@@ -34,9 +34,16 @@ QUICK_MODULES = ("test_commands.py", "test_data.py", "test_figures.py", "test_st
 LESSON_RUNS = ("test_warmup_trains_the_head_alone_then_fine_tunes_at_a_tenth_of_the_rate",
                "test_an_interrupted_two_phase_run_resumes_where_it_stopped")
 CHILDREN_AT_ONCE = "2"
-# A group that hangs fails after this many seconds. The slowest groups (test_real_media,
-# test_predict_evaluate) took about 3 minutes on a 2-core machine that ran the whole suite in
-# 9.5 minutes, so pytest-isolated's default of 5 minutes left too little margin.
+# pytest-isolated starts the groups in the order of their tests: longest first, so that the two
+# children finish together, rather than one running test_training alone at the end as it did in
+# alphabetical order. By the seconds their tests took in a full run (--durations=0, summed by group).
+GROUPS_LONGEST_FIRST = ("test_cluster", "test_training", "test_predict_evaluate", "test_real_media",
+                        "test_pipelines", "test_serve", "test_models", "lesson-runs", "test_export",
+                        "test_reliability", "quick", "lesson", "test_integration")
+# A group that hangs fails after this many seconds. The slowest group, test_cluster, took 80 s
+# in a suite of 4 minutes on a 2-core machine (load average 2.5 to 3.5), and 175 s in one of 7.7
+# minutes on the same machine loaded by other work (load average 5 to 8): pytest-isolated's
+# default of 5 minutes would leave too little margin on a loaded machine.
 GROUP_TIMEOUT = 540
 
 # The per-model scripts, by model title, as (module, output folder): read from the scripts' recipes.
@@ -165,13 +172,27 @@ def pytest_configure(config):
         config.option.isolated_timeout = GROUP_TIMEOUT
 
 
-def pytest_itemcollected(item):
-    """Put each test in its module's child process (a pytest-isolated group)."""
+def group_of(item):
+    """The child process a test runs in (its pytest-isolated group): its module's, mostly."""
     module = item.path.name
     if module == "test_lesson.py":
-        group = pytest.mark.isolated(group="lesson-runs" if item.originalname in LESSON_RUNS else "lesson")
-    elif module in QUICK_MODULES:
-        group = pytest.mark.isolated(group="quick")
-    else:
-        group = pytest.mark.isolated(group=item.path.stem)
-    item.add_marker(group)
+        return "lesson-runs" if item.originalname in LESSON_RUNS else "lesson"
+    if module in QUICK_MODULES:
+        return "quick"
+    return item.path.stem
+
+
+def pytest_itemcollected(item):
+    """Put each test in its group's child process."""
+    item.add_marker(pytest.mark.isolated(group=group_of(item)))
+
+
+def pytest_collection_modifyitems(items):
+    """Run the longest groups first; a stable sort, so each group's tests keep their order."""
+    items.sort(key=group_rank)
+
+
+def group_rank(item):
+    """Where a test's group comes in GROUPS_LONGEST_FIRST; a group left out of it comes last."""
+    group = group_of(item)
+    return GROUPS_LONGEST_FIRST.index(group) if group in GROUPS_LONGEST_FIRST else len(GROUPS_LONGEST_FIRST)
