@@ -77,8 +77,11 @@ class Server:
         # Its temporary files go to a folder of this test's, to be checked.
         environment = dict(os.environ, TMPDIR=str(temporary), TF_CPP_MIN_LOG_LEVEL="2")
         self.started = time.perf_counter()
+        # Ctrl-C as a terminal sends it, even where this suite runs in the background: a child
+        # started with SIGINT ignored (as a shell's background jobs are) would never hear it.
         self.process = subprocess.Popen(command, cwd=temporary, env=environment, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.printed = []
         ready = threading.Event()
         threading.Thread(target=self.read_lines, args=(ready,), daemon=True).start()
