@@ -90,8 +90,22 @@ image, which the load hardly moves:
 
 On one core, in one process (load 3.2), OpenCV warped a batch of 224 px images in 0.22 ms
 per image, TensorFlow's op in 1.30 to 1.34 ms. So the augmentation now adds 0.3 to 0.4 ms of
-CPU time per image, about half the decoding's, where it added 0.7 to 0.9 ms. The table above
-has not been measured again on a quiet machine.
+CPU time per image, about half the decoding's, where it added 0.7 to 0.9 ms. 
+Then on a quiet machine (load 1.2 to 1.8, nothing else running), `--pipelines-only`, on
+2026-12-07, the commit before this change and this change, back to back:
+
+    | Measurement                                        | before (runs)          | after (runs)           |
+    | ImageDataGenerator, 1 thread, augmented            | 289.3 (289, 289, 290)  | 287.4 (285, 287, 293)  |
+    | ImageDataGenerator, a worker per core, augmented   | 422.3 (407, 422, 426)  | 414.4 (410, 414, 440)  |
+    | tf.data, augmented                                 | 1376.7 (742-1390)      | 1874.5 (1635-1969)     |
+    | tf.data, decode and resize only                    | 3086.5 (3049-3192)     | 3123.4 (3040-3167)     |
+
+    ratios before: tfdata/idg=4.76 tfdata/decode=0.45
+    ratios after:  tfdata/idg=6.52 tfdata/decode=0.60
+
+(A first run after gave decode-only 1449, 1524 and 3251 images/s, the slow mode twice, and
+tfdata/decode=1.20.) The 2026-11-26 table was measured on a machine then about twice as
+slow (idg 180 against 289 images/s now); its training rows were not measured again.
 
 On a GPU the model trains thousands of images per second and the input pipeline sets the
 epoch time: 100,000 / min(pipeline rate, training rate) seconds. To get the figures there,
@@ -348,9 +362,10 @@ GPU_PEAK_TFLOPS = {"T4": 65.0, "P100": 18.7}
 ASSUMED_UTILIZATION = 0.3
 # The Kaggle dataset's training and validation images per epoch.
 TRAIN_IMAGES, VALID_IMAGES = 100_000, 20_000
-# Images per second that the tf.data pipeline gave on the 2-core CPU of the figures above:
-# the GPU cannot train faster than this, unless the notebook has more cores.
-INPUT_IMAGES_PER_SECOND = 807
+# Images per second that the augmented tf.data pipeline gave on the 2-core CPU of the
+# figures above (quiet, 2026-12-07): the GPU cannot train faster than this, unless the
+# notebook has more cores.
+INPUT_IMAGES_PER_SECOND = 1875
 
 
 def multiply_adds(model):
