@@ -93,9 +93,9 @@ What is left is processor time on two cores. The clip with a key frame every 30 
 decodes 32 key frames of about 1 MB each (its noisy wall does not compress): 2.7 s of one
 core's time. With the scoring's 3.8 s and the faces' 0.6 s, the work is 7.1 s; on two cores
 at best 3.6 s, 1.9 times the scoring alone, whatever overlaps. So the 1.5x target for that
-clip, and for the photos (1.69 in processor time), cannot be met here: on a machine where the
-network has a GPU, the same reading and searching is all the overhead there is, and the
-overlap hides it behind the scoring of the step before.
+clip, and for the photos (1.69 in processor time), cannot be met here. On a GPU, where the
+network scores many times faster, the reading and searching on the CPU is nearly all of the
+time, and the overlap hides the scoring behind it instead.
 """
 
 import argparse
