@@ -717,14 +717,15 @@ LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 OUTPUT_PASSES = 2
 
 
-def as_one_graph(network):
-    """One of MTCNN's networks, run as one TensorFlow graph of any batch and image size.
+def as_one_graph(network, side=None):
+    """One of MTCNN's networks, run as one TensorFlow graph of any batch size, for images side x side
+    pixels (any size where `side` is None: the proposal network is all convolutions).
 
     mtcnn calls its networks eagerly, and then Keras runs each small layer as an operation
     of its own: on a 1080p frame that overhead took half the search's time (see
     tests/benchmarks/benchmark_video.py). Traced once, the graph gives the same numbers.
     """
-    return tf.function(network, input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+    return tf.function(network, input_signature=[tf.TensorSpec((None, side, side, 3), tf.float32)])
 
 
 def normalized(pixels):
@@ -774,8 +775,9 @@ class FaceFinder:
         from mtcnn.stages import StageONet, StagePNet, StageRNet
 
         self.proposal, self.refinement, self.output = StagePNet(), StageRNet(), StageONet()
-        for stage in (self.proposal, self.refinement, self.output):
-            stage._model = as_one_graph(stage.model)
+        # The refinement and output networks take patches of 24 and 48 px, which their dense layers need to know.
+        for stage, side in ((self.proposal, None), (self.refinement, 24), (self.output, 48)):
+            stage._model = as_one_graph(stage.model, side)
 
     def find(self, image, min_face, min_confidence=None):
         """The faces in an upright RGB image that MTCNN is at least `min_confidence` sure of
