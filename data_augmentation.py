@@ -1081,6 +1081,7 @@ def read_sampled_frames(path, frames, decoded):
 def decoded_in_one_pass(container, stream, index, position, wanted, decoded):
     """Yield (index, upright RGB frame or None) for each wanted frame, in order, decoding forward only."""
     decoding, last = iter(()), -1  # The decoder's frames, and the index of the last one decoded.
+    wanted_frames = set(wanted)
     for target in wanted:
         if target >= len(index.timestamps):
             yield target, None  # Declared by the container, but cut off.
@@ -1089,7 +1090,7 @@ def decoded_in_one_pass(container, stream, index, position, wanted, decoded):
         if last < key:
             # Skip ahead: the frames between the last decoded and the key frame are not needed.
             container.seek(index.timestamps[key], stream=stream, backward=True)
-            decoding = frames_decoded(container, stream, position, set(wanted))
+            decoding = frames_decoded(container, stream, position, wanted_frames)
         picture = None
         for frame in decoding:
             number = position.get(frame.pts, last + 1)

@@ -492,7 +492,12 @@ def report_bad_files(bad_files):
 
 
 def warn_skipping(path, problem):
-    print(f"warning: skipping {printable(path)}: {problem}", file=sys.stderr)
+    print(skipping_warning(path, problem), file=sys.stderr)
+
+
+def skipping_warning(path, problem):
+    """The warning that a file is passed over, and why: warn_skipping prints it, a cluster's worker returns it."""
+    return f"warning: skipping {printable(path)}: {problem}"
 
 
 def printable(path):

@@ -123,6 +123,7 @@ from data_preprocessing import (
     printable,
     recipe_named,
     report_bad_files,
+    skipping_warning,
     uri_of,
     warn_skipping,
     write_json_atomically,
@@ -1353,11 +1354,9 @@ def judge_all(detector, report, images, videos, unreadable, frames):
 
 def warn_of(result, warned=None):
     """Print a result's warnings, each once per input (`warned` holds those said already)."""
-    for warning in result.warnings:
-        if warned is None or warning not in warned:
-            print(f"warning: {printable(result.path)}: {warning}", file=sys.stderr)
-            if warned is not None:
-                warned.add(warning)
+    warnings = warnings_of(result, warned)
+    if warnings:
+        print(warnings, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -1529,13 +1528,8 @@ def marked_last(rows):
     return [dict(row, last=number == len(rows) - 1) for number, row in enumerate(rows)]
 
 
-def skipping_warning(path, problem):
-    """The warning warn_skipping prints."""
-    return f"warning: skipping {printable(path)}: {problem}"
-
-
 def warnings_of(result, warned=None):
-    """The warnings warn_of prints of a result, as lines of one text (None where there are none)."""
+    """The warnings of a result not in `warned` (which gets them), as lines of one text; None where there are none."""
     said = [warning for warning in result.warnings if warned is None or warning not in warned]
     if warned is not None:
         warned.update(said)

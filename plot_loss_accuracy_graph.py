@@ -1277,10 +1277,11 @@ class ClusterCsv:
             writer, previous = csv.writer(target), None
             writer.writerow(CSV_COLUMNS)
             for cells in rows_in_order(self.path):
-                if row_order(cells) != previous:
+                order = row_order(cells)
+                if order != previous:
                     writer.writerow(cells)
                     self.rows += 1
-                previous = row_order(cells)
+                previous = order
         os.replace(sorting, self.path)
         self.added = True
 
